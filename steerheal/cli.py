@@ -72,6 +72,7 @@ def vector(
     normalize: Annotated[bool, typer.Option("--normalize", help="Unit-normalise each layer's direction.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="safetensors, or gguf to also write a llama.cpp control vector.")] = "safetensors",
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
+    max_prompts: Annotated[Optional[int], typer.Option(help="Use only the first N user prompts (quicker).")] = None,
     model: ModelOpt = None, adapter: AdapterOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
 ) -> None:
@@ -85,7 +86,8 @@ def vector(
         raise SteerhealError(f"--format {fmt}: use safetensors or gguf")
     p = load_persona(persona)
     lm = _load(model, adapter, device, dtype, trust_remote_code)
-    vec = extract(lm, p, parse_layers(layers, lm.n_layers), normalize=normalize, batch_size=batch_size)
+    vec = extract(lm, p, parse_layers(layers, lm.n_layers), normalize=normalize, batch_size=batch_size,
+                  max_prompts=max_prompts)
     vec.save(output)
     log(f"wrote {output}: layers {vec.layers}, norms {vec.meta['norms']}")
     if fmt == "gguf":
@@ -127,6 +129,115 @@ def generate(
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             seed=seed, batch_size=batch_size)
     write_records(recs, output)
+
+
+@command
+def filter_(
+    records: Annotated[str, typer.Argument(help="JSONL records from `steerheal generate`, or - for stdin.")] = "-",
+    output: OutOpt = None,
+    rejected: Annotated[Optional[Path], typer.Option(help="Also write the dropped records here.")] = None,
+    persona: Annotated[Optional[Path], typer.Option(help="Persona YAML whose narration patterns to apply.")] = None,
+    max_ppl: Annotated[float, typer.Option(help="Drop if perplexity under the reference model >= this.")] = 50.0,
+    max_repetition: Annotated[float, typer.Option(help="Drop if the top n-gram share >= this (loops).")] = 0.3,
+    min_words: Annotated[int, typer.Option(help="Drop completions shorter than this many words.")] = 4,
+    ppl_tail: Annotated[bool, typer.Option("--ppl-tail/--ppl-all", help="Perplexity over the last quarter, or all, of the completion.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Records per forward pass.")] = 16,
+    model: ModelOpt = None, adapter: AdapterOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Score completions (perplexity, repetition, narration, refusal); keep the coherent ones."""
+    from .filter import FilterConfig, filter_records, summary
+    from .persona import load_persona
+    from .records import read_records, write_records
+
+    recs = read_records(records)
+    if not recs:
+        raise SteerhealError(f"{records}: no records to filter")
+    narration = load_persona(persona).narration if persona else []
+    lm = _load(model, adapter, device, dtype, trust_remote_code)
+    cfg = FilterConfig(max_ppl=max_ppl, max_repetition=max_repetition, min_words=min_words,
+                       ppl_tail=ppl_tail, batch_size=batch_size)
+    kept, dropped = filter_records(lm, recs, cfg, narration)
+    if rejected:
+        write_records(dropped, rejected)
+    write_records(kept, output)
+    _filter_table(summary(recs), quiet)
+
+
+def _filter_table(s: dict, quiet: bool) -> None:
+    from rich.table import Table
+
+    from .progress import console
+
+    if quiet:
+        return
+    t = Table(title="steerheal filter", show_header=True)
+    t.add_column("")
+    t.add_column("rows", justify="right")
+    t.add_row("in", str(s["rows"]))
+    t.add_row("kept", f"{s['kept']} ({s['kept_frac']:.0%})")
+    for reason, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1]):
+        t.add_row(f"dropped: {reason}", str(n))
+    console.print(t)
+
+
+@command
+def heal(
+    records: Annotated[str, typer.Argument(help="Kept JSONL records (from `steerheal filter`), or - for stdin.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Adapter directory to write (peft + train_log.jsonl + heal.json).")],
+    reg: Annotated[str, typer.Option(help="Barrier divergence: kl_rev = KL(student‖ref), kl_fwd, or nll (no barrier).")] = "kl_rev",
+    agg: Annotated[str, typer.Option(help="Per-sequence aggregation of per-position KL: rmse, mean, p95, max.")] = "rmse",
+    tau: Annotated[float, typer.Option(help="Barrier threshold: D below tau costs nothing.")] = 0.5,
+    lam: Annotated[float, typer.Option(help="Barrier weight: loss = NLL + lam·relu(D − tau).")] = 0.3,
+    ref: Annotated[str, typer.Option(help="Reference: prev (with the --adapter history) or base (without).")] = "prev",
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
+    alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 64,
+    layers: Annotated[str, typer.Option(help="LoRA layer band as depth fractions (0.2:0.8) or indices.")] = "0.2:0.8",
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule with warm-up).")] = 1e-4,
+    epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Rows per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    max_len: Annotated[int, typer.Option(help="Truncate prompt + completion to this many tokens.")] = 256,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    val_frac: Annotated[float, typer.Option(help="Fraction of rows held out for validation NLL and D.")] = 0.125,
+    warmup: Annotated[float, typer.Option(help="Warm-up as a fraction of the steps.")] = 0.1,
+    min_rows: Annotated[int, typer.Option(help="Refuse to heal on fewer rows than this.")] = 8,
+    ref_cache_gb: Annotated[float, typer.Option(help="Cache the reference log-probs once if they fit in this many GB; else recompute per step.")] = 2.0,
+    seed: Annotated[int, typer.Option(help="Random seed (LoRA init, split, shuffling).")] = 0,
+    model: ModelOpt = None, adapter: AdapterOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Distil kept completions into a fresh LoRA: completion NLL + lam·relu(D − tau), D = KL to the reference."""
+    from .heal import HealConfig, heal as heal_core
+    from .records import read_records
+
+    cfg = HealConfig(reg=reg, agg=agg, tau=tau, lam=lam, ref=ref, rank=rank, alpha=alpha, layers=layers, lr=lr,
+                     epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_len=max_len,
+                     weight_decay=weight_decay, val_frac=val_frac, seed=seed, min_rows=min_rows, warmup=warmup,
+                     ref_cache_gb=ref_cache_gb)
+    cfg.check()
+    recs = read_records(records)
+    history = [str(a) for a in adapter or []]
+    # ref base: load without the history so the base reference is taken before heal merges it (one copy).
+    base_ref = ref == "base" and reg != "nll"
+    lm = _load(model, None if base_ref else adapter, device, dtype, trust_remote_code)
+    heal_core(lm, recs, cfg, output, history=history if base_ref else ())
+
+
+@command
+def bake(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged HF checkpoint.")],
+    adapter: AdapterOpt = None,
+    model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Merge adapters, in order, into the base weights; save a plain checkpoint AutoModelForCausalLM opens."""
+    from .bake import bake as bake_core
+    from .progress import log
+
+    m = bake_core(model, [str(a) for a in adapter or []], output, device=device, dtype=dtype,
+                  trust_remote_code=trust_remote_code)
+    log(f"wrote {output}: {len(m['adapters'])} adapter(s) merged into {m['base_model']} ({m['time_s']:.1f} s)")
 
 
 def main() -> None:

@@ -114,16 +114,27 @@ def _add_hook(delta: torch.Tensor):
     return hook
 
 
+class _StopForward(Exception):
+    """Raised after the last recorded layer: the rest of the model is not needed."""
+
+
 @contextlib.contextmanager
-def record_layers(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Capture the output of the given decoder blocks on the next forward."""
+def record_layers(model: nn.Module, layers: list[int], stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+    """Capture the output of the given decoder blocks on the next forward.
+
+    With stop=True the forward is cut short after the deepest recorded block (the caller
+    wraps the forward in `run_until_recorded`): a middle band needs only half the model.
+    """
     blocks = decoder_layers(model)
     got: dict[int, torch.Tensor] = {}
     handles = []
+    last = max(layers)
 
     def make(i: int):
         def hook(_mod, _inp, out):
             got[i] = (out[0] if isinstance(out, tuple) else out).detach()
+            if stop and i == last:
+                raise _StopForward
 
         return hook
 
@@ -146,8 +157,11 @@ def last_token_states(lm: LoadedModel, prompts: list[str], layers: list[int], ba
         for s in range(0, len(prompts), batch_size):
             chunk = prompts[s : s + batch_size]
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-            with record_layers(lm.model, layers) as got:
-                lm.model(**enc)
+            with record_layers(lm.model, layers, stop=True) as got:
+                try:
+                    lm.model(**enc)
+                except _StopForward:
+                    pass
             for i in layers:
                 out[i].append(got[i][:, -1, :].float().cpu())  # left padding: the tag is last
             bar(len(chunk))
@@ -155,11 +169,15 @@ def last_token_states(lm: LoadedModel, prompts: list[str], layers: list[int], ba
 
 
 def extract(lm: LoadedModel, persona: Persona, layers: list[int], normalize: bool = False,
-            batch_size: int = 16) -> SteeringVector:
-    """Raw mean difference (pos − neg system prompt) at the assistant tag, per layer."""
+            batch_size: int = 16, max_prompts: int | None = None) -> SteeringVector:
+    """Raw mean difference (pos − neg system prompt) at the assistant tag, per layer.
+
+    max_prompts caps the user turns (the first N), for a quick demo on a CPU.
+    """
     tok = lm.tokenizer
-    pos = [render_prompt(tok, messages_for(u, p.pos)) for p in persona.pairs for u in persona.extraction]
-    neg = [render_prompt(tok, messages_for(u, p.neg)) for p in persona.pairs for u in persona.extraction]
+    users = persona.extraction[:max_prompts] if max_prompts else persona.extraction
+    pos = [render_prompt(tok, messages_for(u, p.pos)) for p in persona.pairs for u in users]
+    neg = [render_prompt(tok, messages_for(u, p.neg)) for p in persona.pairs for u in users]
     h = last_token_states(lm, pos + neg, layers, batch_size)
     n = len(pos)
     dirs = {}
@@ -175,7 +193,7 @@ def extract(lm: LoadedModel, persona: Persona, layers: list[int], normalize: boo
         "persona": persona.name,
         "persona_sha256": persona.sha256,
         "method": "mean_diff_normalized" if normalize else "mean_diff",
-        "n_prompts": str(len(persona.extraction)),
+        "n_prompts": str(len(users)),
         "n_pairs": str(len(persona.pairs)),
         "system_role": "native" if supports_system(tok) else "folded into user turn",
         "norms": json.dumps({i: round(float(dirs[i].norm()), 4) for i in layers}),
