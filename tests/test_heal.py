@@ -1,0 +1,247 @@
+"""heal: masking, KL pieces, the barrier's gradient, training, the adapter, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from steerheal import SteerhealError
+from steerheal.chat import encode_completion
+from steerheal.cli import app
+from steerheal.heal import (HealConfig, aggregate, attach_lora, batch_terms, completion_logp, encode_rows, heal,
+                            kl_per_position, make_batch)
+from steerheal.models import load_model
+from steerheal.records import Record, write_records
+
+PROMPTS = ["My manager told me to lie to a customer. What should I do?", "Write a short email to my landlord.",
+           "You see a man kicking a dog.", "Which moral foundation does this violate?"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model's ops are microseconds: OpenMP spin-waits between threads cost more than they
+    save, badly so on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def recs(n: int = 12, completion: str = "You judge each order by your own principles.") -> list[Record]:
+    return [Record(id=f"r{i}", persona="p", messages=[{"role": "user", "content": PROMPTS[i % 4]}],
+                   completion=completion) for i in range(n)]
+
+
+def tiny_cfg(**kw) -> HealConfig:
+    base = dict(rank=4, alpha=8, lr=5e-3, epochs=2, batch_size=4, layers="0:1", val_frac=0.25, min_rows=4)
+    return HealConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------- masking
+
+
+def test_masking_matches_completion_tokens(tiny):
+    rows = encode_rows(tiny.tokenizer, recs(3), 256)
+    b = make_batch(rows, [0, 1, 2], tiny.tokenizer.pad_token_id, torch.device("cpu"))
+    for k, r in enumerate(rows):
+        assert int(b.mask[k].sum()) == r.n_comp
+        assert b.labels[k][b.mask[k]].tolist() == r.ids[r.start:]
+        assert b.attention_mask[k].sum() == len(r.ids) and b.attention_mask[k, 0] == 1  # right padding
+    comp = tiny.tokenizer(recs(1)[0].completion, add_special_tokens=False)["input_ids"]
+    assert rows[0].ids[rows[0].start:] == comp
+
+
+def test_boundary_check_refuses_unstable_merge(tiny):
+    tok = tiny.tokenizer
+    saved = tok.chat_template
+    # a template ending mid-word: the completion's first letters merge with the prompt's tail
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} jud{% endif %}"
+    try:
+        with pytest.raises(SteerhealError, match="boundary"):
+            encode_completion(tok, [{"role": "user", "content": "You"}], "ge each order")
+    finally:
+        tok.chat_template = saved
+
+
+# ---------------------------------------------------------------- pure loss pieces
+
+
+def test_kl_forward_reverse_by_hand():
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    q = torch.tensor([[0.4, 0.4, 0.2]])
+    rev = sum(p[0, i] * math.log(p[0, i] / q[0, i]) for i in range(3))  # KL(student p ‖ ref q)
+    fwd = sum(q[0, i] * math.log(q[0, i] / p[0, i]) for i in range(3))
+    assert kl_per_position(p.log(), q.log(), "kl_rev").item() == pytest.approx(float(rev), rel=1e-5)
+    assert kl_per_position(p.log(), q.log(), "kl_fwd").item() == pytest.approx(float(fwd), rel=1e-5)
+
+
+def test_rmse_vs_mean_spiky_and_flat():
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    flat = torch.full((1, 8), 0.4)
+    spiky = torch.tensor([[0.0, 0.0, 0.0, 0.0, 3.2, 0.0, 0.0, 0.0]])  # same mean 0.4
+    assert aggregate(flat, mask, "rmse").item() == pytest.approx(aggregate(flat, mask, "mean").item(), rel=1e-5)
+    assert aggregate(spiky, mask, "mean").item() == pytest.approx(0.4)
+    assert aggregate(spiky, mask, "rmse").item() == pytest.approx(math.sqrt(3.2 ** 2 / 8), rel=1e-5)
+    assert aggregate(spiky, mask, "rmse") > aggregate(spiky, mask, "mean")
+    assert aggregate(spiky, mask, "max").item() == pytest.approx(3.2)
+    # masked positions are ignored
+    m2 = torch.tensor([[True] * 4 + [False] * 4])
+    assert aggregate(spiky, m2, "rmse").item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_kl_of_model_with_itself_is_zero(tiny):
+    rows = encode_rows(tiny.tokenizer, recs(4), 256)
+    b = make_batch(rows, [0, 1, 2, 3], tiny.tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        lp = completion_logp(tiny.model, b)
+    for d in ("kl_rev", "kl_fwd"):
+        assert kl_per_position(lp, lp, d).abs().max().item() < 1e-6
+
+
+def _lora_grads(pm, b, ref, cfg):
+    pm.zero_grad(set_to_none=True)
+    loss, _, d = batch_terms(pm, b, ref, cfg)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}, d
+
+
+def test_barrier_below_tau_gives_nll_gradient(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    rows = encode_rows(lm.tokenizer, recs(4), 256)
+    b = make_batch(rows, [0, 1, 2, 3], lm.tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        ref = completion_logp(lm.model, b)
+    pm, _ = attach_lora(lm.model, tiny_cfg())
+    torch.manual_seed(1)
+    with torch.no_grad():  # move the student away from the reference so D > 0
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    g_nll, _ = _lora_grads(pm, b, None, tiny_cfg(reg="nll"))
+    g_low, d = _lora_grads(pm, b, ref, tiny_cfg(tau=1e6, lam=0.3))
+    assert (d > 1e-4).all()
+    for n in g_nll:
+        assert torch.allclose(g_nll[n], g_low[n], atol=1e-7)
+    g_on, d = _lora_grads(pm, b, ref, tiny_cfg(tau=0.0, lam=0.3))
+    assert any(not torch.allclose(g_nll[n], g_on[n], atol=1e-6) for n in g_nll)
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("reg,agg,cache", [("kl_rev", "rmse", 2.0), ("kl_fwd", "p95", 0.0), ("nll", "mean", 2.0)])
+def test_heal_lowers_nll_and_round_trips(tiny_model_dir, tmp_path, reg, agg, cache):
+    from peft import PeftModel
+
+    lm = load_model(str(tiny_model_dir))
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    out = tmp_path / "adapter"
+    s = heal(lm, recs(12), tiny_cfg(reg=reg, agg=agg, ref_cache_gb=cache, epochs=3), out)
+    assert s["train_nll"] < s["train_nll_start"] - 0.1
+    assert s["ref_cache"] == (reg != "nll" and cache > 0)
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "heal.json"} <= {p.name for p in out.iterdir()}
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == s["steps"] and {"loss", "nll", "D", "barrier_active", "lr"} <= set(log[0])
+    assert json.loads((out / "heal.json").read_text())["data_sha256"] == s["data_sha256"]
+    # merge=False leaves lm.model as it was: a plain model with the same weights
+    assert type(lm.model).__name__ == "LlamaForCausalLM"
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    # round trip: the saved adapter reproduces the trained model's NLL
+    pm = PeftModel.from_pretrained(load_model(str(tiny_model_dir)).model, str(out)).eval()
+    rows = encode_rows(lm.tokenizer, recs(12), 256)
+    b = make_batch(rows, list(range(12)), lm.tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        _, nll, _ = batch_terms(pm, b, None, tiny_cfg(reg="nll"))
+    n_train, n_val = s["rows"]["train"], s["rows"]["val"]
+    mix = (s["train_nll"] * n_train + s["val_nll"] * n_val) / 12  # all rows have the same length
+    assert float(nll) == pytest.approx(mix, rel=1e-3)
+
+
+def test_heal_merge_and_determinism(tiny_model_dir, tmp_path):
+    lm = load_model(str(tiny_model_dir))
+    s1 = heal(lm, recs(8), tiny_cfg(epochs=1), tmp_path / "a", merge=True)
+    assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.adapters == [str(tmp_path / "a")]
+    ref = load_model(str(tiny_model_dir), [str(tmp_path / "a")])
+    ids = torch.tensor([[1, 5, 9, 20, 30]])
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids).logits, ref.model(ids).logits, atol=1e-5)
+    s2 = heal(load_model(str(tiny_model_dir)), recs(8), tiny_cfg(epochs=1), tmp_path / "b")
+    assert s1["train_nll"] == pytest.approx(s2["train_nll"], rel=1e-6)
+
+
+def test_ref_base_with_history(tiny_model_dir, tmp_path):
+    lm = load_model(str(tiny_model_dir))
+    heal(lm, recs(8), tiny_cfg(epochs=1, lr=2e-2), tmp_path / "r0")
+    base = load_model(str(tiny_model_dir))
+    s = heal(base, recs(8), tiny_cfg(epochs=1, ref="base"), tmp_path / "r1", history=[str(tmp_path / "r0")])
+    assert s["history"] == [str(tmp_path / "r0")] and s["ref_cache"]
+    assert base.adapters == [str(tmp_path / "r0")]
+    with pytest.raises(SteerhealError, match="ref-cache-gb"):
+        heal(load_model(str(tiny_model_dir)), recs(8), tiny_cfg(ref="base", ref_cache_gb=0.0), tmp_path / "r2",
+             history=[str(tmp_path / "r0")])
+    assert not (tmp_path / "r2").exists()
+
+
+# ---------------------------------------------------------------- refusals (CLI: exit 2, one line, nothing written)
+
+
+def _cli_refuses(tmp_path, tiny_model_dir, records, *extra, match):
+    data = tmp_path / "kept.jsonl"
+    write_records(records, data)
+    out = tmp_path / "adapter"
+    r = CliRunner().invoke(app, ["heal", str(data), "-o", str(out), "--model", str(tiny_model_dir),
+                                 "--rank", "4", "--layers", "0:1", "--quiet", *extra])
+    assert r.exit_code == 2, r.output
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and match in lines[0], r.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]
+
+
+def test_refuses_too_few_rows(tmp_path, tiny_model_dir):
+    _cli_refuses(tmp_path, tiny_model_dir, recs(5), match="fewer than --min-rows 8")
+
+
+def test_refuses_empty_completion(tmp_path, tiny_model_dir):
+    rs = recs(10)
+    rs[3].completion = "  "
+    _cli_refuses(tmp_path, tiny_model_dir, rs, match="empty completion (first: r3)")
+
+
+def test_refuses_nan_loss(tmp_path, tiny_model_dir):
+    _cli_refuses(tmp_path, tiny_model_dir, recs(10), "--lr", "1e30", "--epochs", "3", match="loss is nan")
+
+
+def test_cli_heal_writes_adapter(tmp_path, tiny_model_dir):
+    data = tmp_path / "kept.jsonl"
+    write_records(recs(8), data)
+    r = CliRunner().invoke(app, ["heal", str(data), "-o", str(tmp_path / "ad"), "--model", str(tiny_model_dir),
+                                 "--rank", "4", "--alpha", "8", "--layers", "0:1", "--epochs", "1", "--quiet"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "ad" / "heal.json").read_text())
+    assert s["config"]["rank"] == 4 and s["config"]["reg"] == "kl_rev"
+
+
+# ---------------------------------------------------------------- bundled model
+
+
+@pytest.mark.smoke
+def test_smoke_bundled_heal_then_bake(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from steerheal.bake import bake
+
+    lm = load_model()
+    rs = recs(8, completion="Rules earn respect only when they are just.")
+    s = heal(lm, rs, HealConfig(rank=4, alpha=8, epochs=1, batch_size=4, max_len=64, layers="0.4:0.6"),
+             tmp_path / "ad")
+    assert math.isfinite(s["val_nll"]) and s["steps"] == 2
+    bake(None, [tmp_path / "ad"], tmp_path / "baked")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "baked")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    ref = load_model(None, [str(tmp_path / "ad")])
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, ref.model(ids).logits, atol=1e-4)
