@@ -240,6 +240,45 @@ def bake(
     log(f"wrote {output}: {len(m['adapters'])} adapter(s) merged into {m['base_model']} ({m['time_s']:.1f} s)")
 
 
+@command
+def eval_(
+    vector_path: Annotated[Optional[Path], typer.Option("--vector", "-v", help="Steering vector (.safetensors) to evaluate the raw steered model.")] = None,
+    coeff: Annotated[float, typer.Option(help="Steering coefficient C: adds C·v; 0 = unsteered.")] = 0.0,
+    system: Annotated[Optional[str], typer.Option(help="A system prompt (the prompting baseline).")] = None,
+    vignettes: Annotated[Optional[str], typer.Option("--vignettes", help="A tinymfv-schema JSONL path, tinymfv:classic|scifi|ai-actor (downloaded), or omit for the demo set.")] = None,
+    condition: Annotated[str, typer.Option(help="other_violate, self_violate or both (tinymfv sources only).")] = "other_violate",
+    think_tokens: Annotated[int, typer.Option(help="Let the model write K tokens before it must answer; 0 = answer at once.")] = 0,
+    limit: Annotated[Optional[int], typer.Option(help="A balanced sample of N vignettes (round-robin over foundations).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the balanced --limit sample.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Vignettes per forward pass.")] = 16,
+    per_row: Annotated[bool, typer.Option("--per-row", help="Add each vignette's p and pmass to the JSON.")] = False,
+    output: OutOpt = None,
+    model: ModelOpt = None, adapter: AdapterOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Forced-choice moral-foundations eval (tinymfv): per-foundation nats, pmass (coherence), accuracy; JSON out."""
+    import json
+
+    from .evaluate import evaluate, load_vignettes, print_table
+    from .records import write_json
+    from .vector import SteeringVector
+
+    vigs = load_vignettes(vignettes, condition, limit, seed)
+    vec = SteeringVector.load(vector_path) if vector_path else None
+    if vec is None and coeff != 0:
+        raise SteerhealError("--coeff needs --vector (a file from `steerheal vector`)")
+    lm = _load(model, adapter, device, dtype, trust_remote_code)
+    rep = evaluate(lm, vigs, vector=vec, coeff=coeff, system=system, think_tokens=think_tokens, batch_size=batch_size,
+                   per_row=per_row, vector_path=str(vector_path) if vector_path else None, source=vignettes,
+                   condition=condition)
+    print_table(rep)
+    if output is None or str(output) == "-":
+        sys.stdout.write(json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    else:
+        write_json(output, rep)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,294 @@
+"""evaluate.py: pure scoring on synthetic log-probs, vignette sources, the tiny model end to end, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from steerheal import SteerhealError
+from steerheal.evaluate import (
+    DEMO, FOUNDATIONS, PREFILL, answer_token_ids, balanced_sample, combine_frames, evaluate, frame_messages,
+    load_vignettes, option_logprobs, parse_vignettes, summarize,
+)
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "tinymfv" / "vignettes_classic_other_violate.jsonl"
+
+
+# ---------------------------------------------------------------- pure scoring
+
+
+def test_option_logprobs_and_pmass_at_most_one():
+    logits = torch.randn(5, 50)
+    lp, pmass = option_logprobs(logits, [3, 7, 11, 2, 9, 40, 41])
+    assert lp.shape == (5, 7)
+    full = torch.log_softmax(logits, -1)
+    assert torch.allclose(lp[:, 0], full[:, 3])
+    assert torch.all(pmass <= 1 + 1e-6) and torch.all(pmass > 0)
+
+
+def test_combine_frames_averages_logprobs_then_softmaxes():
+    # Frame 1 favours option 0, frame 2 favours option 1 equally: averaging cancels the bias.
+    a = torch.log(torch.tensor([[0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]]))
+    b = torch.log(torch.tensor([[0.1, 0.4, 0.1, 0.1, 0.1, 0.1, 0.1]]))
+    p, pmass = combine_frames([a, b])
+    assert torch.allclose(p.sum(-1), torch.ones(1))
+    assert math.isclose(float(p[0, 0]), float(p[0, 1]), rel_tol=1e-6)
+    # exact: softmax of the mean log-prob vector
+    expected = torch.softmax((a + b) / 2, -1)
+    assert torch.allclose(p, expected)
+    assert math.isclose(float(pmass[0]), 1.0, rel_tol=1e-5)
+
+
+def test_combine_frames_pmass_is_mass_before_renormalising():
+    half = torch.log(torch.full((3, 7), 0.5 / 7))  # the seven tokens hold half the mass
+    quarter = torch.log(torch.full((3, 7), 0.25 / 7))
+    p, pmass = combine_frames([half, quarter])
+    assert torch.allclose(p.sum(-1), torch.ones(3))
+    assert torch.allclose(pmass, torch.full((3,), 0.375))
+
+
+def test_summarize_diagonal_nats_known_answer():
+    # Two care rows with p[care] = 0.5 and 0.25; one authority row with p[authority] = 0.8.
+    p = torch.zeros(3, 7)
+    p[0] = torch.tensor([0.5] + [0.5 / 6] * 6)
+    p[1] = torch.tensor([0.25] + [0.75 / 6] * 6)
+    p[2] = torch.tensor([0.2 / 6] * 3 + [0.8] + [0.2 / 6] * 3)
+    rep = summarize(p, torch.tensor([0.9, 0.8, 0.7]), ["care", "care", "authority"], ["care", "fairness", "authority"])
+    f = rep["foundations"]
+    assert math.isclose(f["care"]["nats"], (math.log(0.5) + math.log(0.25)) / 2, rel_tol=1e-5)
+    assert math.isclose(f["authority"]["nats"], math.log(0.8), rel_tol=1e-5)
+    assert f["loyalty"]["nats"] is None and f["loyalty"]["n"] == 0
+    assert math.isclose(f["care"]["profile"], (0.5 + 0.25 + 0.2 / 6) / 3, rel_tol=1e-5)
+    assert math.isclose(rep["pmass"], 0.8, rel_tol=1e-5)
+    # row 1's argmax is care (0.25 > 0.125) but its modal label is fairness: 2 of 3 right
+    assert math.isclose(rep["accuracy"], 2 / 3, rel_tol=1e-5)
+    assert sum(x["profile"] for x in f.values()) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- answer tokens
+
+
+def test_first_token_collision_raises(tiny):
+    prompt = "<|im_start|>assistant\n" + PREFILL
+    # On the tiny byte-level BPE, ' fairness' and ' fair' both start with the token 'Ġf'.
+    with pytest.raises(SteerhealError, match="share their first token"):
+        answer_token_ids(tiny.tokenizer, prompt, ("fairness", "fair"))
+
+
+def test_first_tokens_distinct_on_tiny(tiny):
+    ids = answer_token_ids(tiny.tokenizer, "<|im_start|>assistant\n" + PREFILL)
+    assert len(set(ids)) == 7
+
+
+class _FakeTok:
+    """A hand-built tokenizer that merges the answer into the prefill: must be refused."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text.replace(": care", "#")]}
+
+    def convert_ids_to_tokens(self, i):
+        return chr(i)
+
+
+def test_unstable_prefill_boundary_raises():
+    with pytest.raises(SteerhealError, match="merges with the prefill"):
+        answer_token_ids(_FakeTok(), "Answer:", ("care", "fairness"))
+
+
+# ---------------------------------------------------------------- vignette sources
+
+
+def test_demo_set_balanced():
+    vigs = load_vignettes(None)
+    assert len(vigs) == 42
+    assert Counter(v.foundation for v in vigs) == {f: 6 for f in FOUNDATIONS}
+    assert all(not v.human for v in vigs) and all(v.modal == v.foundation for v in vigs)
+
+
+def test_limit_is_balanced_not_prefix():
+    vigs = load_vignettes(None, limit=14)
+    assert Counter(v.foundation for v in vigs) == {f: 2 for f in FOUNDATIONS}
+    again = load_vignettes(None, limit=14)
+    assert [v.id for v in again] == [v.id for v in vigs]  # deterministic
+    other = load_vignettes(None, limit=14, seed=1)
+    assert [v.id for v in other] != [v.id for v in vigs]
+    nine = load_vignettes(None, limit=9)
+    assert max(Counter(v.foundation for v in nine).values()) == 2
+
+
+def _row(**kw):
+    base = {"id": "a", "foundation_coarse": "Care", "text": "You see a man kicking a dog."}
+    base.update(kw)
+    return json.dumps(base)
+
+
+def test_schema_errors_name_file_and_line(tmp_path):
+    cases = [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"id": "x", "text": "t"}), "lacks foundation_coarse"),
+        (_row(foundation_coarse="Honesty"), "foundation_coarse 'Honesty'"),
+        (_row(human_Care="lots"), "human_Care"),
+        (_row(human_Kindness=3), "unknown column"),
+        (_row(text=""), "'text' must be"),
+    ]
+    for bad, msg in cases:
+        f = tmp_path / "v.jsonl"
+        f.write_text(_row(id="ok") + "\n\n" + bad + "\n")
+        with pytest.raises(SteerhealError) as e:
+            load_vignettes(str(f))
+        assert f"{f}:3:" in str(e.value) and msg in str(e.value)
+
+
+def test_human_modal_and_social_norms_alias():
+    line = _row(foundation_coarse="Social Norms", human_Care=10.0, human_SocialNorms=70.0, human_Authority=20.0)
+    (v,) = parse_vignettes([line], "x.jsonl")
+    assert v.foundation == "social" and v.modal == "social" and v.human["authority"] == 20.0
+
+
+def test_unknown_tinymfv_set_and_offline(monkeypatch, tmp_path):
+    with pytest.raises(SteerhealError, match="unknown set"):
+        load_vignettes("tinymfv:nope")
+    import urllib.request
+
+    def boom(*a, **k):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", boom)
+    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path))
+    with pytest.raises(SteerhealError, match="could not download .*pass a local path with --vignettes"):
+        load_vignettes("tinymfv:classic")
+
+
+def test_tinymfv_download_verified_and_cached(monkeypatch, tmp_path):
+    import io
+    import urllib.request
+
+    import steerheal.evaluate as ev
+
+    data = (_row(id="a") + "\n" + _row(id="b", foundation_coarse="Liberty") + "\n").encode()
+    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path))
+    monkeypatch.setitem(ev.TINYMFV_SHA256, "vignettes_classic_other_violate.jsonl", ev._sha256(data))
+    calls = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=0: calls.append(url) or io.BytesIO(data))
+    assert len(load_vignettes("tinymfv:classic")) == 2
+    assert len(load_vignettes("tinymfv:classic")) == 2 and len(calls) == 1  # second time from the cache
+    assert ev.TINYMFV_COMMIT in calls[0]
+    monkeypatch.setitem(ev.TINYMFV_SHA256, "vignettes_classic_self_violate.jsonl", "0" * 64)
+    with pytest.raises(SteerhealError, match="does not match"):
+        load_vignettes("tinymfv:classic", condition="self_violate")
+
+
+@pytest.mark.skipif(not REAL.is_file(), reason="shared/tinymfv not beside the checkout")
+def test_real_classic_file():
+    vigs = load_vignettes(str(REAL))
+    assert len(vigs) == 132 and sum(bool(v.human) for v in vigs) == 132
+    lim = load_vignettes(str(REAL), limit=28)
+    assert Counter(v.foundation for v in lim) == {f: 4 for f in FOUNDATIONS}
+
+
+# ---------------------------------------------------------------- on the tiny model
+
+
+def test_evaluate_tiny_rows_sum_to_one(tiny):
+    vigs = load_vignettes(None, limit=7)
+    rep = evaluate(tiny, vigs, per_row=True, batch_size=3)
+    assert rep["n"] == 7 and len(rep["rows"]) == 7
+    for r in rep["rows"]:
+        assert sum(r["p"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert 0 < r["pmass"] <= 1
+    assert set(rep["foundations"]) == set(FOUNDATIONS)
+    assert rep["settings"]["vignettes_sha256"] and rep["settings"]["label"] == "foundation_coarse"
+    json.dumps(rep)
+
+
+def test_prefix_cache_matches_plain_forward(tiny):
+    vigs = load_vignettes(None, limit=7)
+    a = evaluate(tiny, vigs, per_row=True, batch_size=4, prefix_cache=True)
+    b = evaluate(tiny, vigs, per_row=True, batch_size=4, prefix_cache=False)
+    assert a["settings"]["protocol"]["prefix_cache"] is True
+    for ra, rb in zip(a["rows"], b["rows"]):
+        for f in FOUNDATIONS:
+            assert ra["p"][f] == pytest.approx(rb["p"][f], abs=1e-4)
+        assert ra["pmass"] == pytest.approx(rb["pmass"], abs=1e-4)
+
+
+def test_batched_matches_one_at_a_time(tiny):
+    vigs = load_vignettes(None, limit=5)
+    a = evaluate(tiny, vigs, per_row=True, batch_size=5, prefix_cache=False)
+    b = evaluate(tiny, vigs, per_row=True, batch_size=1, prefix_cache=False)
+    for ra, rb in zip(a["rows"], b["rows"]):
+        assert ra["pmass"] == pytest.approx(rb["pmass"], abs=1e-4)
+
+
+def test_think_tokens_path_runs(tiny):
+    vigs = load_vignettes(None, limit=3)
+    rep = evaluate(tiny, vigs, think_tokens=4, per_row=True, system="Be brief.")
+    assert rep["settings"]["think_tokens"] == 4
+    assert len(rep["rows"][0]["thought"]) == 2  # one per frame
+    assert all(sum(r["p"].values()) == pytest.approx(1.0, abs=1e-4) for r in rep["rows"])
+
+
+def test_think_messages_shape():
+    msgs = frame_messages("A scene.", FOUNDATIONS, "sys", thought="Hmm")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[-1]["content"] == "Just answer."
+
+
+def test_steering_changes_scores(tiny):
+    from steerheal.vector import SteeringVector
+
+    torch.manual_seed(0)
+    vec = SteeringVector({1: torch.randn(tiny.hidden_size) * 5}, {"n_layers": str(tiny.n_layers)})
+    vigs = load_vignettes(None, limit=3)
+    a = evaluate(tiny, vigs, per_row=True)
+    b = evaluate(tiny, vigs, per_row=True, vector=vec, coeff=2.0, vector_path="v.safetensors")
+    assert a["rows"][0]["pmass"] != pytest.approx(b["rows"][0]["pmass"], abs=1e-6)
+    assert b["settings"]["coeff"] == 2.0 and b["settings"]["vector"]["path"] == "v.safetensors"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_eval_writes_json(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from steerheal.cli import app
+
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--limit", "7", "--per-row", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 7 and "authority" in rep["foundations"] and len(rep["rows"]) == 7
+
+
+def test_cli_eval_bad_vignettes_exits_2(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from steerheal.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--vignettes", str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == 2
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "no such vignette file" in lines[0]
+    assert "Traceback" not in res.output
+
+
+# ---------------------------------------------------------------- the bundled model
+
+
+@pytest.mark.smoke
+def test_smoke_bundled_demo():
+    from steerheal.models import load_model
+
+    lm = load_model()
+    rep = evaluate(lm, load_vignettes(None, limit=14), per_row=True)
+    assert all(sum(r["p"].values()) == pytest.approx(1.0, abs=1e-4) for r in rep["rows"])
+    # SmolLM2-135M puts only ~0.1-0.15 of its mass on the seven words (measured), far above the
+    # ~7/49152 of a format-blind model; a broken prompt or token choice would fall below 0.05.
+    assert 0.05 < rep["pmass"] <= 1
+    assert DEMO.is_file()
