@@ -241,6 +241,53 @@ def bake(
 
 
 @command
+def loop(
+    persona: Annotated[Path, typer.Argument(help="Persona YAML.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default runs/<persona name>).")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Run YAML, or a preset: demo (default, CPU) or full (GPU).")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Number of rounds.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    coeff: Annotated[Optional[float], typer.Option(help="A fixed steering coefficient (default: bisect the dose).")] = None,
+    vignettes: Annotated[Optional[str], typer.Option(help="Eval vignettes: a tinymfv JSONL path or tinymfv:classic.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key, e.g. --set heal.lam=0.5 --set n=96.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Resume even if the config changed.")] = False,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Run rounds of vector → dose → generate → filter → heal → eval, resumable, with baselines, report and plot."""
+    from .loop import _deep_merge, parse_set, resolve_config, run_loop
+    from .persona import load_persona
+
+    over: dict = {}
+    for key, val in (("rounds", rounds), ("seed", seed), ("coeff", coeff), ("model", model)):
+        if val is not None:
+            over[key] = val
+    if vignettes is not None:
+        over["eval"] = {"vignettes": vignettes}
+    if device != "auto":
+        over["device"] = device
+    if dtype != "auto":
+        over["dtype"] = dtype
+    if trust_remote_code:
+        over["trust_remote_code"] = True
+    cfg = resolve_config(config, _deep_merge(over, parse_set(set_ or [])))
+    out = output or Path("runs") / load_persona(persona).name
+    run_loop(persona, out, cfg, force=force)
+
+
+@command
+def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory from `steerheal loop`.")],
+         quiet: QuietOpt = False) -> None:
+    """Redraw a run's trajectory.png (authority vs care nats per round, and coherence)."""
+    from .plot import plot_run
+    from .progress import log
+
+    if not (run_dir / "baselines" / "base.json").is_file():
+        raise SteerhealError(f"{run_dir}: not a run directory with finished baselines")
+    log(f"wrote {plot_run(run_dir)}")
+
+
+@command
 def eval_(
     vector_path: Annotated[Optional[Path], typer.Option("--vector", "-v", help="Steering vector (.safetensors) to evaluate the raw steered model.")] = None,
     coeff: Annotated[float, typer.Option(help="Steering coefficient C: adds C·v; 0 = unsteered.")] = 0.0,

@@ -1,0 +1,35 @@
+"""Smoke test on the real bundled SmolLM2-135M-Instruct: vector -> generate -> filter."""
+
+import pytest
+
+from steerheal.filter import FilterConfig, filter_records
+from steerheal.generate import generate_records
+from steerheal.models import load_model, parse_layers
+from steerheal.persona import load_persona
+
+pytestmark = pytest.mark.smoke
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model()
+
+
+def test_bundled_vector_generate_filter(smol):
+    p = load_persona("personas/anti_authority.yaml")
+    assert smol.n_layers == 30 and smol.hidden_size == 576
+    from steerheal.vector import extract
+
+    layers = parse_layers("0.45:0.55", smol.n_layers)
+    vec = extract(smol, p, layers, max_prompts=4)
+    assert vec.layers == [13, 14, 15, 16]
+    assert all(float(v.norm()) > 0.5 for v in vec.directions.values())
+    plain = generate_records(smol, p.name, p.demo, 4, max_new_tokens=24, temperature=0)
+    steered = generate_records(smol, p.name, p.demo, 4, vector=vec, coeff=30.0, max_new_tokens=24, temperature=0)
+    assert [r.completion for r in plain] != [r.completion for r in steered]
+    kept, _ = filter_records(smol, plain, FilterConfig(min_words=0))
+    # an unsteered instruct model writes fluent English: most of it passes
+    assert len(kept) >= 3, [(r.completion, r.scores) for r in plain]
+    filter_records(smol, steered, FilterConfig(min_words=0))
+    mean_ppl = lambda rs: sum(min(r.scores["ppl"], 1e4) for r in rs) / len(rs)
+    assert mean_ppl(steered) > mean_ppl(plain)
