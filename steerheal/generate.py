@@ -17,7 +17,8 @@ from .vector import SteeringVector
 @torch.no_grad()
 def complete(lm: LoadedModel, chats: list[list[dict[str, str]]], *, vector: SteeringVector | None = None,
              coeff: float = 0.0, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int | None = 0, batch_size: int = 16, desc: str = "generating") -> list[str]:
+             seed: int | None = 0, batch_size: int = 16, desc: str = "generating",
+             min_new_tokens: int = 0) -> list[str]:
     """Complete each chat (left padding, KV cache), optionally with coeff · v added; texts in input order.
 
     temperature 0 means greedy. Prompts are batched in order of length to waste little on padding.
@@ -29,7 +30,8 @@ def complete(lm: LoadedModel, chats: list[list[dict[str, str]]], *, vector: Stee
     if seed is not None:
         torch.manual_seed(seed)
     sample = temperature > 0
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tok.pad_token_id)
+    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=sample,
+                  pad_token_id=tok.pad_token_id)
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:

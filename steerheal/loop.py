@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -344,10 +345,11 @@ def run_loop(persona_path: str | Path, out: str | Path, cfg: dict, force: bool =
     from .report import write_report
 
     plot_run(run.root)
-    write_report(run.root, stop_reason)
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    write_report(run.root, stop_reason, peak_rss_gb=rss_gb)
     n_done = sum(1 for r in range(rounds) if run.done(f"round_{r:02d}/done"))
-    log(f"done: {n_done} round(s) in {(time.perf_counter() - t_loop) / 60:.1f} min; {stop_reason}. "
-        f"Report: {run.root / 'report.md'}")
+    log(f"done: {n_done} round(s) in {(time.perf_counter() - t_loop) / 60:.1f} min (this process), peak RSS "
+        f"{rss_gb:.2f} GB; {stop_reason}. Report: {run.root / 'report.md'}")
     adapters = finished_adapters()
     if adapters:
         flags = " ".join(f"--adapter {a}" for a in adapters)

@@ -27,7 +27,7 @@ def _demo_table(rows: list[tuple[str, list]]) -> str:
     return "| model | prompt | completion |\n|---|---|---|\n" + "\n".join(out)
 
 
-def write_report(root: str | Path, stop_reason: str) -> Path:
+def write_report(root: str | Path, stop_reason: str, peak_rss_gb: float | None = None) -> Path:
     root = Path(root)
     conf = yaml.safe_load((root / "config.yaml").read_text())
     cfg = conf["config"]
@@ -45,6 +45,10 @@ def write_report(root: str | Path, stop_reason: str) -> Path:
           f"(the persona should move its nats {arrow}); vignettes: {base['settings']['source']} "
           f"({base['n']} rows, condition {base['settings']['condition']}, think {base['settings']['think_tokens']}). "
           f"Stopped: {stop_reason}.", ""]
+    steps = json.loads((root / "manifest.json").read_text())["steps"]
+    total = sum(v.get("time_s", 0.0) for v in steps.values())
+    L += [f"Wall time of all steps: {total / 60:.1f} min"
+          + (f"; peak RSS of the last process: {peak_rss_gb:.2f} GB." if peak_rss_gb else "."), ""]
     L += ["## Baselines", "",
           "| model | target nats | Δ vs base | care nats | authority nats | coherence (pmass) | top-1 acc |",
           "|---|---|---|---|---|---|---|"]
