@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -232,7 +233,9 @@ def attach_lora(model: nn.Module, cfg: HealConfig):
     torch.manual_seed(cfg.seed)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, bias="none",
                       target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg), layers
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5: noise on stderr
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, lcfg), layers
 
 
 # ---------------------------------------------------------------- reference
@@ -394,9 +397,9 @@ def heal(lm: LoadedModel, records: Sequence[Record], cfg: HealConfig, out_dir: s
                             raise SteerhealError(f"step {step} (epoch {epoch}): loss is {float(loss)}; "
                                                  "nothing written; lower --lr or check the data")
                         (loss / len(group)).backward()
-                        acc["loss"] += float(loss) / len(group)
-                        acc["nll"] += float(nll) / len(group)
-                        acc["D"] += float(d.mean()) / len(group)
+                        acc["loss"] += float(loss.detach()) / len(group)
+                        acc["nll"] += float(nll.detach()) / len(group)
+                        acc["D"] += float(d.detach().mean()) / len(group)
                         active |= bool((d > cfg.tau).any()) and need_ref
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
                     lr = sched.get_last_lr()[0]
