@@ -44,6 +44,18 @@ def build_tiny_model(path: Path, n_layers: int = 4, hidden: int = 64, seed: int 
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's ops are microseconds: OpenMP spin-waits between threads cost more than they
+    save, badly so on a busy machine. Used by the training-heavy test modules."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

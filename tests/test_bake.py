@@ -14,14 +14,7 @@ from steerheal.models import load_model
 from steerheal.records import file_sha256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are microseconds: OpenMP spin-waits between threads cost more than they
-    save, badly so on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_adapter(model_dir: Path, out: Path, seed: int, layers: list[int] | None = None) -> Path:

@@ -21,14 +21,7 @@ PROMPTS = ["My manager told me to lie to a customer. What should I do?", "Write 
            "You see a man kicking a dog.", "Which moral foundation does this violate?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's ops are microseconds: OpenMP spin-waits between threads cost more than they
-    save, badly so on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recs(n: int = 12, completion: str = "You judge each order by your own principles.") -> list[Record]:
