@@ -123,6 +123,9 @@ def load_model(
 
     quiet_transformers()
     path = resolve(name)
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        raise SteerhealError(f"--model {name}: no such directory; give a local model directory or a hub id, "
+                             "or omit --model for the bundled SmolLM2")
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     try:
@@ -200,5 +203,11 @@ def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    try:  # the hub client logs every retry of an unreachable host; our one error line says it all
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)

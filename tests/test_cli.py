@@ -56,7 +56,7 @@ def test_errors_are_one_line_exit_2(tiny_model_dir, tiny_model_dir_wide, persona
     bad_jsonl.write_text("{oops\n")
     _one_line_error(runner.invoke(app, ["filter", str(bad_jsonl), *m]), "bad.jsonl:1")
     _one_line_error(runner.invoke(app, ["generate", str(persona_file), "--model", str(tmp_path / "no-such-model")]),
-                    "could not be loaded")
+                    "no such directory")
     # a vector from another model
     vec = tmp_path / "wide.safetensors"
     assert runner.invoke(app, ["vector", str(persona_file), "-o", str(vec), "--layers", "1", "--model", str(tiny_model_dir_wide)]).exit_code == 0
