@@ -126,12 +126,18 @@ def _answers(rounds: list[dict], base: dict, prompt: dict, b_t: float, p_t: floa
         q3 = (f"**Q3 one direction?** healed {target} nats {_f(b_t)} (base) → {' → '.join(_f(x) for x in tr)}; "
               f"{along}/{len(steps)} steps moved the persona's way ({'down' if direction < 0 else 'up'}); "
               f"cos(v_r, v_0) {', '.join(_f(r['cos_v0'], 2) for r in rounds)}.")
-        final = tr[-1] - b_t
-        prompt_shift = p_t - b_t
-        win = final * direction > prompt_shift * direction
-        q4 = (f"**Beats prompting?** {'yes' if win else 'no'}: after {len(healed)} round(s) the healed model moved {target} "
-              f"by {final:+.3f} nats at pmass {pm[-1]:.3f}, the persona as a system prompt moved it by {prompt_shift:+.3f} "
-              f"at pmass {prompt['pmass']:.3f}.")
+        final, prompt_shift = tr[-1] - b_t, p_t - b_t
+        care_b = base["foundations"]["care"]["nats"]
+        care_h = healed[-1]["healed"]["care_nats"] - care_b
+        care_p = prompt["foundations"]["care"]["nats"] - care_b
+        further = final * direction > prompt_shift * direction
+        # A bigger shift bought with broken coherence is no win: require 90% of the baseline's pmass.
+        coherent = pm[-1] >= 0.9 * prompt["pmass"]
+        verdict = "yes" if further and coherent else ("not at equal coherence" if further else "no")
+        q4 = (f"**Beats prompting?** {verdict}: after {len(healed)} round(s) the healed model moved {target} "
+              f"by {final:+.3f} nats at pmass {pm[-1]:.3f}; the persona as a system prompt moved it by "
+              f"{prompt_shift:+.3f} at pmass {prompt['pmass']:.3f}. Off-target care nats moved {care_h:+.3f} "
+              f"(healed) vs {care_p:+.3f} (prompting).")
     else:
         q1 = q2 = q3 = q4 = "No round was healed."
     return [f"- {q}" for q in (q0, q1, q2, q3, q4)]
