@@ -28,7 +28,8 @@ import torch
 
 from . import SteerhealError
 from .chat import render_prompt
-from .progress import console, log, progress
+from .progress import console, is_silenced, log, progress
+from .records import atomic_path, json_object
 
 FOUNDATIONS: tuple[str, ...] = ("care", "fairness", "loyalty", "authority", "sanctity", "liberty", "social")
 # Short glosses shown with each option; "social" is the not-morally-wrong control.
@@ -90,15 +91,7 @@ def parse_vignettes(lines: Sequence[str], where: str, condition: str = "") -> li
         if not line.strip():
             continue
         loc = f"{where}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SteerhealError(f"{loc}: not valid JSON ({e.msg}); each line must be one vignette object") from None
-        if not isinstance(obj, dict):
-            raise SteerhealError(f"{loc}: expected a JSON object with id, foundation_coarse, text")
-        missing = [k for k in ("id", "foundation_coarse", "text") if k not in obj]
-        if missing:
-            raise SteerhealError(f"{loc}: vignette lacks {', '.join(missing)} (tinymfv schema: id, foundation_coarse, text, human_<Foundation>)")
+        obj = json_object(line, loc, ("id", "foundation_coarse", "text"), "vignette")
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             raise SteerhealError(f"{loc}: 'text' must be a non-empty string")
         fnd = _ALIASES.get(str(obj["foundation_coarse"]).strip().lower())
@@ -174,7 +167,6 @@ def fetch_tinymfv(set_name: str, condition: str) -> Path:
                              "or the source changed; pass a local path with --vignettes")
     if known is None:
         log(f"steerheal: {fname} sha256 {digest} (unverified: no known digest for this set)")
-    from .records import atomic_path
 
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
@@ -473,9 +465,7 @@ def evaluate(lm: Any, vignettes: list[Vignette], *, vector: Any = None, coeff: f
 
 def print_table(report: dict[str, Any]) -> None:
     """The per-foundation table on stderr (skipped when quiet)."""
-    from .progress import _state
-
-    if _state["quiet"]:  # like log(): tables go to stderr even when it is not a terminal, unless --quiet
+    if is_silenced():  # like log(): tables go to stderr even when it is not a terminal, unless --quiet
         return
     from rich.table import Table
 

@@ -17,6 +17,11 @@ def set_quiet(quiet: bool) -> None:
     _state["quiet"] = quiet
 
 
+def is_silenced() -> bool:
+    """--quiet was given: no logs or tables at all (progress bars also stop off a terminal)."""
+    return _state["quiet"]
+
+
 def is_quiet() -> bool:
     return _state["quiet"] or not console.is_terminal
 

@@ -38,17 +38,26 @@ class Record:
 REQUIRED = ("id", "messages", "completion")
 
 
-def parse_record(line: str, where: str) -> Record:
-    """Parse one JSONL line; `where` is 'file:line' for the error message."""
+def json_object(line: str, where: str, required: tuple[str, ...], what: str) -> dict:
+    """One JSONL line as a dict with the required keys; errors name `where` ('file:line').
+
+    Shared by every JSONL reader (records, vignettes), so their errors read alike.
+    """
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise SteerhealError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON record") from None
+        raise SteerhealError(f"{where}: not valid JSON ({e.msg}); each line must be one {what}") from None
     if not isinstance(obj, dict):
         raise SteerhealError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    missing = [k for k in REQUIRED if k not in obj]
+    missing = [k for k in required if k not in obj]
     if missing:
-        raise SteerhealError(f"{where}: record lacks {', '.join(missing)}; records come from `steerheal generate`")
+        raise SteerhealError(f"{where}: {what} lacks {', '.join(missing)} (needs {', '.join(required)})")
+    return obj
+
+
+def parse_record(line: str, where: str) -> Record:
+    """Parse one JSONL line; `where` is 'file:line' for the error message."""
+    obj = json_object(line, where, REQUIRED, "record")
     msgs = obj["messages"]
     if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
         raise SteerhealError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
