@@ -18,8 +18,12 @@ from steerheal.chat import messages_for, render_prompt
 from steerheal.heal import lora_targets
 from steerheal.models import load_model, parse_layers
 
-PROMPTS = ["My manager told me to lie to a customer. What should I do?", "Is it ever right to break a rule?",
-           "My boss wants me to stay late again.", "Write a short email to my landlord about the heater."]
+PROMPTS = [
+    "My manager told me to lie to a customer. What should I do?",
+    "Is it ever right to break a rule?",
+    "My boss wants me to stay late again.",
+    "Write a short email to my landlord about the heater.",
+]
 
 
 def random_adapters(tmp: Path, n: int = 3, rank: int = 8) -> list[str]:
@@ -44,8 +48,16 @@ def random_adapters(tmp: Path, n: int = 3, rank: int = 8) -> list[str]:
 @torch.no_grad()
 def tokens_per_s(model, enc, new_tokens: int, pad_id: int) -> float:
     t = time.perf_counter()
-    out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         temperature=None, top_p=None, top_k=None, pad_token_id=pad_id)
+    out = model.generate(
+        **enc,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=pad_id,
+    )
     n = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
     return n / (time.perf_counter() - t)
 
@@ -73,16 +85,22 @@ def main() -> None:
         stacked.base_model.set_adapter(["a0", "a1", "a2"])
         stacked.eval()
         models = {"base": base.model, "baked(3)": baked, "stacked(3, unmerged)": stacked}
-        enc = tok([render_prompt(tok, messages_for(p)) for p in PROMPTS], return_tensors="pt", padding=True,
-                  add_special_tokens=False)
+        enc = tok(
+            [render_prompt(tok, messages_for(p)) for p in PROMPTS],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
         for m in models.values():  # warm-up
             tokens_per_s(m, enc, 4, tok.pad_token_id)
         best = {k: 0.0 for k in models}
         for _ in range(a.reps):  # interleaved; best of reps, since load on the machine only slows
             for k, m in models.items():
                 best[k] = max(best[k], tokens_per_s(m, enc, a.new_tokens, tok.pad_token_id))
-        print(f"greedy, batch {len(PROMPTS)}, {a.new_tokens} new tokens, best of {a.reps}, "
-              f"threads {torch.get_num_threads()}")
+        print(
+            f"greedy, batch {len(PROMPTS)}, {a.new_tokens} new tokens, best of {a.reps}, "
+            f"threads {torch.get_num_threads()}"
+        )
         for k, v in best.items():
             print(f"{k:22s} {v:7.1f} tok/s   {v / best['base']:.3f}x base")
 

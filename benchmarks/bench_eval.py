@@ -11,16 +11,22 @@ from pathlib import Path
 
 import torch
 
-from steerheal.evaluate import evaluate, load_vignettes
+from steerheal.config import EvalConfig
+from steerheal.evaluate import score_vignettes
 from steerheal.models import load_model
 from steerheal.progress import set_quiet
+from steerheal.vignettes import load_vignettes
 
 DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "tinymfv" / "vignettes_classic_other_violate.jsonl"
 
 
+def evaluate(lm, vigs, batch_size: int = 16, **kw) -> dict:
+    return score_vignettes(lm, vigs, EvalConfig(batch_size=batch_size), **kw)
+
+
 def timed(lm, vigs, **kw) -> tuple[float, dict]:
     t = time.perf_counter()
-    rep = evaluate(lm, vigs, per_row=True, **kw)
+    rep = evaluate(lm, vigs, **kw)
     return time.perf_counter() - t, rep
 
 
@@ -45,13 +51,17 @@ def main() -> None:
     for name, kw in runs.items():
         s, rep = timed(lm, sub, **kw)
         res[name] = (s, rep)
-        print(f"{name:55s} {len(sub)} rows × 2 frames: {s:6.1f} s  {len(sub) / s:6.2f} vignettes/s  pmass {rep['pmass']:.4f}")
+        print(
+            f"{name:55s} {len(sub)} rows × 2 frames: {s:6.1f} s  {len(sub) / s:6.2f} vignettes/s  pmass {rep['pmass']:.4f}"
+        )
     base = res[next(iter(runs))]
     for name, (s, rep) in list(res.items())[1:]:
         dp = max(abs(x["pmass"] - y["pmass"]) for x, y in zip(rep["rows"], base[1]["rows"]))
         print(f"speed-up of '{name}' over one at a time: {base[0] / s:.2f}x (max |Δpmass| {dp:.1e})")
     s, rep = timed(lm, allv, batch_size=a.batch_size)
-    print(f"all {len(allv)} vignettes × 2 frames (default settings): {s:.1f} s  ({len(allv) / s:.2f} vignettes/s; target ≤ 60 s)")
+    print(
+        f"all {len(allv)} vignettes × 2 frames (default settings): {s:.1f} s  ({len(allv) / s:.2f} vignettes/s; target ≤ 60 s)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,17 @@ from steerheal.vector import extract
 
 def tok_per_s(lm, chats, vec, coeff, bs, tokens) -> float:
     t = time.perf_counter()
-    complete(lm, chats, vector=vec, coeff=coeff, max_new_tokens=tokens, min_new_tokens=tokens,
-             temperature=0, batch_size=bs)
+    complete(
+        lm,
+        chats,
+        vector=vec,
+        coeff=coeff,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        temperature=0,
+        top_p=1.0,
+        batch_size=bs,
+    )
     return len(chats) * tokens / (time.perf_counter() - t)
 
 

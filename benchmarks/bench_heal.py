@@ -13,15 +13,23 @@ import time
 
 import torch
 
-from steerheal.heal import HealConfig, attach_lora, batch_terms, completion_logp, encode_rows, make_batch, reference_logps
+from steerheal.config import HealConfig
+from steerheal.heal import attach_lora, batch_terms, encode_rows
+from steerheal.logprobs import right_padded, score_spans, span_logprobs
 from steerheal.models import load_model
 from steerheal.records import Record
 
-PROMPTS = ["My manager told me to lie to a customer. What should I do?", "My boss wants me to stay late again.",
-           "Is it ever right to break a rule?", "Write a short email to my landlord about the heater."]
-COMPLETION = ("Rules deserve respect only when they are just, and an order to deceive someone is not. "
-              "I would tell my manager calmly that I will not lie, explain why honesty protects the customer "
-              "and the company, and offer another way to handle it.")
+PROMPTS = [
+    "My manager told me to lie to a customer. What should I do?",
+    "My boss wants me to stay late again.",
+    "Is it ever right to break a rule?",
+    "Write a short email to my landlord about the heater.",
+]
+COMPLETION = (
+    "Rules deserve respect only when they are just, and an order to deceive someone is not. "
+    "I would tell my manager calmly that I will not lie, explain why honesty protects the customer "
+    "and the company, and offer another way to handle it."
+)
 
 
 def rss_mb() -> float:
@@ -36,16 +44,20 @@ def main() -> None:
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load_model(device="cpu")
-    recs = [Record(id=str(i), persona="p", messages=[{"role": "user", "content": PROMPTS[i % 4]}],
-                   completion=COMPLETION) for i in range(a.rows)]
+    recs = [
+        Record(id=str(i), persona="p", messages=[{"role": "user", "content": PROMPTS[i % 4]}], completion=COMPLETION)
+        for i in range(a.rows)
+    ]
     cfg = HealConfig(batch_size=a.batch_size)
     rows = encode_rows(lm.tokenizer, recs, cfg.max_len)
     pad = lm.tokenizer.pad_token_id
-    print(f"rows {len(rows)}, tokens/row {len(rows[0].ids)} (completion {rows[0].n_comp}), batch {a.batch_size}, "
-          f"rank {cfg.rank}, layers {cfg.layers}, threads {torch.get_num_threads()}")
+    print(
+        f"rows {len(rows)}, tokens/row {len(rows[0].ids)} (completion {rows[0].n_scored}), batch {a.batch_size}, "
+        f"rank {cfg.rank}, layers {cfg.layers}, threads {torch.get_num_threads()}"
+    )
     rss0 = rss_mb()
     t = time.perf_counter()
-    cache = reference_logps(lm.model, rows, pad)
+    cache = score_spans(lm.model, rows, pad, 8, full=True)
     t_cache = time.perf_counter() - t
     cache_mb = sum(c.numel() * 4 for c in cache) / 2**20
     print(f"reference cache: {t_cache * 1000:.0f} ms once for {len(rows)} rows, {cache_mb:.0f} MB")
@@ -58,15 +70,17 @@ def main() -> None:
 
     def step(mode: str, idx: list[int]) -> float:
         t0 = time.perf_counter()
-        b = make_batch(rows, idx, pad, torch.device("cpu"))
+        b = right_padded(rows, idx, pad, torch.device("cpu"))
         if mode == "nll":
             ref, c = None, nll_cfg
         elif mode == "kl_cached":
             ref, c = torch.cat([cache[i] for i in idx]), kl_cfg
         else:
+
             def ref():
                 with torch.no_grad(), pm.disable_adapter():
-                    return completion_logp(pm, b)
+                    return span_logprobs(pm, b)
+
             c = kl_cfg
         loss, _, _ = batch_terms(pm, b, ref, c)
         loss.backward()

@@ -7,21 +7,23 @@ from typing import Any
 
 from . import SteerhealError
 
+_SYSTEM_ROLE: dict[str, bool] = {}  # chat template text -> renders a system turn
+
 
 def supports_system(tok: Any) -> bool:
     """Whether the chat template renders a system turn (some, like Gemma 2's, raise)."""
-    cached = getattr(tok, "_steerheal_system", None)
-    if cached is None:
+    template = str(getattr(tok, "chat_template", None))
+    if template not in _SYSTEM_ROLE:
         try:
             out = tok.apply_chat_template(
                 [{"role": "system", "content": "SYSMARK"}, {"role": "user", "content": "hi"}],
-                tokenize=False, add_generation_prompt=True,
+                tokenize=False,
+                add_generation_prompt=True,
             )
-            cached = "SYSMARK" in out
-        except Exception:  # templates signal "no system role" by raising
-            cached = False
-        tok._steerheal_system = cached
-    return cached
+            _SYSTEM_ROLE[template] = "SYSMARK" in out
+        except Exception:  # templates signal "no system role" by raising their own error types
+            _SYSTEM_ROLE[template] = False
+    return _SYSTEM_ROLE[template]
 
 
 def fold_system(tok: Any, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -46,8 +48,9 @@ def render_prompt(tok: Any, messages: list[dict[str, str]]) -> str:
     return tok.apply_chat_template(fold_system(tok, messages), tokenize=False, add_generation_prompt=True)
 
 
-def encode_completion(tok: Any, messages: list[dict[str, str]], completion: str, max_len: int | None = None,
-                      eos: bool = False) -> tuple[list[int], int]:
+def encode_completion(
+    tok: Any, messages: list[dict[str, str]], completion: str, max_len: int | None = None, eos: bool = False
+) -> tuple[list[int], int]:
     """Token ids of prompt + completion (+ eos) and the index where the completion starts.
 
     The prompt and completion are tokenised separately and concatenated, so the boundary is

@@ -7,19 +7,33 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from . import SteerhealError, __version__
+from .config import EvalConfig, FilterConfig, GenerateConfig, HealConfig, VectorConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Steer a persona into a model, distil it into LoRA, heal it with a KL barrier, measure, repeat.")
+# The dataclasses are the one source of defaults; every option below reads its default from these.
+_V, _G, _F, _H, _E = VectorConfig(), GenerateConfig(), FilterConfig(), HealConfig(), EvalConfig()
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Steer a persona into a model, distil it into LoRA, heal it with a KL barrier, measure, repeat.",
+)
 
 # Options shared by every command that loads a model (one definition, reused).
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="HF id or local dir; default: the bundled SmolLM2-135M-Instruct.")]
-AdapterOpt = Annotated[Optional[list[Path]], typer.Option("--adapter", "-a", help="A peft adapter dir to stack (repeatable, in order: round 0 first).")]
+ModelOpt = Annotated[
+    Optional[str], typer.Option("--model", "-m", help="HF id or local dir; default: the bundled SmolLM2-135M-Instruct.")
+]
+AdapterOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option("--adapter", "-a", help="A peft adapter dir to stack (repeatable, in order: round 0 first)."),
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model repo's own code to run.")]
@@ -40,11 +54,31 @@ def command(fn: Callable) -> Callable:
         except SteerhealError as e:
             typer.echo(f"steerheal {fn.__name__.rstrip('_')}: error: {e}", err=True)
             raise typer.Exit(2) from None
+        except _oom_errors() as e:
+            typer.echo(
+                f"steerheal {fn.__name__.rstrip('_')}: error: out of memory ({str(e).splitlines()[0][:120]}); "
+                "lower --batch-size (or --max-len), or use a smaller model or another device",
+                err=True,
+            )
+            raise typer.Exit(3) from None
+        except MemoryError:
+            typer.echo(
+                f"steerheal {fn.__name__.rstrip('_')}: error: out of CPU memory; lower --batch-size "
+                "(or --max-len), or use a smaller model",
+                err=True,
+            )
+            raise typer.Exit(3) from None
         except KeyboardInterrupt:
             typer.echo("steerheal: interrupted; nothing half-written was left (rerun to resume)", err=True)
             raise typer.Exit(130) from None
 
     return app.command(fn.__name__.rstrip("_"))(wrapper)
+
+
+def _oom_errors() -> tuple[type[BaseException], ...]:
+    import torch
+
+    return (torch.OutOfMemoryError,)
 
 
 def _version(value: bool) -> None:
@@ -54,7 +88,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False) -> None:
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
     """steerheal: steer, filter, heal, bake, eval, loop."""
 
 
@@ -68,13 +106,25 @@ def _load(model: str | None, adapter: list[Path] | None, device: str, dtype: str
 def vector(
     persona: Annotated[Path, typer.Argument(help="Persona YAML with contrastive pairs and prompts.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the vector (.safetensors).")],
-    layers: Annotated[str, typer.Option(help="Layer band as depth fractions (0.45:0.55) or indices (12,13).")] = "0.45:0.55",
-    normalize: Annotated[bool, typer.Option("--normalize", help="Unit-normalise each layer's direction.")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="safetensors, or gguf to also write a llama.cpp control vector.")] = "safetensors",
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 16,
-    max_prompts: Annotated[Optional[int], typer.Option(help="Use only the first N user prompts (quicker).")] = None,
-    model: ModelOpt = None, adapter: AdapterOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+    layers: Annotated[
+        str, typer.Option(help="Layer band as depth fractions (0.45:0.55) or indices (12,13).")
+    ] = _V.layers,
+    normalize: Annotated[
+        bool, typer.Option("--normalize", help="Unit-normalise each layer's direction.")
+    ] = _V.normalize,
+    fmt: Annotated[
+        str, typer.Option("--format", help="safetensors, or gguf to also write a llama.cpp control vector.")
+    ] = "safetensors",
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = _V.batch_size,
+    max_prompts: Annotated[
+        Optional[int], typer.Option(help="Use only the first N user prompts (quicker).")
+    ] = _V.max_prompts,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Extract a steering vector: mean hidden-state difference at the assistant tag, pos vs neg persona."""
     from .models import parse_layers
@@ -86,8 +136,9 @@ def vector(
         raise SteerhealError(f"--format {fmt}: use safetensors or gguf")
     p = load_persona(persona)
     lm = _load(model, adapter, device, dtype, trust_remote_code)
-    vec = extract(lm, p, parse_layers(layers, lm.n_layers), normalize=normalize, batch_size=batch_size,
-                  max_prompts=max_prompts)
+    vec = extract(
+        lm, p, parse_layers(layers, lm.n_layers), normalize=normalize, batch_size=batch_size, max_prompts=max_prompts
+    )
     vec.save(output)
     log(f"wrote {output}: layers {vec.layers}, norms {vec.meta['norms']}")
     if fmt == "gguf":
@@ -99,18 +150,24 @@ def vector(
 @command
 def generate(
     persona: Annotated[Path, typer.Argument(help="Persona YAML (its prompts are the user turns).")],
-    vector_path: Annotated[Optional[Path], typer.Option("--vector", "-v", help="Steering vector (.safetensors).")] = None,
+    vector_path: Annotated[
+        Optional[Path], typer.Option("--vector", "-v", help="Steering vector (.safetensors).")
+    ] = None,
     coeff: Annotated[float, typer.Option(help="Steering coefficient C: adds C·v; 0 = unsteered.")] = 0.0,
-    n: Annotated[int, typer.Option("-n", help="Number of completions (cycles over the prompts).")] = 32,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per completion.")] = 64,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    n: Annotated[int, typer.Option("-n", help="Number of completions (cycles over the prompts).")] = _G.n,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per completion.")] = _G.max_new_tokens,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = _G.temperature,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = _G.top_p,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Completions per batch.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Completions per batch.")] = _G.batch_size,
     system: Annotated[Optional[str], typer.Option(help="A system prompt (the prompting baseline).")] = None,
     output: OutOpt = None,
-    model: ModelOpt = None, adapter: AdapterOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Generate completions with C·v added to the residual stream; JSONL records to stdout or -o."""
     from .generate import generate_records
@@ -125,9 +182,10 @@ def generate(
     lm = _load(model, adapter, device, dtype, trust_remote_code)
     if vec is not None:
         vec.check_compatible(lm)
-    recs = generate_records(lm, p.name, p.generation, n, vector=vec, coeff=coeff, system=system,
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            seed=seed, batch_size=batch_size)
+    cfg = GenerateConfig(
+        n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size
+    )
+    recs = generate_records(lm, p.name, p.generation, cfg, vector=vec, coeff=coeff, system=system, seed=seed)
     write_records(recs, output)
 
 
@@ -137,16 +195,25 @@ def filter_(
     output: OutOpt = None,
     rejected: Annotated[Optional[Path], typer.Option(help="Also write the dropped records here.")] = None,
     persona: Annotated[Optional[Path], typer.Option(help="Persona YAML whose narration patterns to apply.")] = None,
-    max_ppl: Annotated[float, typer.Option(help="Drop if perplexity under the reference model >= this.")] = 50.0,
-    max_repetition: Annotated[float, typer.Option(help="Drop if the top n-gram share >= this (loops).")] = 0.3,
-    min_words: Annotated[int, typer.Option(help="Drop completions shorter than this many words.")] = 4,
-    ppl_tail: Annotated[bool, typer.Option("--ppl-tail/--ppl-all", help="Perplexity over the last quarter, or all, of the completion.")] = True,
-    batch_size: Annotated[int, typer.Option(help="Records per forward pass.")] = 16,
-    model: ModelOpt = None, adapter: AdapterOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+    max_ppl: Annotated[float, typer.Option(help="Drop if perplexity under the reference model >= this.")] = _F.max_ppl,
+    max_repetition: Annotated[
+        float, typer.Option(help="Drop if the top n-gram share >= this (loops).")
+    ] = _F.max_repetition,
+    min_words: Annotated[int, typer.Option(help="Drop completions shorter than this many words.")] = _F.min_words,
+    ppl_tail: Annotated[
+        bool, typer.Option("--ppl-tail/--ppl-all", help="Perplexity over the last quarter, or all, of the completion.")
+    ] = _F.ppl_tail,
+    max_len: Annotated[int, typer.Option(help="Truncate prompt + completion to this many tokens.")] = _F.max_len,
+    batch_size: Annotated[int, typer.Option(help="Records per forward pass.")] = _F.batch_size,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Score completions (perplexity, repetition, narration, refusal); keep the coherent ones."""
-    from .filter import FilterConfig, filter_records, summary
+    from .filter import filter_records, summary
     from .persona import load_persona
     from .records import read_records, write_records
 
@@ -155,8 +222,14 @@ def filter_(
         raise SteerhealError(f"{records}: no records to filter")
     narration = load_persona(persona).narration if persona else []
     lm = _load(model, adapter, device, dtype, trust_remote_code)
-    cfg = FilterConfig(max_ppl=max_ppl, max_repetition=max_repetition, min_words=min_words,
-                       ppl_tail=ppl_tail, batch_size=batch_size)
+    cfg = FilterConfig(
+        max_ppl=max_ppl,
+        max_repetition=max_repetition,
+        min_words=min_words,
+        ppl_tail=ppl_tail,
+        max_len=max_len,
+        batch_size=batch_size,
+    )
     kept, dropped = filter_records(lm, recs, cfg, narration)
     if rejected:
         write_records(dropped, rejected)
@@ -184,37 +257,67 @@ def _filter_table(s: dict, quiet: bool) -> None:
 @command
 def heal(
     records: Annotated[str, typer.Argument(help="Kept JSONL records (from `steerheal filter`), or - for stdin.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Adapter directory to write (peft + train_log.jsonl + heal.json).")],
-    reg: Annotated[str, typer.Option(help="Barrier divergence: kl_rev = KL(student‖ref), kl_fwd, or nll (no barrier).")] = "kl_rev",
-    agg: Annotated[str, typer.Option(help="Per-sequence aggregation of per-position KL: rmse, mean, p95, max.")] = "rmse",
-    tau: Annotated[float, typer.Option(help="Barrier threshold: D below tau costs nothing.")] = 0.5,
-    lam: Annotated[float, typer.Option(help="Barrier weight: loss = NLL + lam·relu(D − tau).")] = 0.3,
-    ref: Annotated[str, typer.Option(help="Reference: prev (with the --adapter history) or base (without).")] = "prev",
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 32,
-    alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 64,
-    layers: Annotated[str, typer.Option(help="LoRA layer band as depth fractions (0.2:0.8) or indices.")] = "0.2:0.8",
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule with warm-up).")] = 1e-4,
-    epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Rows per micro-batch.")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    max_len: Annotated[int, typer.Option(help="Truncate prompt + completion to this many tokens.")] = 256,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    val_frac: Annotated[float, typer.Option(help="Fraction of rows held out for validation NLL and D.")] = 0.125,
-    warmup: Annotated[float, typer.Option(help="Warm-up as a fraction of the steps.")] = 0.1,
-    min_rows: Annotated[int, typer.Option(help="Refuse to heal on fewer rows than this.")] = 8,
-    ref_cache_gb: Annotated[float, typer.Option(help="Cache the reference log-probs once if they fit in this many GB; else recompute per step.")] = 2.0,
-    seed: Annotated[int, typer.Option(help="Random seed (LoRA init, split, shuffling).")] = 0,
-    model: ModelOpt = None, adapter: AdapterOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Adapter directory to write (peft + train_log.jsonl + heal.json).")
+    ],
+    reg: Annotated[
+        str, typer.Option(help="Barrier divergence: kl_rev = KL(student‖ref), kl_fwd, or nll (no barrier).")
+    ] = _H.reg,
+    agg: Annotated[
+        str, typer.Option(help="Per-sequence aggregation of per-position KL: rmse, mean, p95, max.")
+    ] = _H.agg,
+    tau: Annotated[float, typer.Option(help="Barrier threshold: D below tau costs nothing.")] = _H.tau,
+    lam: Annotated[float, typer.Option(help="Barrier weight: loss = NLL + lam·relu(D − tau).")] = _H.lam,
+    ref: Annotated[str, typer.Option(help="Reference: prev (with the --adapter history) or base (without).")] = _H.ref,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = _H.rank,
+    alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = _H.alpha,
+    layers: Annotated[str, typer.Option(help="LoRA layer band as depth fractions (0.2:0.8) or indices.")] = _H.layers,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule with warm-up).")] = _H.lr,
+    epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = _H.epochs,
+    batch_size: Annotated[int, typer.Option(help="Rows per micro-batch.")] = _H.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = _H.grad_accum,
+    max_len: Annotated[int, typer.Option(help="Truncate prompt + completion to this many tokens.")] = _H.max_len,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _H.weight_decay,
+    val_frac: Annotated[float, typer.Option(help="Fraction of rows held out for validation NLL and D.")] = _H.val_frac,
+    warmup: Annotated[float, typer.Option(help="Warm-up as a fraction of the steps.")] = _H.warmup,
+    min_rows: Annotated[int, typer.Option(help="Refuse to heal on fewer rows than this.")] = _H.min_rows,
+    ref_cache_gb: Annotated[
+        float,
+        typer.Option(help="Cache the reference log-probs once if they fit in this many GB; else recompute per step."),
+    ] = _H.ref_cache_gb,
+    seed: Annotated[int, typer.Option(help="Random seed (LoRA init, split, shuffling).")] = _H.seed,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Distil kept completions into a fresh LoRA: completion NLL + lam·relu(D − tau), D = KL to the reference."""
-    from .heal import HealConfig, heal as heal_core
+    from .heal import heal as heal_core
     from .records import read_records
 
-    cfg = HealConfig(reg=reg, agg=agg, tau=tau, lam=lam, ref=ref, rank=rank, alpha=alpha, layers=layers, lr=lr,
-                     epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_len=max_len,
-                     weight_decay=weight_decay, val_frac=val_frac, seed=seed, min_rows=min_rows, warmup=warmup,
-                     ref_cache_gb=ref_cache_gb)
+    cfg = HealConfig(
+        reg=reg,
+        agg=agg,
+        tau=tau,
+        lam=lam,
+        ref=ref,
+        rank=rank,
+        alpha=alpha,
+        layers=layers,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_len=max_len,
+        weight_decay=weight_decay,
+        val_frac=val_frac,
+        seed=seed,
+        min_rows=min_rows,
+        warmup=warmup,
+        ref_cache_gb=ref_cache_gb,
+    )
     cfg.check()
     recs = read_records(records)
     history = [str(a) for a in adapter or []]
@@ -228,40 +331,61 @@ def heal(
 def bake(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged HF checkpoint.")],
     adapter: AdapterOpt = None,
-    model: ModelOpt = None, device: DeviceOpt = "cpu", dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Merge adapters, in order, into the base weights; save a plain checkpoint AutoModelForCausalLM opens."""
     from .bake import bake as bake_core
     from .progress import log
 
-    m = bake_core(model, [str(a) for a in adapter or []], output, device=device, dtype=dtype,
-                  trust_remote_code=trust_remote_code)
+    m = bake_core(
+        model, [str(a) for a in adapter or []], output, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
     log(f"wrote {output}: {len(m['adapters'])} adapter(s) merged into {m['base_model']} ({m['time_s']:.1f} s)")
 
 
 @command
 def loop(
     persona: Annotated[Path, typer.Argument(help="Persona YAML.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default runs/<persona name>).")] = None,
-    config: Annotated[Optional[str], typer.Option(help="Run YAML, or a preset: demo (default, CPU) or full (GPU).")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Run directory (default runs/<persona name>).")
+    ] = None,
+    config: Annotated[
+        Optional[str], typer.Option(help="Run YAML, or a preset: demo (default, CPU) or full (GPU).")
+    ] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Number of rounds.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    coeff: Annotated[Optional[float], typer.Option(help="A fixed steering coefficient (default: bisect the dose).")] = None,
-    vignettes: Annotated[Optional[str], typer.Option(help="Eval vignettes: a tinymfv JSONL path or tinymfv:classic.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key, e.g. --set heal.lam=0.5 --set n=96.")] = None,
+    coeff: Annotated[
+        Optional[float],
+        typer.Option(help="A fixed steering coefficient (sets dose.method=fixed; default: bisect the dose)."),
+    ] = None,
+    vignettes: Annotated[
+        Optional[str], typer.Option(help="Eval vignettes: a tinymfv JSONL path or tinymfv:classic.")
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Any config key, e.g. --set heal.lam=0.5 --set n=96.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even if the config changed.")] = False,
-    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Run rounds of vector → dose → generate → filter → heal → eval, resumable, with baselines, report and plot."""
-    from .loop import _deep_merge, parse_set, resolve_config, run_loop
+    from .config import deep_merge, parse_set, resolve_config
+    from .loop import run_loop
     from .persona import load_persona
 
     over: dict = {}
-    for key, val in (("rounds", rounds), ("seed", seed), ("coeff", coeff), ("model", model)):
+    for key, val in (("rounds", rounds), ("seed", seed), ("model", model)):
         if val is not None:
             over[key] = val
+    if coeff is not None:
+        over["dose"] = {"method": "fixed", "coeff": coeff}
     if vignettes is not None:
         over["eval"] = {"vignettes": vignettes}
     if device != "auto":
@@ -270,14 +394,15 @@ def loop(
         over["dtype"] = dtype
     if trust_remote_code:
         over["trust_remote_code"] = True
-    cfg = resolve_config(config, _deep_merge(over, parse_set(set_ or [])))
+    cfg = resolve_config(config, deep_merge(over, parse_set(set_ or [])))
     out = output or Path("runs") / load_persona(persona).name
     run_loop(persona, out, cfg, force=force)
 
 
 @command
-def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory from `steerheal loop`.")],
-         quiet: QuietOpt = False) -> None:
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory from `steerheal loop`.")], quiet: QuietOpt = False
+) -> None:
     """Redraw a run's trajectory.png (authority vs care nats per round, and coherence)."""
     from .plot import plot_run
     from .progress import log
@@ -289,35 +414,56 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory from `ste
 
 @command
 def eval_(
-    vector_path: Annotated[Optional[Path], typer.Option("--vector", "-v", help="Steering vector (.safetensors) to evaluate the raw steered model.")] = None,
+    vector_path: Annotated[
+        Optional[Path],
+        typer.Option("--vector", "-v", help="Steering vector (.safetensors) to evaluate the raw steered model."),
+    ] = None,
     coeff: Annotated[float, typer.Option(help="Steering coefficient C: adds C·v; 0 = unsteered.")] = 0.0,
     system: Annotated[Optional[str], typer.Option(help="A system prompt (the prompting baseline).")] = None,
-    vignettes: Annotated[Optional[str], typer.Option("--vignettes", help="A tinymfv-schema JSONL path, tinymfv:classic|scifi|ai-actor (downloaded), or omit for the demo set.")] = None,
-    condition: Annotated[str, typer.Option(help="other_violate, self_violate or both (tinymfv sources only).")] = "other_violate",
-    think_tokens: Annotated[int, typer.Option(help="Let the model write K tokens before it must answer; 0 = answer at once.")] = 0,
-    limit: Annotated[Optional[int], typer.Option(help="A balanced sample of N vignettes (round-robin over foundations).")] = None,
+    vignettes: Annotated[
+        Optional[str],
+        typer.Option(
+            "--vignettes",
+            help="A tinymfv-schema JSONL path, tinymfv:classic|scifi|ai-actor (downloaded), or omit for the demo set.",
+        ),
+    ] = _E.vignettes,
+    condition: Annotated[
+        str, typer.Option(help="other_violate, self_violate or both (tinymfv sources only).")
+    ] = _E.condition,
+    think_tokens: Annotated[
+        int, typer.Option(help="Let the model write K tokens before it must answer; 0 = answer at once.")
+    ] = _E.think_tokens,
+    limit: Annotated[
+        Optional[int], typer.Option(help="A balanced sample of N vignettes (round-robin over foundations).")
+    ] = _E.limit,
     seed: Annotated[int, typer.Option(help="Seed for the balanced --limit sample.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Vignettes per forward pass.")] = 16,
-    per_row: Annotated[bool, typer.Option("--per-row", help="Add each vignette's p and pmass to the JSON.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Vignettes per forward pass.")] = _E.batch_size,
     output: OutOpt = None,
-    model: ModelOpt = None, adapter: AdapterOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    trust_remote_code: TrustOpt = False, quiet: QuietOpt = False,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Forced-choice moral-foundations eval (tinymfv): per-foundation nats, pmass (coherence), accuracy; JSON out."""
     import json
 
-    from .evaluate import evaluate, load_vignettes, print_table
+    from .evaluate import print_table, score_vignettes
     from .records import write_json
     from .vector import SteeringVector
+    from .vignettes import load_vignettes
 
+    cfg = EvalConfig(
+        vignettes=vignettes, condition=condition, limit=limit, think_tokens=think_tokens, batch_size=batch_size
+    )
+    cfg.check()
     vigs = load_vignettes(vignettes, condition, limit, seed)
     vec = SteeringVector.load(vector_path) if vector_path else None
     if vec is None and coeff != 0:
         raise SteerhealError("--coeff needs --vector (a file from `steerheal vector`)")
     lm = _load(model, adapter, device, dtype, trust_remote_code)
-    rep = evaluate(lm, vigs, vector=vec, coeff=coeff, system=system, think_tokens=think_tokens, batch_size=batch_size,
-                   per_row=per_row, vector_path=str(vector_path) if vector_path else None, source=vignettes,
-                   condition=condition)
+    rep = score_vignettes(lm, vigs, cfg, vector=vec, coeff=coeff, system=system)
     print_table(rep)
     if output is None or str(output) == "-":
         sys.stdout.write(json.dumps(rep, indent=2, ensure_ascii=False) + "\n")

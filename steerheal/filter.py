@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
 
 import torch
 
 from .chat import encode_completion
+from .config import FilterConfig
+from .logprobs import Span, score_spans
 from .models import LoadedModel
 from .progress import progress
 from .records import Record
@@ -34,19 +35,6 @@ REFUSAL = (
 )
 
 
-@dataclass
-class FilterConfig:
-    max_ppl: float = 50.0
-    max_repetition: float = 0.3
-    min_words: int = 4
-    ppl_tail: bool = True  # perplexity over the last quarter of the completion, where steering drift shows
-    max_len: int = 512
-    batch_size: int = 16
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def repetition(text: str) -> float:
     """Largest share of the most common n-gram, over word and char n-grams, n = 2..4 (0 = no repeats)."""
     words = text.lower().split()
@@ -64,54 +52,41 @@ def matches_any(text: str, patterns: list[str] | tuple[str, ...]) -> bool:
     return any(re.search(p, text, flags=re.IGNORECASE) for p in patterns)
 
 
-@torch.no_grad()
-def completion_nlls(lm: LoadedModel, records: list[Record], max_len: int = 512, batch_size: int = 16,
-                    desc: str = "scoring perplexity") -> list[torch.Tensor]:
-    """Per-token NLL of each completion given its chat, under lm as it stands (right padding)."""
-    tok, dev = lm.tokenizer, lm.device
-    enc = [encode_completion(tok, r.messages, r.completion, max_len=max_len) for r in records]
-    out: list[torch.Tensor] = [torch.empty(0)] * len(records)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))
+def completion_nlls(
+    lm: LoadedModel, records: list[Record], max_len: int, batch_size: int, desc: str = "scoring perplexity"
+) -> list[torch.Tensor]:
+    """Per-token NLL of each completion given its chat, under lm as it stands."""
+    tok = lm.tokenizer
+    spans = [Span(*encode_completion(tok, r.messages, r.completion, max_len=max_len)) for r in records]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with progress(desc, total=len(records)) as bar:
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            width = max(len(enc[i][0]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(enc[i][0])] = torch.tensor(enc[i][0])
-                mask[row, : len(enc[i][0])] = 1
-            logits = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], -1)
-            tgt = ids[:, 1:].to(dev)
-            nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).cpu()
-            for row, i in enumerate(idx):
-                ids_i, start = enc[i]
-                out[i] = nll[row, start - 1 : len(ids_i) - 1]  # position t predicts token t+1
-            bar(len(idx))
-    return out
+        return score_spans(lm.model, spans, pad, batch_size, bar=bar)
 
 
 def perplexity(nll: torch.Tensor, tail: bool) -> float:
     if nll.numel() == 0:
         return float("inf")
     if tail:
-        nll = nll[-max(1, nll.numel() // 4):]
+        nll = nll[-max(1, nll.numel() // 4) :]
     return float(math.exp(min(float(nll.mean()), 50.0)))
 
 
-def score(lm: LoadedModel, records: list[Record], cfg: FilterConfig, narration: list[str] | tuple[str, ...] = ()) -> None:
+def score(
+    lm: LoadedModel, records: list[Record], cfg: FilterConfig, narration: list[str] | tuple[str, ...] = ()
+) -> None:
     """Add scores and drop_reasons to each record, in place."""
     patterns = tuple(DEFAULT_NARRATION) + tuple(narration)
     nlls = completion_nlls(lm, records, cfg.max_len, cfg.batch_size)
     for r, nll in zip(records, nlls):
         ppl = perplexity(nll, cfg.ppl_tail)
         rep = repetition(r.completion)
-        r.scores = {"ppl": round(ppl, 3), "repetition": round(rep, 4),
-                    "narration": float(matches_any(r.completion, patterns)),
-                    "refusal": float(matches_any(r.completion, REFUSAL)),
-                    "words": float(len(r.completion.split()))}
+        r.scores = {
+            "ppl": round(ppl, 3),
+            "repetition": round(rep, 4),
+            "narration": float(matches_any(r.completion, patterns)),
+            "refusal": float(matches_any(r.completion, REFUSAL)),
+            "words": float(len(r.completion.split())),
+        }
         reasons = []
         if len(r.completion.split()) < cfg.min_words:
             reasons.append("too_short")
@@ -131,10 +106,11 @@ def split(records: list[Record]) -> tuple[list[Record], list[Record]]:
     return [r for r in records if not r.drop_reasons], [r for r in records if r.drop_reasons]
 
 
-def filter_records(lm: LoadedModel, records: list[Record], cfg: FilterConfig | None = None,
-                   narration: list[str] | tuple[str, ...] = ()) -> tuple[list[Record], list[Record]]:
+def filter_records(
+    lm: LoadedModel, records: list[Record], cfg: FilterConfig, narration: list[str] | tuple[str, ...] = ()
+) -> tuple[list[Record], list[Record]]:
     """Score and split: the one function the CLI and the loop both call."""
-    score(lm, records, cfg or FilterConfig(), narration)
+    score(lm, records, cfg, narration)
     return split(records)
 
 
@@ -148,8 +124,12 @@ def summary(records: list[Record]) -> dict:
         return vals[len(vals) // 2] if vals else None
 
     return {
-        "rows": len(records), "kept": len(kept), "kept_frac": len(kept) / max(1, len(records)),
+        "rows": len(records),
+        "kept": len(kept),
+        "kept_frac": len(kept) / max(1, len(records)),
         "reasons": dict(reasons),
-        "median_ppl_kept": med(kept, "ppl"), "median_ppl_dropped": med(rej, "ppl"),
-        "median_rep_kept": med(kept, "repetition"), "median_rep_dropped": med(rej, "repetition"),
+        "median_ppl_kept": med(kept, "ppl"),
+        "median_ppl_dropped": med(rej, "ppl"),
+        "median_rep_kept": med(kept, "repetition"),
+        "median_rep_dropped": med(rej, "repetition"),
     }

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 from .chat import messages_for, render_prompt
+from .config import GenerateConfig
 from .models import LoadedModel
 from .progress import progress
 from .records import Record
@@ -15,10 +16,20 @@ from .vector import SteeringVector
 
 
 @torch.no_grad()
-def complete(lm: LoadedModel, chats: list[list[dict[str, str]]], *, vector: SteeringVector | None = None,
-             coeff: float = 0.0, max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int | None = 0, batch_size: int = 16, desc: str = "generating",
-             min_new_tokens: int = 0) -> list[str]:
+def complete(
+    lm: LoadedModel,
+    chats: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    vector: SteeringVector | None = None,
+    coeff: float = 0.0,
+    seed: int | None = 0,
+    desc: str = "generating",
+    min_new_tokens: int = 0,
+) -> list[str]:
     """Complete each chat (left padding, KV cache), optionally with coeff · v added; texts in input order.
 
     temperature 0 means greedy. Prompts are batched in order of length to waste little on padding.
@@ -30,8 +41,9 @@ def complete(lm: LoadedModel, chats: list[list[dict[str, str]]], *, vector: Stee
     if seed is not None:
         torch.manual_seed(seed)
     sample = temperature > 0
-    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=sample,
-                  pad_token_id=tok.pad_token_id)
+    kwargs: dict = dict(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=sample, pad_token_id=tok.pad_token_id
+    )
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:
@@ -40,29 +52,55 @@ def complete(lm: LoadedModel, chats: list[list[dict[str, str]]], *, vector: Stee
     with steer, progress(desc, total=len(texts)) as bar:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True,
-                      add_special_tokens=False).to(lm.device)
+            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
+                lm.device
+            )
             gen = lm.model.generate(**enc, **kwargs)
-            new = gen[:, enc["input_ids"].shape[1]:]
+            new = gen[:, enc["input_ids"].shape[1] :]
             for i, row in zip(idx, new):
                 out[i] = tok.decode(row, skip_special_tokens=True).strip()
             bar(len(idx))
     return out
 
 
-def generate_records(lm: LoadedModel, persona_name: str, prompts: Iterable[str], n: int, *,
-                     vector: SteeringVector | None = None, coeff: float = 0.0, system: str | None = None,
-                     max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-                     seed: int = 0, batch_size: int = 16, id_prefix: str = "") -> list[Record]:
-    """n completions cycling over the user prompts, each a Record ready for JSONL."""
+def generate_records(
+    lm: LoadedModel,
+    persona_name: str,
+    prompts: Iterable[str],
+    cfg: GenerateConfig,
+    *,
+    vector: SteeringVector | None = None,
+    coeff: float = 0.0,
+    system: str | None = None,
+    seed: int = 0,
+    id_prefix: str = "",
+) -> list[Record]:
+    """cfg.n completions cycling over the user prompts, each a Record ready for JSONL."""
     prompts = list(prompts)
-    chats = [messages_for(prompts[i % len(prompts)], system) for i in range(n)]
-    texts = complete(lm, chats, vector=vector, coeff=coeff, max_new_tokens=max_new_tokens,
-                     temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size)
+    chats = [messages_for(prompts[i % len(prompts)], system) for i in range(cfg.n)]
+    texts = complete(
+        lm,
+        chats,
+        vector=vector,
+        coeff=coeff,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=seed,
+        batch_size=cfg.batch_size,
+    )
     layers = vector.layers if vector is not None and coeff != 0 else []
     prefix = id_prefix or f"{persona_name}-s{seed}"
     return [
-        Record(id=f"{prefix}-{i:05d}", persona=persona_name, messages=chats[i], completion=texts[i],
-               coeff=float(coeff), layers=layers, seed=seed, model=lm.name)
-        for i in range(n)
+        Record(
+            id=f"{prefix}-{i:05d}",
+            persona=persona_name,
+            messages=chats[i],
+            completion=texts[i],
+            coeff=float(coeff),
+            layers=layers,
+            seed=seed,
+            model=lm.name,
+        )
+        for i in range(cfg.n)
     ]

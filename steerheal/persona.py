@@ -11,8 +11,8 @@ from typing import Any
 import yaml
 
 from . import SteerhealError
+from .config import FOUNDATIONS
 
-FOUNDATIONS = ("care", "fairness", "loyalty", "authority", "sanctity", "liberty", "social")
 MIN_PROMPTS = 8
 
 
@@ -62,7 +62,9 @@ def _str_list(data: dict, key: str, where: str, minimum: int = 0) -> list[str]:
 def parse_persona(data: Any, where: str, sha256: str = "") -> Persona:
     """Validate a parsed YAML document; `where` names the file in errors."""
     if not isinstance(data, dict):
-        raise SteerhealError(f"{where}: the persona must be a YAML mapping with keys name, description, target, direction, pairs, prompts")
+        raise SteerhealError(
+            f"{where}: the persona must be a YAML mapping with keys name, description, target, direction, pairs, prompts"
+        )
     for key in ("name", "description", "target", "direction", "pairs", "prompts"):
         if key not in data:
             raise SteerhealError(f"{where}: missing key '{key}' (see the persona schema in README.md)")
@@ -92,8 +94,18 @@ def parse_persona(data: Any, where: str, sha256: str = "") -> Persona:
             re.compile(pat)
         except re.error as e:
             raise SteerhealError(f"{where}: narration[{i}] is not a valid regex ({e})") from None
-    unknown = set(data) - {"name", "description", "target", "direction", "pairs", "prompts",
-                           "extract_prompts", "generate_prompts", "narration", "demo"}
+    unknown = set(data) - {
+        "name",
+        "description",
+        "target",
+        "direction",
+        "pairs",
+        "prompts",
+        "extract_prompts",
+        "generate_prompts",
+        "narration",
+        "demo",
+    }
     if unknown:
         raise SteerhealError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     return Persona(

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -17,12 +16,13 @@ def set_quiet(quiet: bool) -> None:
     _state["quiet"] = quiet
 
 
-def is_silenced() -> bool:
-    """--quiet was given: no logs or tables at all (progress bars also stop off a terminal)."""
-    return _state["quiet"]
+def log_enabled() -> bool:
+    """Logs and tables go to stderr unless --quiet was given (also when stderr is not a terminal)."""
+    return not _state["quiet"]
 
 
-def is_quiet() -> bool:
+def bars_hidden() -> bool:
+    """Progress bars show only on a terminal, and never with --quiet."""
     return _state["quiet"] or not console.is_terminal
 
 
@@ -35,11 +35,17 @@ def log(msg: str) -> None:
 @contextlib.contextmanager
 def progress(desc: str, total: int | None) -> Iterator[Callable[..., None]]:
     """Yield advance(n=1, **fields); a rich bar on a terminal, nothing otherwise."""
-    if is_quiet():
+    if bars_hidden():
         yield lambda n=1, **_: None
         return
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    cols = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
     with Progress(*cols, console=console, transient=True) as p:
         task = p.add_task(desc, total=total, info="")
 

@@ -9,9 +9,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 
 from . import SteerhealError
 
@@ -59,7 +60,9 @@ def parse_record(line: str, where: str) -> Record:
     """Parse one JSONL line; `where` is 'file:line' for the error message."""
     obj = json_object(line, where, REQUIRED, "record")
     msgs = obj["messages"]
-    if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
+    if not (
+        isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)
+    ):
         raise SteerhealError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     if not isinstance(obj["completion"], str):
         raise SteerhealError(f"{where}: 'completion' must be a string")

@@ -9,11 +9,10 @@ so extraction and application touch exactly the same tensor.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -34,6 +33,7 @@ class SteeringVector:
 
     directions: dict[int, torch.Tensor]
     meta: dict[str, str] = field(default_factory=dict)
+    path: str | None = None  # the file it was loaded from, for the eval's settings
 
     @property
     def layers(self) -> list[int]:
@@ -62,7 +62,7 @@ class SteeringVector:
             save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SteeringVector":
+    def load(cls, path: str | Path) -> SteeringVector:
         p = Path(path)
         if not p.is_file():
             raise SteerhealError(f"{path}: no such vector file; make one with `steerheal vector`")
@@ -74,9 +74,13 @@ class SteeringVector:
             raise SteerhealError(f"{path}: not a readable safetensors vector ({e})") from None
         if not dirs:
             raise SteerhealError(f"{path}: holds no 'layer.N' tensors; make one with `steerheal vector`")
-        return cls(dirs, meta)
+        return cls(dirs, meta, str(p))
 
-    def cosine(self, other: "SteeringVector") -> float:
+    def norm(self) -> float:
+        """The norm of all layers' directions together."""
+        return float(sum(float(v.float().norm()) ** 2 for v in self.directions.values()) ** 0.5)
+
+    def cosine(self, other: SteeringVector) -> float:
         """Cosine of the concatenated directions over the layers both share."""
         common = [i for i in self.layers if i in other.directions]
         if not common:
@@ -148,8 +152,9 @@ def record_layers(model: nn.Module, layers: list[int], stop: bool = False) -> It
 
 
 @torch.no_grad()
-def last_token_states(lm: LoadedModel, prompts: list[str], layers: list[int], batch_size: int = 16,
-                      desc: str = "reading activations") -> dict[int, torch.Tensor]:
+def last_token_states(
+    lm: LoadedModel, prompts: list[str], layers: list[int], batch_size: int = 16, desc: str = "reading activations"
+) -> dict[int, torch.Tensor]:
     """Hidden state at the last token of each rendered prompt, per layer: {layer: [n, hidden]} (fp32, CPU)."""
     tok = lm.tokenizer
     out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
@@ -168,8 +173,14 @@ def last_token_states(lm: LoadedModel, prompts: list[str], layers: list[int], ba
     return {i: torch.cat(v) for i, v in out.items()}
 
 
-def extract(lm: LoadedModel, persona: Persona, layers: list[int], normalize: bool = False,
-            batch_size: int = 16, max_prompts: int | None = None) -> SteeringVector:
+def extract(
+    lm: LoadedModel,
+    persona: Persona,
+    layers: list[int],
+    normalize: bool = False,
+    batch_size: int = 16,
+    max_prompts: int | None = None,
+) -> SteeringVector:
     """Raw mean difference (pos − neg system prompt) at the assistant tag, per layer.
 
     max_prompts caps the user turns (the first N), for a quick demo on a CPU.
@@ -202,26 +213,28 @@ def extract(lm: LoadedModel, persona: Persona, layers: list[int], normalize: boo
 
 
 def write_gguf(vec: SteeringVector, path: str | Path, arch_hint: str = "llama") -> None:
-    """Write a llama.cpp control vector (arch 'controlvector', tensors 'direction.<layer>').
+    """Write a llama.cpp control vector (arch 'controlvector'); block i's vector is tensor 'direction.<i>'.
 
-    llama.cpp numbers control-vector layers from 1 (the output of block 0 is direction.1).
+    llama.cpp adds direction.k after decoder block k (0-based), the same tensor `apply` steers, so the
+    name is the block index itself; direction.0 is rejected by its loader, so block 0 is refused here.
+    Ref: llama.cpp common/common.cpp common_control_vector_load_one + src/llama-adapter.cpp
+    llama_adapter_cvec::apply/tensor_for (applied per layer by build_cvec(cur, il) in src/models/*.cpp).
     """
     import gguf
 
+    if 0 in vec.directions:
+        raise SteerhealError(
+            "cannot export a direction for decoder block 0 to llama.cpp: its control-vector loader rejects "
+            "'direction.0' (it never steers the output of block 0), so the file would be skipped. "
+            "Choose layers >= 1 (e.g. `--layers 1,2`) or drop layer 0 before exporting"
+        )
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), "controlvector")
         w.add_string("controlvector.model_hint", arch_hint)
         w.add_uint32("controlvector.layer_count", len(vec.directions))
         for i in vec.layers:
-            w.add_tensor(f"direction.{i + 1}", vec.directions[i].float().numpy())
+            w.add_tensor(f"direction.{i}", vec.directions[i].float().numpy())
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-
-
-def sha_of(vec: SteeringVector) -> str:
-    h = hashlib.sha256()
-    for i in vec.layers:
-        h.update(vec.directions[i].float().numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -13,7 +13,6 @@ from steerheal.cli import app
 from steerheal.models import load_model
 from steerheal.records import file_sha256
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -25,7 +24,9 @@ def random_adapter(model_dir: Path, out: Path, seed: int, layers: list[int] | No
 
     lm = load_model(str(model_dir))
     torch.manual_seed(seed)
-    pm = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(lm.model, layers or [0, 1])))
+    pm = get_peft_model(
+        lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(lm.model, layers or [0, 1]))
+    )
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:

@@ -26,13 +26,49 @@ def test_vector_generate_filter_pipeline(tiny_model_dir, persona_file, tmp_path)
     r = runner.invoke(app, ["vector", str(persona_file), "-o", str(vec), "--layers", "1,2", *m])
     assert r.exit_code == 0, r.output
     # real processes and a real pipe: data on stdout, logs on stderr
-    gen = subprocess.run([sys.executable, "-m", "steerheal.cli", "generate", str(persona_file), "--vector", str(vec),
-                          "--coeff", "2", "-n", "4", "--max-new-tokens", "8", *m], capture_output=True, text=True, check=True)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steerheal.cli",
+            "generate",
+            str(persona_file),
+            "--vector",
+            str(vec),
+            "--coeff",
+            "2",
+            "-n",
+            "4",
+            "--max-new-tokens",
+            "8",
+            *m,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = gen.stdout.splitlines()
     assert len(lines) == 4 and all(json.loads(x)["coeff"] == 2.0 for x in lines)
-    filt = subprocess.run([sys.executable, "-m", "steerheal.cli", "filter", "-", "--max-ppl", "1e9", "--min-words", "0",
-                           "--rejected", str(tmp_path / "rej.jsonl"), *m],
-                          input=gen.stdout, capture_output=True, text=True, check=True)
+    filt = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steerheal.cli",
+            "filter",
+            "-",
+            "--max-ppl",
+            "1e9",
+            "--min-words",
+            "0",
+            "--rejected",
+            str(tmp_path / "rej.jsonl"),
+            *m,
+        ],
+        input=gen.stdout,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     kept = [json.loads(x) for x in filt.stdout.splitlines()]
     rej = (tmp_path / "rej.jsonl").read_text().splitlines()
     assert len(kept) + len(rej) == 4
@@ -55,12 +91,21 @@ def test_errors_are_one_line_exit_2(tiny_model_dir, tiny_model_dir_wide, persona
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text("{oops\n")
     _one_line_error(runner.invoke(app, ["filter", str(bad_jsonl), *m]), "bad.jsonl:1")
-    _one_line_error(runner.invoke(app, ["generate", str(persona_file), "--model", str(tmp_path / "no-such-model")]),
-                    "no such directory")
+    _one_line_error(
+        runner.invoke(app, ["generate", str(persona_file), "--model", str(tmp_path / "no-such-model")]),
+        "no such directory",
+    )
     # a vector from another model
     vec = tmp_path / "wide.safetensors"
-    assert runner.invoke(app, ["vector", str(persona_file), "-o", str(vec), "--layers", "1", "--model", str(tiny_model_dir_wide)]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["vector", str(persona_file), "-o", str(vec), "--layers", "1", "--model", str(tiny_model_dir_wide)]
+        ).exit_code
+        == 0
+    )
     out = tmp_path / "out.jsonl"
-    _one_line_error(runner.invoke(app, ["generate", str(persona_file), "--vector", str(vec), "--coeff", "1", "-o", str(out), *m]),
-                    "Re-extract")
+    _one_line_error(
+        runner.invoke(app, ["generate", str(persona_file), "--vector", str(vec), "--coeff", "1", "-o", str(out), *m]),
+        "Re-extract",
+    )
     assert not out.exists()

@@ -1,22 +1,29 @@
-"""evaluate.py: pure scoring on synthetic log-probs, vignette sources, the tiny model end to end, the CLI."""
+"""evaluate.py: pure scoring on synthetic log-probs, the tiny model end to end, the CLI."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
 from steerheal import SteerhealError
+from steerheal.config import FOUNDATIONS, EvalConfig
 from steerheal.evaluate import (
-    DEMO, FOUNDATIONS, PREFILL, answer_token_ids, balanced_sample, combine_frames, evaluate, frame_messages,
-    load_vignettes, option_logprobs, parse_vignettes, summarize,
+    PREFILL,
+    answer_token_ids,
+    combine_frames,
+    frame_messages,
+    option_logprobs,
+    score_vignettes,
+    summarize,
 )
+from steerheal.vignettes import DEMO, load_vignettes
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "tinymfv" / "vignettes_classic_other_violate.jsonl"
+
+def evaluate(lm, vigs, batch_size=16, think_tokens=0, **kw):
+    return score_vignettes(lm, vigs, EvalConfig(batch_size=batch_size, think_tokens=think_tokens), **kw)
 
 
 # ---------------------------------------------------------------- pure scoring
@@ -100,103 +107,12 @@ def test_unstable_prefill_boundary_raises():
         answer_token_ids(_FakeTok(), "Answer:", ("care", "fairness"))
 
 
-# ---------------------------------------------------------------- vignette sources
-
-
-def test_demo_set_balanced():
-    vigs = load_vignettes(None)
-    assert len(vigs) == 42
-    assert Counter(v.foundation for v in vigs) == {f: 6 for f in FOUNDATIONS}
-    assert all(not v.human for v in vigs) and all(v.modal == v.foundation for v in vigs)
-
-
-def test_limit_is_balanced_not_prefix():
-    vigs = load_vignettes(None, limit=14)
-    assert Counter(v.foundation for v in vigs) == {f: 2 for f in FOUNDATIONS}
-    again = load_vignettes(None, limit=14)
-    assert [v.id for v in again] == [v.id for v in vigs]  # deterministic
-    other = load_vignettes(None, limit=14, seed=1)
-    assert [v.id for v in other] != [v.id for v in vigs]
-    nine = load_vignettes(None, limit=9)
-    assert max(Counter(v.foundation for v in nine).values()) == 2
-
-
-def _row(**kw):
-    base = {"id": "a", "foundation_coarse": "Care", "text": "You see a man kicking a dog."}
-    base.update(kw)
-    return json.dumps(base)
-
-
-def test_schema_errors_name_file_and_line(tmp_path):
-    cases = [
-        ("{not json", "not valid JSON"),
-        (json.dumps({"id": "x", "text": "t"}), "lacks foundation_coarse"),
-        (_row(foundation_coarse="Honesty"), "foundation_coarse 'Honesty'"),
-        (_row(human_Care="lots"), "human_Care"),
-        (_row(human_Kindness=3), "unknown column"),
-        (_row(text=""), "'text' must be"),
-    ]
-    for bad, msg in cases:
-        f = tmp_path / "v.jsonl"
-        f.write_text(_row(id="ok") + "\n\n" + bad + "\n")
-        with pytest.raises(SteerhealError) as e:
-            load_vignettes(str(f))
-        assert f"{f}:3:" in str(e.value) and msg in str(e.value)
-
-
-def test_human_modal_and_social_norms_alias():
-    line = _row(foundation_coarse="Social Norms", human_Care=10.0, human_SocialNorms=70.0, human_Authority=20.0)
-    (v,) = parse_vignettes([line], "x.jsonl")
-    assert v.foundation == "social" and v.modal == "social" and v.human["authority"] == 20.0
-
-
-def test_unknown_tinymfv_set_and_offline(monkeypatch, tmp_path):
-    with pytest.raises(SteerhealError, match="unknown set"):
-        load_vignettes("tinymfv:nope")
-    import urllib.request
-
-    def boom(*a, **k):
-        raise urllib.error.URLError("offline")
-
-    monkeypatch.setattr(urllib.request, "urlopen", boom)
-    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path))
-    with pytest.raises(SteerhealError, match="could not download .*pass a local path with --vignettes"):
-        load_vignettes("tinymfv:classic")
-
-
-def test_tinymfv_download_verified_and_cached(monkeypatch, tmp_path):
-    import io
-    import urllib.request
-
-    import steerheal.evaluate as ev
-
-    data = (_row(id="a") + "\n" + _row(id="b", foundation_coarse="Liberty") + "\n").encode()
-    monkeypatch.setenv("STEERHEAL_CACHE", str(tmp_path))
-    monkeypatch.setitem(ev.TINYMFV_SHA256, "vignettes_classic_other_violate.jsonl", ev._sha256(data))
-    calls = []
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=0: calls.append(url) or io.BytesIO(data))
-    assert len(load_vignettes("tinymfv:classic")) == 2
-    assert len(load_vignettes("tinymfv:classic")) == 2 and len(calls) == 1  # second time from the cache
-    assert ev.TINYMFV_COMMIT in calls[0]
-    monkeypatch.setitem(ev.TINYMFV_SHA256, "vignettes_classic_self_violate.jsonl", "0" * 64)
-    with pytest.raises(SteerhealError, match="does not match"):
-        load_vignettes("tinymfv:classic", condition="self_violate")
-
-
-@pytest.mark.skipif(not REAL.is_file(), reason="shared/tinymfv not beside the checkout")
-def test_real_classic_file():
-    vigs = load_vignettes(str(REAL))
-    assert len(vigs) == 132 and sum(bool(v.human) for v in vigs) == 132
-    lim = load_vignettes(str(REAL), limit=28)
-    assert Counter(v.foundation for v in lim) == {f: 4 for f in FOUNDATIONS}
-
-
 # ---------------------------------------------------------------- on the tiny model
 
 
 def test_evaluate_tiny_rows_sum_to_one(tiny):
     vigs = load_vignettes(None, limit=7)
-    rep = evaluate(tiny, vigs, per_row=True, batch_size=3)
+    rep = evaluate(tiny, vigs, batch_size=3)
     assert rep["n"] == 7 and len(rep["rows"]) == 7
     for r in rep["rows"]:
         assert sum(r["p"].values()) == pytest.approx(1.0, abs=1e-4)
@@ -208,8 +124,8 @@ def test_evaluate_tiny_rows_sum_to_one(tiny):
 
 def test_prefix_cache_matches_plain_forward(tiny):
     vigs = load_vignettes(None, limit=7)
-    a = evaluate(tiny, vigs, per_row=True, batch_size=4, prefix_cache=True)
-    b = evaluate(tiny, vigs, per_row=True, batch_size=4, prefix_cache=False)
+    a = evaluate(tiny, vigs, batch_size=4, prefix_cache=True)
+    b = evaluate(tiny, vigs, batch_size=4, prefix_cache=False)
     assert a["settings"]["protocol"]["prefix_cache"] is True
     for ra, rb in zip(a["rows"], b["rows"]):
         for f in FOUNDATIONS:
@@ -219,15 +135,15 @@ def test_prefix_cache_matches_plain_forward(tiny):
 
 def test_batched_matches_one_at_a_time(tiny):
     vigs = load_vignettes(None, limit=5)
-    a = evaluate(tiny, vigs, per_row=True, batch_size=5, prefix_cache=False)
-    b = evaluate(tiny, vigs, per_row=True, batch_size=1, prefix_cache=False)
+    a = evaluate(tiny, vigs, batch_size=5, prefix_cache=False)
+    b = evaluate(tiny, vigs, batch_size=1, prefix_cache=False)
     for ra, rb in zip(a["rows"], b["rows"]):
         assert ra["pmass"] == pytest.approx(rb["pmass"], abs=1e-4)
 
 
 def test_think_tokens_path_runs(tiny):
     vigs = load_vignettes(None, limit=3)
-    rep = evaluate(tiny, vigs, think_tokens=4, per_row=True, system="Be brief.")
+    rep = evaluate(tiny, vigs, think_tokens=4, system="Be brief.")
     assert rep["settings"]["think_tokens"] == 4
     assert len(rep["rows"][0]["thought"]) == 2  # one per frame
     assert all(sum(r["p"].values()) == pytest.approx(1.0, abs=1e-4) for r in rep["rows"])
@@ -245,8 +161,9 @@ def test_steering_changes_scores(tiny):
     torch.manual_seed(0)
     vec = SteeringVector({1: torch.randn(tiny.hidden_size) * 5}, {"n_layers": str(tiny.n_layers)})
     vigs = load_vignettes(None, limit=3)
-    a = evaluate(tiny, vigs, per_row=True)
-    b = evaluate(tiny, vigs, per_row=True, vector=vec, coeff=2.0, vector_path="v.safetensors")
+    a = evaluate(tiny, vigs)
+    vec.path = "v.safetensors"
+    b = evaluate(tiny, vigs, vector=vec, coeff=2.0)
     assert a["rows"][0]["pmass"] != pytest.approx(b["rows"][0]["pmass"], abs=1e-6)
     assert b["settings"]["coeff"] == 2.0 and b["settings"]["vector"]["path"] == "v.safetensors"
 
@@ -260,7 +177,7 @@ def test_cli_eval_writes_json(tiny_model_dir, tmp_path):
     from steerheal.cli import app
 
     out = tmp_path / "r.json"
-    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--limit", "7", "--per-row", "-o", str(out), "-q"])
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--limit", "7", "-o", str(out), "-q"])
     assert res.exit_code == 0, res.output
     rep = json.loads(out.read_text())
     assert rep["n"] == 7 and "authority" in rep["foundations"] and len(rep["rows"]) == 7
@@ -271,7 +188,9 @@ def test_cli_eval_bad_vignettes_exits_2(tiny_model_dir, tmp_path):
 
     from steerheal.cli import app
 
-    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--vignettes", str(tmp_path / "missing.jsonl")])
+    res = CliRunner().invoke(
+        app, ["eval", "--model", str(tiny_model_dir), "--vignettes", str(tmp_path / "missing.jsonl")]
+    )
     assert res.exit_code == 2
     lines = [x for x in res.output.splitlines() if x.strip()]
     assert len(lines) == 1 and "no such vignette file" in lines[0]
@@ -286,7 +205,7 @@ def test_smoke_bundled_demo():
     from steerheal.models import load_model
 
     lm = load_model()
-    rep = evaluate(lm, load_vignettes(None, limit=14), per_row=True)
+    rep = evaluate(lm, load_vignettes(None, limit=14))
     assert all(sum(r["p"].values()) == pytest.approx(1.0, abs=1e-4) for r in rep["rows"])
     # SmolLM2-135M puts only ~0.1-0.15 of its mass on the seven words (measured), far above the
     # ~7/49152 of a format-blind model; a broken prompt or token choice would fall below 0.05.

@@ -2,10 +2,13 @@ import math
 
 import pytest
 
-from steerheal.filter import FilterConfig, filter_records, matches_any, perplexity, repetition, summary, REFUSAL, DEFAULT_NARRATION
+from steerheal.config import FilterConfig
+from steerheal.filter import DEFAULT_NARRATION, REFUSAL, filter_records, matches_any, perplexity, repetition, summary
 from steerheal.records import Record
 
-NORMAL = "I would talk to my manager first and explain why I think the plan could hurt customers, then offer another way."
+NORMAL = (
+    "I would talk to my manager first and explain why I think the plan could hurt customers, then offer another way."
+)
 
 
 def test_repetition_scores_loops_high():
@@ -36,8 +39,13 @@ def _rec(i, text):
 
 
 def test_filter_records_reasons(tiny):
-    recs = [_rec(0, NORMAL), _rec(1, "the the the the the the the the the the the the"),
-            _rec(2, "ok"), _rec(3, "As someone who sticks to principle, " + NORMAL), _rec(4, "I'm sorry, but I can't help with that request at all.")]
+    recs = [
+        _rec(0, NORMAL),
+        _rec(1, "the the the the the the the the the the the the"),
+        _rec(2, "ok"),
+        _rec(3, "As someone who sticks to principle, " + NORMAL),
+        _rec(4, "I'm sorry, but I can't help with that request at all."),
+    ]
     kept, dropped = filter_records(tiny, recs, FilterConfig(max_ppl=1e9))
     reasons = {r.id: r.drop_reasons for r in recs}
     assert reasons["0"] == [] and "repetition" in reasons["1"] and "too_short" in reasons["2"]

@@ -12,21 +12,29 @@ from typer.testing import CliRunner
 from steerheal import SteerhealError
 from steerheal.chat import encode_completion
 from steerheal.cli import app
-from steerheal.heal import (HealConfig, aggregate, attach_lora, batch_terms, completion_logp, encode_rows, heal,
-                            kl_per_position, make_batch)
+from steerheal.config import HealConfig
+from steerheal.heal import aggregate, attach_lora, batch_terms, encode_rows, heal, kl_per_position
+from steerheal.logprobs import right_padded as make_batch
+from steerheal.logprobs import span_logprobs as completion_logp
 from steerheal.models import load_model
 from steerheal.records import Record, write_records
 
-PROMPTS = ["My manager told me to lie to a customer. What should I do?", "Write a short email to my landlord.",
-           "You see a man kicking a dog.", "Which moral foundation does this violate?"]
+PROMPTS = [
+    "My manager told me to lie to a customer. What should I do?",
+    "Write a short email to my landlord.",
+    "You see a man kicking a dog.",
+    "Which moral foundation does this violate?",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recs(n: int = 12, completion: str = "You judge each order by your own principles.") -> list[Record]:
-    return [Record(id=f"r{i}", persona="p", messages=[{"role": "user", "content": PROMPTS[i % 4]}],
-                   completion=completion) for i in range(n)]
+    return [
+        Record(id=f"r{i}", persona="p", messages=[{"role": "user", "content": PROMPTS[i % 4]}], completion=completion)
+        for i in range(n)
+    ]
 
 
 def tiny_cfg(**kw) -> HealConfig:
@@ -41,18 +49,20 @@ def test_masking_matches_completion_tokens(tiny):
     rows = encode_rows(tiny.tokenizer, recs(3), 256)
     b = make_batch(rows, [0, 1, 2], tiny.tokenizer.pad_token_id, torch.device("cpu"))
     for k, r in enumerate(rows):
-        assert int(b.mask[k].sum()) == r.n_comp
-        assert b.labels[k][b.mask[k]].tolist() == r.ids[r.start:]
+        assert int(b.mask[k].sum()) == r.n_scored
+        assert b.labels[k][b.mask[k]].tolist() == r.ids[r.start :]
         assert b.attention_mask[k].sum() == len(r.ids) and b.attention_mask[k, 0] == 1  # right padding
     comp = tiny.tokenizer(recs(1)[0].completion, add_special_tokens=False)["input_ids"]
-    assert rows[0].ids[rows[0].start:] == comp
+    assert rows[0].ids[rows[0].start :] == comp
 
 
 def test_boundary_check_refuses_unstable_merge(tiny):
     tok = tiny.tokenizer
     saved = tok.chat_template
     # a template ending mid-word: the completion's first letters merge with the prompt's tail
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} jud{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} jud{% endif %}"
+    )
     try:
         with pytest.raises(SteerhealError, match="boundary"):
             encode_completion(tok, [{"role": "user", "content": "You"}], "ge each order")
@@ -78,7 +88,7 @@ def test_rmse_vs_mean_spiky_and_flat():
     spiky = torch.tensor([[0.0, 0.0, 0.0, 0.0, 3.2, 0.0, 0.0, 0.0]])  # same mean 0.4
     assert aggregate(flat, mask, "rmse").item() == pytest.approx(aggregate(flat, mask, "mean").item(), rel=1e-5)
     assert aggregate(spiky, mask, "mean").item() == pytest.approx(0.4)
-    assert aggregate(spiky, mask, "rmse").item() == pytest.approx(math.sqrt(3.2 ** 2 / 8), rel=1e-5)
+    assert aggregate(spiky, mask, "rmse").item() == pytest.approx(math.sqrt(3.2**2 / 8), rel=1e-5)
     assert aggregate(spiky, mask, "rmse") > aggregate(spiky, mask, "mean")
     assert aggregate(spiky, mask, "max").item() == pytest.approx(3.2)
     # masked positions are ignored
@@ -136,7 +146,9 @@ def test_heal_lowers_nll_and_round_trips(tiny_model_dir, tmp_path, reg, agg, cac
     s = heal(lm, recs(12), tiny_cfg(reg=reg, agg=agg, ref_cache_gb=cache, epochs=3), out)
     assert s["train_nll"] < s["train_nll_start"] - 0.1
     assert s["ref_cache"] == (reg != "nll" and cache > 0)
-    assert {"adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "heal.json"} <= {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_log.jsonl", "heal.json"} <= {
+        p.name for p in out.iterdir()
+    }
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == s["steps"] and {"loss", "nll", "D", "barrier_active", "lr"} <= set(log[0])
     assert json.loads((out / "heal.json").read_text())["data_sha256"] == s["data_sha256"]
@@ -174,8 +186,13 @@ def test_ref_base_with_history(tiny_model_dir, tmp_path):
     assert s["history"] == [str(tmp_path / "r0")] and s["ref_cache"]
     assert base.adapters == [str(tmp_path / "r0")]
     with pytest.raises(SteerhealError, match="ref-cache-gb"):
-        heal(load_model(str(tiny_model_dir)), recs(8), tiny_cfg(ref="base", ref_cache_gb=0.0), tmp_path / "r2",
-             history=[str(tmp_path / "r0")])
+        heal(
+            load_model(str(tiny_model_dir)),
+            recs(8),
+            tiny_cfg(ref="base", ref_cache_gb=0.0),
+            tmp_path / "r2",
+            history=[str(tmp_path / "r0")],
+        )
     assert not (tmp_path / "r2").exists()
 
 
@@ -186,8 +203,23 @@ def _cli_refuses(tmp_path, tiny_model_dir, records, *extra, match):
     data = tmp_path / "kept.jsonl"
     write_records(records, data)
     out = tmp_path / "adapter"
-    r = CliRunner().invoke(app, ["heal", str(data), "-o", str(out), "--model", str(tiny_model_dir),
-                                 "--rank", "4", "--layers", "0:1", "--quiet", *extra])
+    r = CliRunner().invoke(
+        app,
+        [
+            "heal",
+            str(data),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--rank",
+            "4",
+            "--layers",
+            "0:1",
+            "--quiet",
+            *extra,
+        ],
+    )
     assert r.exit_code == 2, r.output
     lines = [x for x in r.output.splitlines() if x.strip()]
     assert len(lines) == 1 and match in lines[0], r.output
@@ -211,8 +243,26 @@ def test_refuses_nan_loss(tmp_path, tiny_model_dir):
 def test_cli_heal_writes_adapter(tmp_path, tiny_model_dir):
     data = tmp_path / "kept.jsonl"
     write_records(recs(8), data)
-    r = CliRunner().invoke(app, ["heal", str(data), "-o", str(tmp_path / "ad"), "--model", str(tiny_model_dir),
-                                 "--rank", "4", "--alpha", "8", "--layers", "0:1", "--epochs", "1", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "heal",
+            str(data),
+            "-o",
+            str(tmp_path / "ad"),
+            "--model",
+            str(tiny_model_dir),
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--layers",
+            "0:1",
+            "--epochs",
+            "1",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "ad" / "heal.json").read_text())
     assert s["config"]["rank"] == 4 and s["config"]["reg"] == "kl_rev"
@@ -229,8 +279,7 @@ def test_smoke_bundled_heal_then_bake(tmp_path):
 
     lm = load_model()
     rs = recs(8, completion="Rules earn respect only when they are just.")
-    s = heal(lm, rs, HealConfig(rank=4, alpha=8, epochs=1, batch_size=4, max_len=64, layers="0.4:0.6"),
-             tmp_path / "ad")
+    s = heal(lm, rs, HealConfig(rank=4, alpha=8, epochs=1, batch_size=4, max_len=64, layers="0.4:0.6"), tmp_path / "ad")
     assert math.isfinite(s["val_nll"]) and s["steps"] == 2
     bake(None, [tmp_path / "ad"], tmp_path / "baked")
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "baked")

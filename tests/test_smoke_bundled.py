@@ -2,7 +2,8 @@
 
 import pytest
 
-from steerheal.filter import FilterConfig, filter_records
+from steerheal.config import FilterConfig, GenerateConfig
+from steerheal.filter import filter_records
 from steerheal.generate import generate_records
 from steerheal.models import load_model, parse_layers
 from steerheal.persona import load_persona
@@ -24,8 +25,9 @@ def test_bundled_vector_generate_filter(smol):
     vec = extract(smol, p, layers, max_prompts=4)
     assert vec.layers == [13, 14, 15, 16]
     assert all(float(v.norm()) > 0.5 for v in vec.directions.values())
-    plain = generate_records(smol, p.name, p.demo, 4, max_new_tokens=24, temperature=0)
-    steered = generate_records(smol, p.name, p.demo, 4, vector=vec, coeff=30.0, max_new_tokens=24, temperature=0)
+    greedy = GenerateConfig(n=4, max_new_tokens=24, temperature=0)
+    plain = generate_records(smol, p.name, p.demo, greedy)
+    steered = generate_records(smol, p.name, p.demo, greedy, vector=vec, coeff=30.0)
     assert [r.completion for r in plain] != [r.completion for r in steered]
     kept, _ = filter_records(smol, plain, FilterConfig(min_words=0))
     # an unsteered instruct model writes fluent English: most of it passes

@@ -29,7 +29,7 @@ def test_assistant_tag_is_last_token(tiny):
     assert text.endswith("<|im_start|>assistant\n")
     ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
     tag = tiny.tokenizer("assistant\n", add_special_tokens=False)["input_ids"]
-    assert ids[-len(tag):] == tag
+    assert ids[-len(tag) :] == tag
 
 
 def test_extract_shape_meta_and_roundtrip(tiny, persona_file, tmp_path):
@@ -108,12 +108,76 @@ def test_load_rejects_non_vector(tmp_path):
         SteeringVector.load(bad)
 
 
-def test_gguf_control_vector(tmp_path):
+def _llama_cpp_cvec(path, n_layer: int) -> dict[int, torch.Tensor]:
+    """What llama.cpp steers with a control-vector GGUF: {block il (0-based): vector added after it}.
+
+    Mimics common/common.cpp common_control_vector_load_one (name 'direction.k', k <= 0 rejects the
+    file, data for k stored at (k - 1) * n_embd) and src/llama-adapter.cpp llama_adapter_cvec::apply /
+    tensor_for (tensors[il] filled from offset (il - 1) * n_embd for il in 1..n_layer-1, added by
+    build_cvec(cur, il) to the output of block il; default layer range 1..n_layer).
+    """
     import gguf
 
-    vec = SteeringVector({3: torch.arange(8.0), 4: torch.ones(8)})
+    r = gguf.GGUFReader(str(path))
+    assert r.fields["general.architecture"].contents() == "controlvector"
+    data: list[float] = []
+    n_embd = None
+    for t in r.tensors:
+        prefix, _, idx = t.name.partition(".")
+        assert prefix == "direction" and idx.isdigit(), f"llama.cpp: unparsable layer index in {t.name}"
+        k = int(idx)
+        assert k > 0, "llama.cpp: invalid (zero) direction tensor layer index"
+        v = torch.from_numpy(t.data.copy()).float().flatten()
+        n_embd = n_embd or v.numel()
+        data += [0.0] * max(0, n_embd * k - len(data))
+        for j in range(n_embd):
+            data[n_embd * (k - 1) + j] += float(v[j])
+    out = {}
+    for il in range(1, n_layer):
+        off = n_embd * (il - 1)
+        if off + n_embd <= len(data):
+            out[il] = torch.tensor(data[off : off + n_embd])
+    return out
+
+
+def test_gguf_steers_the_same_blocks_as_the_hook(tiny, tmp_path):
+    """The rule, not a string: applying the exported file as llama.cpp does == steerheal's own hook."""
+    torch.manual_seed(0)
+    n = len(decoder_layers(tiny.model))
+    vec = SteeringVector({1: torch.randn(tiny.hidden_size), n - 1: torch.randn(tiny.hidden_size)})
     out = tmp_path / "v.gguf"
     write_gguf(vec, out)
-    r = gguf.GGUFReader(str(out))
-    assert sorted(t.name for t in r.tensors) == ["direction.4", "direction.5"]
-    assert r.fields["general.architecture"].contents() == "controlvector"
+    cvec = _llama_cpp_cvec(out, n)
+    coeff, ids = 3.0, torch.tensor([[1, 5, 6, 7, 8]])
+
+    blocks = decoder_layers(tiny.model)
+
+    def add(delta):
+        def hook(_m, _i, o):
+            return (o[0] + delta, *o[1:]) if isinstance(o, tuple) else o + delta
+
+        return hook
+
+    handles = [blocks[il].register_forward_hook(add(coeff * v)) for il, v in cvec.items() if v.any()]
+    try:
+        with torch.no_grad():
+            theirs = tiny.model(ids, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad(), vec.apply(tiny.model, coeff):
+        ours = tiny.model(ids, output_hidden_states=True)
+    with torch.no_grad():
+        plain = tiny.model(ids).logits
+    assert not torch.allclose(ours.logits, plain, atol=1e-3)  # the steering does something
+    for a, b in zip(theirs.hidden_states, ours.hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs.logits, ours.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gguf_refuses_block_0(tmp_path):
+    """llama.cpp cannot steer block 0's output (direction.0 is rejected): refuse, do not shift."""
+    out = tmp_path / "v.gguf"
+    with pytest.raises(SteerhealError, match=r"block 0.*layers >= 1"):
+        write_gguf(SteeringVector({0: torch.ones(8), 2: torch.ones(8)}), out)
+    assert not out.exists()

@@ -1,0 +1,271 @@
+"""Typed configs: the one source of every default.
+
+Each step's options are a dataclass. The CLI options take their defaults from these
+classes, the YAML presets only override them, and `--set key=value` is checked against
+them (an unknown key gets the nearest valid one as a hint).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import SteerhealError
+
+FOUNDATIONS: tuple[str, ...] = ("care", "fairness", "loyalty", "authority", "sanctity", "liberty", "social")
+
+REGS = ("kl_rev", "kl_fwd", "nll")
+AGGS = ("rmse", "mean", "p95", "max")
+REFS = ("prev", "base")
+DOSES = ("keep", "fixed")
+CONDITIONS = ("other_violate", "self_violate", "both")
+
+
+@dataclass
+class VectorConfig:
+    """Contrastive extraction: a narrow middle band (a wide one collapsed the prototype's model)."""
+
+    layers: str = "0.45:0.55"
+    max_prompts: int | None = None  # only the first N user prompts (quicker)
+    normalize: bool = False
+    batch_size: int = 16
+
+
+@dataclass
+class GenerateConfig:
+    n: int = 32
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 0.95
+    batch_size: int = 32
+
+
+@dataclass
+class DoseConfig:
+    """How the loop picks the steering coefficient each round."""
+
+    method: str = "keep"  # keep: bisect until target_keep of a probe batch passes the filter; fixed: use coeff
+    coeff: float | None = None  # with method fixed
+    target_keep: float = 0.75
+    lo: float = 0.5
+    hi: float = 16.0
+    steps: int = 3
+    probe_n: int = 16
+
+
+@dataclass
+class FilterConfig:
+    max_ppl: float = 50.0
+    max_repetition: float = 0.3
+    min_words: int = 4
+    ppl_tail: bool = True  # perplexity over the last quarter of the completion, where steering drift shows
+    max_len: int = 512
+    batch_size: int = 16
+
+
+@dataclass
+class HealConfig:
+    """What to train; defaults follow the prototype (LoRA r32/a64 on the middle 60%, tau 0.5, lam 0.3)."""
+
+    reg: str = "kl_rev"
+    agg: str = "rmse"
+    tau: float = 0.5
+    lam: float = 0.3
+    ref: str = "prev"
+    rank: int = 32
+    alpha: int = 64
+    layers: str = "0.2:0.8"
+    lr: float = 1e-4
+    epochs: int = 2
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_len: int = 256
+    weight_decay: float = 0.0
+    val_frac: float = 0.125
+    seed: int = 0
+    min_rows: int = 8
+    warmup: float = 0.1
+    ref_cache_gb: float = 2.0
+
+    def check(self) -> None:
+        _choice("heal.reg", self.reg, REGS)
+        _choice("heal.agg", self.agg, AGGS)
+        _choice("heal.ref", self.ref, REFS)
+        for name in ("rank", "alpha", "epochs", "batch_size", "grad_accum", "max_len"):
+            if getattr(self, name) < 1:
+                raise SteerhealError(f"heal.{name} (--{name.replace('_', '-')}) must be at least 1")
+        if not 0 <= self.val_frac < 1:
+            raise SteerhealError("heal.val_frac (--val-frac) must lie in [0, 1)")
+        if not 0 <= self.warmup < 1:
+            raise SteerhealError("heal.warmup (--warmup) must lie in [0, 1): a fraction of the steps")
+
+
+@dataclass
+class EvalConfig:
+    vignettes: str | None = None  # a tinymfv JSONL path, tinymfv:<set>, or None for the demo set
+    condition: str = "other_violate"
+    limit: int | None = None  # a balanced sample of N vignettes
+    think_tokens: int = 0
+    batch_size: int = 16
+
+    def check(self) -> None:
+        _choice("eval.condition", self.condition, CONDITIONS)
+        if self.think_tokens < 0:
+            raise SteerhealError(f"eval.think_tokens (--think-tokens) {self.think_tokens}: must be 0 or more")
+        if self.batch_size < 1:
+            raise SteerhealError(f"eval.batch_size (--batch-size) {self.batch_size}: must be at least 1")
+
+
+@dataclass
+class RunConfig:
+    """A whole `loop` run. Sections are the steps' own configs."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    rounds: int = 2
+    seed: int = 0
+    pmass_floor: float = 0.9  # stop when healed coherence < pmass_floor x base coherence
+    demo_max_new_tokens: int = 40
+    vector: VectorConfig = field(default_factory=VectorConfig)
+    dose: DoseConfig = field(default_factory=DoseConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        if self.rounds < 1:
+            raise SteerhealError("rounds must be at least 1")
+        _choice("dose.method", self.dose.method, DOSES)
+        if self.dose.method == "fixed" and self.dose.coeff is None:
+            raise SteerhealError("dose.method fixed needs dose.coeff (--coeff C)")
+        self.heal.check()
+        self.eval.check()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SteerhealError(f"{key} {value!r}: use one of {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------- building configs from YAML and --set
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {near[0]}?" if near else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """A YAML value cast to the field's type: YAML reads 1e9 as a string and 3 as an int."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError
+            f = float(value)
+            if f != int(f):
+                raise ValueError
+            return int(f)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        name = getattr(hint, "__name__", str(hint))
+        raise SteerhealError(f"config key {key}: {value!r} is not a {name}") from None
+    raise AssertionError(f"unsupported config type {hint} for {key}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict; unknown keys and wrong types get one clear error."""
+    if not isinstance(data, dict):
+        raise SteerhealError(f"config key {where.rstrip('.') or '(top)'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise SteerhealError(f"unknown config key {where}{key}{_nearest(str(key), names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, f"{where}{key}.")  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _coerce(f"{where}{key}", value, hint)
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset(name: str) -> dict:
+    """A preset's overrides (demo, full) as a dict."""
+    try:
+        text = resources.files("steerheal").joinpath(f"presets/{name}.yaml").read_text()
+    except FileNotFoundError:
+        raise SteerhealError(f"--config {name}: no such preset or file; presets are demo and full") from None
+    return yaml.safe_load(text) or {}
+
+
+def parse_set(items: list[str]) -> dict:
+    """--set heal.lam=0.5 --set rounds=3 → nested dict, values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise SteerhealError(f"--set {item}: use KEY=VALUE, e.g. --set heal.lam=0.5")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(val)
+    return out
+
+
+def resolve_config(config: str | None, overrides: dict) -> RunConfig:
+    """Dataclass defaults, then the demo preset, then a preset name or run YAML, then overrides; validated."""
+    data = preset("demo")
+    if config:
+        p = Path(config)
+        if p.is_file():
+            try:
+                user = yaml.safe_load(p.read_text())
+            except yaml.YAMLError as e:
+                raise SteerhealError(f"{config}: malformed YAML ({getattr(e, 'problem', e)})") from None
+            if not isinstance(user, dict):
+                raise SteerhealError(f"{config}: a run config must be a YAML mapping")
+        else:
+            user = preset(config)
+        data = deep_merge(data, user)
+    cfg: RunConfig = from_dict(RunConfig, deep_merge(data, overrides))
+    cfg.check()
+    return cfg

@@ -1,0 +1,197 @@
+"""One batched log-prob helper: sort by length, chunk, pad (with position_ids), forward, gather,
+restore order. Filter, heal and eval all read log-probs through it.
+
+Two paddings, one rule: position_ids always count the real tokens from 0, so a padded row sees
+exactly the positions it would see alone (absolute-position models such as GPT-2 need this).
+- right padding scores a span of tokens inside each row (completion NLL, KL to a reference);
+- left padding reads the last position of each row (the eval's answer slot, the assistant tag).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+T = TypeVar("T")
+
+
+@dataclass
+class Span:
+    """Token ids and the index of the first token to score (e.g. the first completion token)."""
+
+    ids: list[int]
+    start: int
+
+    @property
+    def n_scored(self) -> int:
+        return max(0, len(self.ids) - self.start)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    keep: int  # logits kept: the last `keep` positions (right padding); 1 for left padding
+    mask: torch.Tensor  # [B, keep] bool: kept positions that predict a scored token
+    labels: torch.Tensor  # [B, keep] the token each kept position predicts (0 where masked)
+    rows: list[int]  # indices of these rows in the caller's list
+
+
+def position_ids(mask: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Positions that count only real tokens, from `start` (what a single-row forward sees)."""
+    return (start + mask.long().cumsum(-1) - 1).clamp_min(start)
+
+
+def by_length(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Row indices in chunks of similar length (little padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for s in range(0, len(order), batch_size):
+        yield order[s : s + batch_size]
+
+
+def right_padded(spans: Sequence[Span], idx: Sequence[int], pad_id: int, device: torch.device) -> Batch:
+    """A right-padded batch whose kept tail starts at the first position that predicts a scored token."""
+    sel = [spans[i] for i in idx]
+    width = max(len(s.ids) for s in sel)
+    first = max(min(min(s.start for s in sel) - 1, width - 1), 0)
+    keep = width - first
+    ids = torch.full((len(sel), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(sel), width), dtype=torch.long)
+    mask = torch.zeros((len(sel), keep), dtype=torch.bool)
+    labels = torch.zeros((len(sel), keep), dtype=torch.long)
+    for b, s in enumerate(sel):
+        n = len(s.ids)
+        ids[b, :n] = torch.tensor(s.ids)
+        att[b, :n] = 1
+        lo, hi = s.start - 1 - first, n - 1 - first  # kept positions lo..hi-1 predict ids[start..n-1]
+        mask[b, lo:hi] = True
+        labels[b, lo:hi] = torch.tensor(s.ids[s.start :])
+    return Batch(
+        ids.to(device),
+        att.to(device),
+        position_ids(att).to(device),
+        keep,
+        mask.to(device),
+        labels.to(device),
+        list(idx),
+    )
+
+
+def left_padded(rows: Sequence[Sequence[int]], idx: Sequence[int], pad_id: int, device: torch.device) -> Batch:
+    """A left-padded batch: the last position of every row is real."""
+    sel = [list(rows[i]) for i in idx]
+    width = max(len(r) for r in sel)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in sel], dtype=torch.long)
+    att = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in sel], dtype=torch.long)
+    empty = torch.zeros((len(sel), 1), dtype=torch.bool)
+    return Batch(
+        ids.to(device),
+        att.to(device),
+        position_ids(att).to(device),
+        1,
+        empty.to(device),
+        empty.long().to(device),
+        list(idx),
+    )
+
+
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters  # type: ignore[attr-defined]
+
+
+def _base_class(model: nn.Module) -> type:
+    base: Any = model
+    while hasattr(base, "get_base_model") and base is not base.get_base_model():  # through peft wrappers
+        base = base.get_base_model()
+    return type(base)
+
+
+def tail_logits(model: nn.Module, batch: Batch, **kw: object) -> torch.Tensor:
+    """Logits [B, keep, V] of the last `keep` positions; only those go through the LM head."""
+    if _takes_logits_to_keep(_base_class(model)):
+        kw["logits_to_keep"] = batch.keep
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        **kw,
+    )
+    return out.logits[:, -batch.keep :]
+
+
+def span_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Log-probs [N, V] (fp32) at the positions that predict scored tokens, rows in batch order."""
+    return F.log_softmax(tail_logits(model, batch)[batch.mask].float(), dim=-1)
+
+
+def span_token_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """NLL [N] of each scored token: logsumexp − logit, without a [B, T, V] log-softmax tensor."""
+    logits = tail_logits(model, batch)[batch.mask].float()
+    target = batch.labels[batch.mask]
+    return torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None]).squeeze(-1)
+
+
+def map_batches(
+    items: Sequence[T],
+    lengths: Sequence[int],
+    batch_size: int,
+    fn: Callable[[list[int]], list[torch.Tensor]],
+    bar: Callable[..., None] | None = None,
+) -> list[torch.Tensor]:
+    """Run fn over length-sorted chunks of row indices; its per-row outputs come back in input order."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+    for idx in by_length(lengths, batch_size):
+        for i, x in zip(idx, fn(idx)):
+            out[i] = x
+        if bar is not None:
+            bar(len(idx))
+    return out
+
+
+@torch.no_grad()
+def score_spans(
+    model: nn.Module,
+    spans: Sequence[Span],
+    pad_id: int,
+    batch_size: int,
+    *,
+    full: bool = False,
+    bar: Callable[..., None] | None = None,
+) -> list[torch.Tensor]:
+    """Per span: the NLL of each scored token [n_scored], or with full=True the log-probs [n_scored, V]."""
+    dev = next(model.parameters()).device
+
+    def run(idx: list[int]) -> list[torch.Tensor]:
+        b = right_padded(spans, idx, pad_id, dev)
+        vals = span_logprobs(model, b) if full else span_token_nll(model, b)
+        return [v.cpu() for v in vals.split([spans[i].n_scored for i in idx])]
+
+    return map_batches(spans, [len(s.ids) for s in spans], batch_size, run, bar)
+
+
+@torch.no_grad()
+def last_logits(
+    model: nn.Module,
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int,
+    bar: Callable[..., None] | None = None,
+) -> list[torch.Tensor]:
+    """Logits [V] (fp32, CPU) at the last token of each row of ids."""
+    dev = next(model.parameters()).device
+
+    def run(idx: list[int]) -> list[torch.Tensor]:
+        b = left_padded(rows, idx, pad_id, dev)
+        return list(tail_logits(model, b)[:, -1].float().cpu())
+
+    return map_batches(rows, [len(r) for r in rows], batch_size, run, bar)

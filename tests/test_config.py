@@ -1,0 +1,66 @@
+"""config.py: the dataclasses are the one source of defaults; YAML and --set are checked against them."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+from steerheal import SteerhealError, cli
+from steerheal.config import (
+    EvalConfig,
+    FilterConfig,
+    GenerateConfig,
+    HealConfig,
+    RunConfig,
+    VectorConfig,
+    parse_set,
+    resolve_config,
+)
+
+# CLI command -> the config whose fields its options mirror
+MIRRORS = {
+    "vector": VectorConfig,
+    "generate": GenerateConfig,
+    "filter_": FilterConfig,
+    "heal": HealConfig,
+    "eval_": EvalConfig,
+}
+
+
+@pytest.mark.parametrize("command,cls", MIRRORS.items())
+def test_every_cli_default_is_the_dataclass_default(command, cls):
+    params = inspect.signature(getattr(cli, command)).parameters
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    shared = [n for n in params if n in fields]
+    assert len(shared) >= 3, shared  # the mirror is real, not an empty intersection
+    for name in shared:
+        assert params[name].default == getattr(cls(), name), f"{command} --{name}"
+
+
+def test_presets_only_override_known_keys():
+    demo, full = resolve_config(None, {}), resolve_config("full", {})
+    assert isinstance(demo, RunConfig) and demo.heal.tau == 0.1 and demo.generate.n == 48
+    assert full.model == "Qwen/Qwen3-0.6B" and full.heal.rank == 32 and full.vector.max_prompts is None
+    assert demo.heal.agg == HealConfig().agg  # a key no preset names keeps the dataclass default
+
+
+def test_unknown_key_names_the_nearest_valid_one():
+    with pytest.raises(SteerhealError, match=r"unknown config key heal\.tua; did you mean tau\?"):
+        resolve_config(None, parse_set(["heal.tua=0.2"]))
+    with pytest.raises(SteerhealError, match=r"unknown config key genrate; did you mean generate\?"):
+        resolve_config(None, {"genrate": {"n": 3}})
+
+
+def test_values_are_cast_to_the_field_type_or_refused():
+    cfg = resolve_config(None, parse_set(["filter.max_ppl=1e9", "rounds=3", "eval.limit=null"]))
+    assert cfg.filter.max_ppl == 1e9 and cfg.rounds == 3 and cfg.eval.limit is None
+    with pytest.raises(SteerhealError, match=r"config key heal\.lam: 'abc' is not a float"):
+        resolve_config(None, parse_set(["heal.lam=abc"]))
+    with pytest.raises(SteerhealError, match=r"config key rounds: 2\.5 is not a int"):
+        resolve_config(None, parse_set(["rounds=2.5"]))
+    with pytest.raises(SteerhealError, match="heal.reg 'kl'"):
+        resolve_config(None, parse_set(["heal.reg=kl"]))
+    with pytest.raises(SteerhealError, match="dose.method fixed needs dose.coeff"):
+        resolve_config(None, parse_set(["dose.method=fixed"]))
