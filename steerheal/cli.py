@@ -358,6 +358,9 @@ def loop(
     ] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Number of rounds.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    seeds: Annotated[
+        Optional[str], typer.Option(help="Several independent seeds, e.g. 0,1,2: runs in -o/seed_S, one pooled report.")
+    ] = None,
     coeff: Annotated[
         Optional[float],
         typer.Option(help="A fixed steering coefficient (sets dose.method=fixed; default: bisect the dose)."),
@@ -377,11 +380,11 @@ def loop(
 ) -> None:
     """Run rounds of vector → dose → generate → filter → heal → eval, resumable, with baselines, report and plot."""
     from .config import deep_merge, parse_set, resolve_config
-    from .loop import run_loop
+    from .loop import run_seeds
     from .persona import load_persona
 
     over: dict = {}
-    for key, val in (("rounds", rounds), ("seed", seed), ("model", model)):
+    for key, val in (("rounds", rounds), ("seed", seed), ("seeds", seeds), ("model", model)):
         if val is not None:
             over[key] = val
     if coeff is not None:
@@ -396,7 +399,7 @@ def loop(
         over["trust_remote_code"] = True
     cfg = resolve_config(config, deep_merge(over, parse_set(set_ or [])))
     out = output or Path("runs") / load_persona(persona).name
-    run_loop(persona, out, cfg, force=force)
+    run_seeds(persona, out, cfg, force=force)
 
 
 @command

@@ -25,7 +25,7 @@ FOUNDATIONS: tuple[str, ...] = ("care", "fairness", "loyalty", "authority", "san
 REGS = ("kl_rev", "kl_fwd", "nll")
 AGGS = ("rmse", "mean", "p95", "max")
 REFS = ("prev", "base")
-DOSES = ("keep", "fixed")
+DOSES = ("keep", "kl", "fixed")
 CONDITIONS = ("other_violate", "self_violate", "both")
 
 
@@ -52,13 +52,15 @@ class GenerateConfig:
 class DoseConfig:
     """How the loop picks the steering coefficient each round."""
 
-    method: str = "keep"  # keep: bisect until target_keep of a probe batch passes the filter; fixed: use coeff
+    method: str = "keep"  # keep: filter survival; kl: iso-KL (see dose.py); fixed: use coeff
     coeff: float | None = None  # with method fixed
-    target_keep: float = 0.75
+    target_keep: float = 0.75  # keep: the share of probes that should pass the filter
+    kl_target: float = 1.0  # kl: p95 per-token KL(steered ‖ unsteered) in nats (steering-lite's anchor)
+    kl_tokens: int = 20  # kl: greedy steered tokens per probe prompt
     lo: float = 0.5
     hi: float = 16.0
-    steps: int = 3
-    probe_n: int = 16
+    steps: int = 3  # probes (forwards) per search
+    probe_n: int = 16  # probe prompts
 
 
 @dataclass
@@ -134,6 +136,8 @@ class RunConfig:
     trust_remote_code: bool = False
     rounds: int = 2
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)  # several independent runs (seed_S/ each), pooled in one report
+    coherence_prompts: int = 24  # neutral prompts for generation coherence (greedy + sampled each); 0 = skip
     pmass_floor: float = 0.9  # stop when healed coherence < pmass_floor x base coherence
     demo_max_new_tokens: int = 40
     vector: VectorConfig = field(default_factory=VectorConfig)
@@ -146,6 +150,8 @@ class RunConfig:
     def check(self) -> None:
         if self.rounds < 1:
             raise SteerhealError("rounds must be at least 1")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise SteerhealError(f"seeds {self.seeds}: each seed once")
         _choice("dose.method", self.dose.method, DOSES)
         if self.dose.method == "fixed" and self.dose.coeff is None:
             raise SteerhealError("dose.method fixed needs dose.coeff (--coeff C)")
@@ -171,6 +177,11 @@ def _nearest(key: str, valid: list[str]) -> str:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """A YAML value cast to the field's type: YAML reads 1e9 as a string and 3 as an int."""
+    if typing.get_origin(hint) is list:  # list[int]: a YAML list, or "0,1,2" from --set/--seeds
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise SteerhealError(f"config key {key}: {value!r} is not a list (write 0,1,2 or [0, 1, 2])")
+        return [_coerce(key, v.strip() if isinstance(v, str) else v, typing.get_args(hint)[0]) for v in items]
     args = typing.get_args(hint)
     if type(None) in args:
         if value is None:
@@ -223,6 +234,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
+        if isinstance(v, str) and isinstance(out.get(k), dict) and "method" in out[k]:
+            v = {"method": v}  # a section's name alone sets its method: --set dose=kl means dose.method=kl
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 

@@ -20,9 +20,10 @@ import torch
 from . import SteerhealError
 from .chat import render_prompt
 from .config import FOUNDATIONS, EvalConfig
-from .logprobs import last_logits, position_ids
+from .logprobs import cache_kwarg, last_logits, position_ids
 from .models import LoadedModel
 from .progress import console, log_enabled, progress
+from .stats import report_cis
 from .vignettes import Vignette, vignettes_sha256
 
 # Short glosses shown with each option; "social" is the not-morally-wrong control.
@@ -156,7 +157,7 @@ def _score_cached(
     dev, P = lm.device, len(p_ids)
     cache = DynamicCache(config=lm.model.config)
     pre = torch.tensor([p_ids], device=dev)
-    lm.model(input_ids=pre, attention_mask=torch.ones_like(pre), past_key_values=cache, use_cache=True)
+    lm.model(input_ids=pre, attention_mask=torch.ones_like(pre), **{cache_kwarg(lm.model): cache}, use_cache=True)
     out = torch.empty(len(rows), len(token_ids))
     pad = tok.pad_token_id
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
@@ -171,7 +172,7 @@ def _score_cached(
         logits = lm.model(
             input_ids=ids,
             attention_mask=mask,
-            past_key_values=c,
+            **{cache_kwarg(lm.model): c},
             use_cache=True,
             position_ids=position_ids(smask, P),
             logits_to_keep=1,
@@ -275,6 +276,7 @@ def score_vignettes(
             lps.append(lp)
     p, pmass = combine_frames(lps)
     report = summarize(p, pmass, [v.foundation for v in vignettes], [v.modal for v in vignettes])
+    logp = torch.log(p.clamp_min(1e-30))
     vec_meta = None
     if vector is not None:
         vec_meta = {k: vector.meta.get(k) for k in ("model", "persona", "method", "layers", "persona_sha256")}
@@ -306,12 +308,18 @@ def score_vignettes(
             "foundation": v.foundation,
             "modal": v.modal,
             "p": {f: round(float(p[i, k]), 6) for k, f in enumerate(FOUNDATIONS)},
+            "logp": {f: round(float(logp[i, k]), 6) for k, f in enumerate(FOUNDATIONS)},
             "pmass": round(float(pmass[i]), 6),
             **({"thought": [t[i] for t in thoughts_all if t is not None]} if cfg.think_tokens > 0 else {}),
         }
         for i, v in enumerate(vignettes)
     ]
+    report_cis(report)  # a 95% bootstrap CI beside every figure
     return report
+
+
+def _span(interval: list[float] | None) -> str:
+    return "–" if not interval else f"{interval[0]:.3f}, {interval[1]:.3f}"
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -328,9 +336,13 @@ def print_table(report: dict[str, Any]) -> None:
     )
     t.add_column("foundation")
     t.add_column("n", justify="right")
-    t.add_column("nats (diag)", justify="right")
+    t.add_column("nats (diag) [95% CI]", justify="right")
     t.add_column("profile p", justify="right")
     for f, row in report["foundations"].items():
-        t.add_row(f, str(row["n"]), "-" if row["nats"] is None else f"{row['nats']:.3f}", f"{row['profile']:.3f}")
-    t.caption = f"n={report['n']}  pmass={report['pmass']:.3f} (min {report['pmass_min']:.3f})  top-1 acc={report['accuracy']:.3f}"
+        nats = "-" if row["nats"] is None else f"{row['nats']:.3f} [{_span(row.get('nats_ci'))}]"
+        t.add_row(f, str(row["n"]), nats, f"{row['profile']:.3f}")
+    t.caption = (
+        f"n={report['n']}  pmass={report['pmass']:.3f} [{_span(report.get('pmass_ci'))}]  "
+        f"top-1 acc={report['accuracy']:.3f} [{_span(report.get('accuracy_ci'))}]"
+    )
     console.print(t)

@@ -108,6 +108,16 @@ def _takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters  # type: ignore[attr-defined]
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"  # type: ignore[attr-defined]
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward's name for a KV cache: newer transformers renamed past_key_values to cache."""
+    return _cache_kwarg(_base_class(model))
+
+
 def _base_class(model: nn.Module) -> type:
     base: Any = model
     while hasattr(base, "get_base_model") and base is not base.get_base_model():  # through peft wrappers

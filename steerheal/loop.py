@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import resource
 import subprocess
 import time
@@ -24,7 +23,9 @@ from typing import Any
 import yaml
 
 from . import SteerhealError, __version__
+from .coherence import generation_coherence, neutral_prompts
 from .config import GenerateConfig, RunConfig
+from .dose import choose_dose
 from .evaluate import score_vignettes
 from .filter import filter_records
 from .filter import summary as filter_summary
@@ -128,35 +129,6 @@ def _check_resume(run: Run, cfg: dict, persona: Persona, force: bool) -> None:
 # ---------------------------------------------------------------- the pieces of a round
 
 
-def choose_dose(lm: LoadedModel, persona: Persona, vec: SteeringVector, cfg: RunConfig, seed: int) -> dict:
-    """Bisect the coefficient on a log scale until about target_keep of a probe batch passes the filter."""
-    d = cfg.dose
-    if d.method == "fixed":
-        return {"coeff": float(d.coeff or 0.0), "method": "fixed", "probes": []}
-    lo, hi, target = d.lo, d.hi, d.target_keep
-    probe_cfg = dataclasses.replace(cfg.generate, n=d.probe_n)
-    probes, best = [], None
-    for i in range(d.steps):
-        c = math.sqrt(lo * hi)
-        recs = generate_records(lm, persona.name, persona.generation, probe_cfg, vector=vec, coeff=c, seed=seed + i)
-        kept, _ = filter_records(lm, recs, cfg.filter, persona.narration)
-        frac = len(kept) / len(recs)
-        probes.append({"coeff": round(c, 4), "kept_frac": frac})
-        log(f"  dose probe {i + 1}/{d.steps}: coeff {c:.3g} keeps {frac:.0%}")
-        if frac >= target:
-            lo, best = c, c  # coherent enough: push harder
-        else:
-            hi = c
-    coeff = best if best is not None else lo
-    return {
-        "coeff": round(coeff, 4),
-        "method": "keep",
-        "target_keep": target,
-        "probes": probes,
-        "note": None if best is not None else f"no probe reached {target:.0%} kept; using dose.lo",
-    }
-
-
 def demo_records(lm: LoadedModel, persona: Persona, cfg: RunConfig, kind: str, **kw: Any) -> list[Record]:
     """Greedy completions of the persona's demo prompts: the same prompts for every model."""
     prompts = persona.demo or persona.generation[:4]
@@ -191,6 +163,32 @@ class Loop:
     cfg: RunConfig
     lm: LoadedModel
     vignettes: list[Vignette]
+    _judge: LoadedModel | None = None
+
+    def judge(self) -> LoadedModel:
+        """The base model, loaded once more: generation coherence is always judged by the unchanged base."""
+        if self._judge is None:
+            c = self.cfg
+            self._judge = load_model(c.model, [], device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
+        return self._judge
+
+    def coherence(self, path: Path, **kw: Any) -> None:
+        """Generation coherence of the current model (steered or prompted through kw) on the neutral prompts."""
+        n = self.cfg.coherence_prompts
+        res = (
+            generation_coherence(
+                self.lm,
+                self.judge(),
+                neutral_prompts(n),
+                max_new_tokens=self.cfg.demo_max_new_tokens,
+                seed=self.cfg.seed,
+                filter_cfg=self.cfg.filter,
+                **kw,
+            )
+            if n > 0
+            else {"skipped": True}
+        )
+        write_json(path, res)
 
     def rdir(self, r: int) -> Path:
         return self.run.root / f"round_{r:02d}"
@@ -204,7 +202,7 @@ class Loop:
     def baselines(self) -> None:
         """The base model and the prompting baseline (the persona's first pos prompt as a system prompt)."""
         run, d, system = self.run, self.run.root / "baselines", self.persona.pairs[0].pos
-        if not all(run.done(f"baselines/{k}") for k in ("base", "prompt", "demo")):
+        if not all(run.done(f"baselines/{k}") for k in ("base", "prompt", "demo", "gen_base", "gen_prompt")):
             log("[baselines] base model and the prompting baseline (persona as system prompt)")
         run.step("baselines/base", lambda: write_json(d / "base.json", self.eval()))
         run.step("baselines/prompt", lambda: write_json(d / "prompt.json", self.eval(system=system)))
@@ -216,6 +214,8 @@ class Loop:
                 d / "demo.jsonl",
             ),
         )
+        run.step("baselines/gen_base", lambda: self.coherence(d / "gen_base.json"))
+        run.step("baselines/gen_prompt", lambda: self.coherence(d / "gen_prompt.json", system=system))
 
     def round(self, r: int) -> str | None:
         """Run (or resume) round r; the stop reason, if the loop should stop after it."""
@@ -277,6 +277,7 @@ class Loop:
                 demo_records(self.lm, persona, cfg, f"r{r}-steered", vector=vec, coeff=coeff), d / "demo_steered.jsonl"
             ),
         )
+        step("gen_steered", lambda: self.coherence(d / "gen_steered.json", vector=vec, coeff=coeff))
         kept = read_records(d / "kept.jsonl")
         hcfg = dataclasses.replace(cfg.heal, seed=cfg.heal.seed + r)
         if len(kept) < hcfg.min_rows:
@@ -293,6 +294,7 @@ class Loop:
             "demo_healed",
             lambda: write_records(demo_records(self.lm, persona, cfg, f"r{r}-healed"), d / "demo_healed.jsonl"),
         )
+        step("gen_healed", lambda: self.coherence(d / "gen_healed.json"))
         floor_stop = self._coherence_stop(r)
         self.finish_round(r, floor_stop, healed=True)
         return floor_stop
@@ -335,6 +337,8 @@ class Loop:
             "steered": eval_summary(run.json(f"{key}/eval_steered.json"), t),
             "healed": eval_summary(run.json(f"{key}/eval_healed.json"), t) if healed else None,
             "base_target_nats": eval_summary(run.json("baselines/base.json"), t)["target_nats"],
+            "gen_steered": _gen_summary(run.json(f"{key}/gen_steered.json")),
+            "gen_healed": _gen_summary(run.json(f"{key}/gen_healed.json")) if healed else None,
             "heal": None
             if heal_info is None
             else {
@@ -357,6 +361,10 @@ class Loop:
         run.mark(f"{key}/done", 0.0)
 
 
+def _gen_summary(g: dict) -> dict | None:
+    return None if g.get("skipped") else {k: g[k] for k in ("ppl", "pass_rate", "distinct2", "kl_to_base")}
+
+
 def _ignore(_: object) -> None:
     """A step's artifact is on disk; its return value is not needed."""
 
@@ -364,6 +372,24 @@ def _ignore(_: object) -> None:
 def finished_adapters(run: Run, rounds: int) -> list[str]:
     """The adapters of the rounds whose heal finished, in order: the current model is base + these."""
     return [str(run.root / f"round_{r:02d}" / "adapter") for r in range(rounds) if run.done(f"round_{r:02d}/heal")]
+
+
+def write_config(root: Path, cfg: dict, persona: Persona, persona_path: str | Path) -> None:
+    """config.yaml: the resolved config, the persona (path, sha256, target) and the package versions."""
+    write_text(
+        root / "config.yaml",
+        yaml.safe_dump(
+            {
+                "config": cfg,
+                "persona": str(persona_path),
+                "persona_sha256": persona.sha256,
+                "target": persona.target,
+                "direction": persona.direction,
+                "versions": _meta(),
+            },
+            sort_keys=False,
+        ),
+    )
 
 
 def open_loop(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: bool) -> Loop:
@@ -376,11 +402,19 @@ def open_loop(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: 
     write_text(
         run.root / "config.yaml",
         yaml.safe_dump(
-            {"config": cfg_dict, "persona": str(persona_path), "persona_sha256": persona.sha256, "versions": _meta()},
+            {
+                "config": cfg_dict,
+                "persona": str(persona_path),
+                "persona_sha256": persona.sha256,
+                "target": persona.target,
+                "direction": persona.direction,
+                "versions": _meta(),
+            },
             sort_keys=False,
         ),
     )
-    vignettes = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, cfg.seed)
+    # The vignette sample does not depend on the run's seed, so that seeds pair on the same rows.
+    vignettes = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
     lm = load_model(
         cfg.model,
         finished_adapters(run, cfg.rounds),
@@ -389,6 +423,28 @@ def open_loop(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: 
         trust_remote_code=cfg.trust_remote_code,
     )
     return Loop(run, persona, cfg, lm, vignettes)
+
+
+def run_seeds(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: bool = False) -> list[LoopResult]:
+    """cfg.seeds independent runs in out/seed_S (each resumable), then one report pooled over them in out."""
+    if not cfg.seeds:
+        return [run_loop(persona_path, out, cfg, force)]
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for s in cfg.seeds:
+        log(f"[seed {s}] ({cfg.seeds.index(s) + 1}/{len(cfg.seeds)})")
+        results.append(run_loop(persona_path, root / f"seed_{s}", dataclasses.replace(cfg, seed=s, seeds=[]), force))
+    dirs = [r.root for r in results]
+    write_config(root, cfg.to_dict(), load_persona(persona_path), persona_path)
+    from .plot import plot_run
+    from .report import write_report
+
+    plot_run(root, dirs)
+    stops = "; ".join(f"seed {s}: {r.stop_reason}" for s, r in zip(cfg.seeds, results))
+    write_report(root, stops, run_dirs=dirs)
+    log(f"pooled report over seeds {cfg.seeds}: {root / 'report.md'}")
+    return results
 
 
 def run_loop(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: bool = False) -> LoopResult:

@@ -1,90 +1,118 @@
-"""The trajectory figure: target vs mean off-target nats per round (steered red, healed green), and coherence.
+"""The figures, from report.collect's numbers (every point with its 95% CI):
 
-The axes follow the persona's target foundation (round.json's "target")."""
+trajectory.png: the persona-signed shift of the target foundation against coherence (pmass
+ratio), steered red and healed green per round, the prompting baseline blue, base at (1, 0);
+and selectivity per round. profile.png: the change of every foundation's nats against base,
+bars per foundation for the prompting baseline and each healed round.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
+from .config import FOUNDATIONS
 from .records import atomic_path
 
 
-def _load(root: Path) -> tuple[dict, dict | None, list[dict]]:
-    base = json.loads((root / "baselines" / "base.json").read_text())
-    prompt_path = root / "baselines" / "prompt.json"
-    prompt = json.loads(prompt_path.read_text()) if prompt_path.is_file() else None
-    rounds = [
-        json.loads((d / "round.json").read_text()) for d in sorted(root.glob("round_*")) if (d / "round.json").is_file()
-    ]
-    return base, prompt, rounds
+def _err(m: dict, name: str) -> tuple[float, list[list[float]]]:
+    lo, hi = m[f"{name}_ci"]
+    v = m[name]
+    return v, [[max(0.0, v - lo)], [max(0.0, hi - v)]]
 
 
-def _xy(nats: dict[str, float], target: str) -> tuple[float, float]:
-    """(mean nats of the other foundations, the target's nats)."""
-    off = [v for f, v in nats.items() if f != target]
-    return sum(off) / len(off), nats[target]
+def _point(ax: Any, m: dict, color: str, label: str | None, text: str) -> None:
+    x, xe = _err(m, "pmass_ratio")
+    y, ye = _err(m, "target_shift")
+    ax.errorbar([x], [y], xerr=xe, yerr=ye, fmt="o", color=color, ms=6, capsize=2, lw=1, label=label, zorder=4)
+    ax.annotate(text, (x, y), fontsize=8, color=color, xytext=(4, 4), textcoords="offset points")
 
 
-def _nats(report: dict) -> dict[str, float]:
-    return {f: v["nats"] for f, v in report["foundations"].items()}
+def _save(fig: Any, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out
 
 
-def plot_run(root: str | Path) -> Path:
-    """Draw trajectory.png in the run directory from its baselines and round.json files."""
+def plot_run(root: str | Path, run_dirs: list[Path] | None = None) -> Path:
+    """Draw trajectory.png and profile.png in `root` from its run directories (itself, or one per seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    root = Path(root)
-    base, prompt, rounds = _load(root)
-    target = rounds[0]["target"] if rounds else "authority"
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.25, 1]})
+    from .report import collect
 
-    bx, by = _xy(_nats(base), target)
-    ax.scatter([bx], [by], marker="*", s=260, c="black", zorder=5, label="base")
-    if prompt:
-        px, py = _xy(_nats(prompt), target)
-        ax.scatter([px], [py], marker="D", s=80, c="tab:blue", zorder=5, label="prompting baseline")
-    path_x, path_y = [bx], [by]
-    for i, r in enumerate(rounds):
-        sx, sy = _xy(r["steered"]["nats"], target)
-        ax.scatter([sx], [sy], c="tab:red", s=40, zorder=4, label="raw steered" if i == 0 else None)
-        ax.annotate(f"s{r['round']}", (sx, sy), fontsize=8, color="tab:red", xytext=(4, 4), textcoords="offset points")
+    root = Path(root)
+    c = collect(run_dirs or [root])
+    t = c["target"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.25, 1]})
+    ax.scatter([1.0], [0.0], marker="*", s=220, c="black", zorder=5, label="base")
+    _point(ax, c["prompt"], "tab:blue", "prompting baseline", "prompt")
+    path = [(1.0, 0.0)]
+    for i, r in enumerate(c["rounds"]):
+        _point(ax, r["steered"], "tab:red", "raw steered" if i == 0 else None, f"s{r['round']}")
         if r["healed"]:
-            hx, hy = _xy(r["healed"]["nats"], target)
-            path_x.append(hx)
-            path_y.append(hy)
-            ax.scatter([hx], [hy], c="tab:green", s=50, zorder=4, label="healed" if i == 0 else None)
-            ax.annotate(
-                f"r{r['round']}", (hx, hy), fontsize=8, color="tab:green", xytext=(4, -10), textcoords="offset points"
-            )
-    for x0, y0, x1, y1 in zip(path_x, path_y, path_x[1:], path_y[1:]):
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", color="tab:green", lw=1.5))
-    ax.set_xlabel("off-target nats (mean over the other six foundations)")
-    ax.set_ylabel(f"{target} nats (mean log p[{target}] on {target} vignettes)")
-    ax.set_title(f"tinymfv trajectory: {target} vs off-target")
+            _point(ax, r["healed"], "tab:green", "healed" if i == 0 else None, f"r{r['round']}")
+            path.append((r["healed"]["pmass_ratio"], r["healed"]["target_shift"]))
+    for (x0, y0), (x1, y1) in zip(path, path[1:]):
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", color="tab:green", lw=1.2))
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("coherence: pmass / base pmass")
+    ax.set_ylabel(f"{t} shift, persona-signed (nats; + = the persona's way)")
+    ax.set_title(f"{t}: shift against coherence (95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
 
-    xs = [r["round"] for r in rounds]
-    ax2.axhline(base["pmass"], color="black", ls="--", lw=1, label="base")
-    if prompt:
-        ax2.axhline(prompt["pmass"], color="tab:blue", ls=":", lw=1, label="prompting baseline")
-    ax2.plot(xs, [r["steered"]["pmass"] for r in rounds], "o-", c="tab:red", label="raw steered")
-    healed_rounds = [r["round"] for r in rounds if r["healed"]]
-    ax2.plot(healed_rounds, [r["healed"]["pmass"] for r in rounds if r["healed"]], "o-", c="tab:green", label="healed")
+    xs = [r["round"] for r in c["rounds"]]
+    for kind, color in (("steered", "tab:red"), ("healed", "tab:green")):
+        pts = [(r["round"], r[kind]) for r in c["rounds"] if r[kind]]
+        if pts:
+            ys = [m["selectivity"] for _, m in pts]
+            lo = [m["selectivity"] - m["selectivity_ci"][0] for _, m in pts]
+            hi = [m["selectivity_ci"][1] - m["selectivity"] for _, m in pts]
+            ax2.errorbar([x for x, _ in pts], ys, yerr=[lo, hi], fmt="o-", color=color, capsize=2, label=kind)
+    p = c["prompt"]
+    ax2.axhspan(*p["selectivity_ci"], color="tab:blue", alpha=0.15, label="prompting (95% CI)")
+    ax2.axhline(p["selectivity"], color="tab:blue", lw=1)
+    ax2.axhline(0, color="grey", lw=0.6)
     ax2.set_xlabel("round")
-    ax2.set_ylabel("coherence (pmass on the 7 answer tokens)")
-    ax2.set_title("coherence per round")
+    ax2.set_ylabel("selectivity (coherence-gated)")
+    ax2.set_title("selectivity per round (95% CI)")
     if xs:
         ax2.set_xticks(xs)
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    out = root / "trajectory.png"
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    out = _save(fig, root / "trajectory.png")
+    plot_profile(root, c)
     return out
+
+
+def plot_profile(root: Path, c: dict[str, Any]) -> Path:
+    """Bars per foundation: Δnats against base (with 95% CI) for the prompting baseline and each healed round."""
+    import matplotlib.pyplot as plt
+
+    models = [("prompting", c["prompt"])] + [(f"healed r{r['round']}", r["healed"]) for r in c["rounds"] if r["healed"]]
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    width = 0.8 / max(1, len(models))
+    for j, (name, m) in enumerate(models):
+        xs = [k + (j - (len(models) - 1) / 2) * width for k in range(len(FOUNDATIONS))]
+        ys = [m["shift"][f] for f in FOUNDATIONS]
+        err = [
+            [y - m["shift_ci"][f][0] for f, y in zip(FOUNDATIONS, ys)],
+            [m["shift_ci"][f][1] - y for f, y in zip(FOUNDATIONS, ys)],
+        ]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=name)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(FOUNDATIONS)))
+    ax.set_xticklabels([f"{f}\n(target)" if f == c["target"] else f for f in FOUNDATIONS])
+    ax.set_ylabel("Δ nats vs base (diagonal, 95% CI)")
+    ax.set_title("foundation profile shift against base")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, root / "profile.png")

@@ -1,14 +1,100 @@
-"""report.md: the per-round table, the baselines, and Q0-Q3 and "beats prompting?" in numbers."""
+"""report.md: the per-round table and Q0-Q3 and "beats prompting?", every figure with a 95% CI.
+
+`collect` reads one run directory, or several (one per seed), and computes every number the
+report and the plot show, with paired bootstrap intervals from stats.py; `write_report` only
+formats them. The answers are read off the intervals (yes / no / unclear), never written by hand.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from .records import read_records, write_text
+from .stats import EvalRows, compare, difference, verdict
+
+# A coherence ratio (healed pmass / base pmass) at or above this counts as "coherence held".
+COHERENCE_HELD = 0.9
+
+
+def _json(p: Path) -> Any:
+    return json.loads(p.read_text())
+
+
+def _rows(p: Path) -> EvalRows:
+    return EvalRows.from_report(_json(p))
+
+
+def collect(run_dirs: list[Path]) -> dict[str, Any]:
+    """Every number of the report, pooled over the run directories (seeds) that share base and vignettes."""
+    first = run_dirs[0]
+    rounds_by_seed = [
+        [_json(d / "round.json") for d in sorted(r.glob("round_*")) if (d / "round.json").is_file()] for r in run_dirs
+    ]
+    conf = yaml.safe_load((first / "config.yaml").read_text())
+    base_rep = _json(first / "baselines" / "base.json")
+    base = _rows(first / "baselines" / "base.json")
+    target, direction = conf["target"], int(conf["direction"])
+    prompts = [_rows(r / "baselines" / "prompt.json") for r in run_dirs]
+    out: dict[str, Any] = {
+        "persona": conf["persona"],
+        "config": conf["config"],
+        "target": target,
+        "direction": direction,
+        "seeds": [_json_seed(r) for r in run_dirs],
+        "base": base_rep,
+        "prompt": compare(base, prompts, target, direction),
+        "rounds": [],
+    }
+    n_rounds = max((len(x) for x in rounds_by_seed), default=0)
+    prev_healed: list[EvalRows] | None = None
+    for r in range(n_rounds):
+        infos = [x[r] for x in rounds_by_seed if len(x) > r]
+        dirs = [d / f"round_{r:02d}" for d, x in zip(run_dirs, rounds_by_seed) if len(x) > r]
+        steered = [_rows(d / "eval_steered.json") for d in dirs]
+        healed = [_rows(d / "eval_healed.json") for d, i in zip(dirs, infos) if i["healed"]]
+        row: dict[str, Any] = {
+            "round": r,
+            "n_seeds": len(infos),
+            "coeff": [i["coeff"] for i in infos],
+            "kept_frac": [i["filter"]["kept_frac"] for i in infos],
+            "filter": [i["filter"] for i in infos],
+            "cos_v0": [i["cos_v0"] for i in infos],
+            "heal": [i["heal"] for i in infos if i["heal"]],
+            "time_s": [i["time_s"] for i in infos],
+            "stop": [i.get("stop") for i in infos],
+            "steered": compare(base, steered, target, direction),
+            "healed": compare(base, healed, target, direction) if healed else None,
+            "gen_steered": [i.get("gen_steered") for i in infos],
+            "gen_healed": [i.get("gen_healed") for i in infos],
+        }
+        if healed:
+            # Q1: does healing restore coherence compared with raw steering (paired, same vignettes)?
+            row["heal_vs_steer_pmass"] = difference(base, healed, steered, target, direction, "pmass_ratio")
+            row["heal_vs_prompt"] = difference(base, healed, prompts, target, direction, "selectivity")
+            if prev_healed:  # Q3: did this round move the target further than the last one?
+                row["step_vs_prev"] = difference(base, healed, prev_healed, target, direction, "target_shift")
+            prev_healed = healed
+        out["rounds"].append(row)
+    out["gen_base"] = [_gen(r, "base") for r in run_dirs]
+    out["gen_prompt"] = [_gen(r, "prompt") for r in run_dirs]
+    return out
+
+
+def _json_seed(run_dir: Path) -> int:
+    return int(yaml.safe_load((run_dir / "config.yaml").read_text())["config"]["seed"])
+
+
+def _gen(run_dir: Path, name: str) -> dict | None:
+    p = run_dir / "baselines" / f"gen_{name}.json"
+    return _json(p) if p.is_file() else None
+
+
+# ---------------------------------------------------------------- formatting
 
 
 def _f(x: float | None, nd: int = 3, sign: bool = False) -> str:
@@ -17,100 +103,167 @@ def _f(x: float | None, nd: int = 3, sign: bool = False) -> str:
     return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
 
 
-def off_target(nats: dict[str, float], base: dict[str, float], target: str) -> float:
-    """Mean change of the other foundations' nats against base."""
-    d = [nats[f] - base[f] for f in nats if f != target]
-    return sum(d) / len(d)
+def _ci(m: dict | None, name: str, nd: int = 2, sign: bool = True) -> str:
+    """'value [lo, hi]' for measure `name` of a compare() result."""
+    if not m:
+        return "–"
+    lo, hi = m[f"{name}_ci"]
+    return f"{_f(m[name], nd, sign)} [{_f(lo, nd, sign)}, {_f(hi, nd, sign)}]"
 
 
-def _nats(report: dict) -> dict[str, float]:
-    return {f: v["nats"] for f, v in report["foundations"].items()}
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _demo_table(rows: list[tuple[str, list]]) -> str:
-    out = []
-    for label, recs in rows:
-        for r in recs:
-            text = r.completion.replace("\n", " ").replace("|", "\\|")
-            user = r.messages[-1]["content"].replace("|", "\\|")
-            out.append(f"| {label} | {user[:70]} | {text[:220]} |")
-    return "| model | prompt | completion |\n|---|---|---|\n" + "\n".join(out)
+def _gen_cell(gens: list[dict | None], key: str, nd: int = 2) -> str:
+    vals = [g[key] for g in gens if g]
+    return _f(_mean(vals), nd) if vals else "–"
 
 
-def write_report(root: str | Path, stop_reason: str, peak_rss_gb: float | None = None) -> Path:
+def write_report(
+    root: str | Path, stop_reason: str, run_dirs: list[Path] | None = None, peak_rss_gb: float | None = None
+) -> Path:
     root = Path(root)
-    conf = yaml.safe_load((root / "config.yaml").read_text())
-    cfg = conf["config"]
-    base = json.loads((root / "baselines" / "base.json").read_text())
-    prompt = json.loads((root / "baselines" / "prompt.json").read_text())
-    rounds = [json.loads(x) for x in (root / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    target = rounds[0]["target"] if rounds else "authority"
-    direction = rounds[0]["direction"] if rounds else -1
-    tn = lambda rep: rep["foundations"][target]["nats"]  # noqa: E731
-    b_t, p_t = tn(base), tn(prompt)
-    arrow = "down" if direction < 0 else "up"
-
-    L = [f"# steerheal run: {conf['persona']}", ""]
+    c = collect(run_dirs or [root])
+    t, base = c["target"], c["base"]
+    arrow = "down" if c["direction"] < 0 else "up"
+    cfg = c["config"]
+    L = [f"# steerheal run: {c['persona']}", ""]
     L += [
-        f"Model `{cfg.get('model') or 'bundled SmolLM2-135M-Instruct'}`; target foundation **{target}** "
-        f"(the persona should move its nats {arrow}); vignettes: {base['settings']['source']} "
-        f"({base['n']} rows, condition {base['settings']['condition']}, think {base['settings']['think_tokens']}). "
-        f"Stopped: {stop_reason}.",
+        f"Model `{cfg.get('model') or 'bundled SmolLM2-135M-Instruct'}`; target foundation **{t}** (the persona should "
+        f"move its nats {arrow}); vignettes: {base['settings']['source']} ({base['n']} rows, condition "
+        f"{base['settings']['condition']}, think {base['settings']['think_tokens']}); seeds "
+        f"{', '.join(map(str, c['seeds']))}. Stopped: {stop_reason}.",
         "",
     ]
-    steps = json.loads((root / "manifest.json").read_text())["steps"]
-    total = sum(v.get("time_s", 0.0) for v in steps.values())
+    if peak_rss_gb:
+        L += [f"Peak RSS of the last process: {peak_rss_gb:.2f} GB.", ""]
     L += [
-        f"Wall time of all steps: {total / 60:.1f} min"
-        + (f"; peak RSS of the last process: {peak_rss_gb:.2f} GB." if peak_rss_gb else "."),
+        "Every interval is a 95% paired bootstrap over vignettes (stratified by foundation) and, with several "
+        "seeds, over seeds too. **shift** = the persona-signed change of the target's nats against base (positive = "
+        "the persona's way). **selectivity** = (shift − 0.1 × mean |Δ| of the other six foundations) × "
+        "min(1, pmass / base pmass)². **pmass ratio** = coherence on the forced choice relative to base. "
+        "**gen ppl / pass / distinct-2 / KL** = generation coherence on neutral prompts: perplexity under the base "
+        "model, the filter's pass rate, distinct word bigrams, mean per-token KL(model ‖ base).",
         "",
     ]
     L += [
         "## Baselines",
         "",
-        "| model | target nats | Δ vs base | off-target mean Δ | coherence (pmass) | top-1 acc |",
-        "|---|---|---|---|---|---|",
+        f"base: {t} nats {_f(base['foundations'][t]['nats'])} [{', '.join(_f(x) for x in base['foundations'][t].get('nats_ci', [math.nan] * 2))}], "
+        f"pmass {_f(base['pmass'])} [{', '.join(_f(x) for x in base.get('pmass_ci', [math.nan] * 2))}], "
+        f"top-1 {_f(base['accuracy'], 2)} [{', '.join(_f(x, 2) for x in base.get('accuracy_ci', [math.nan] * 2))}].",
+        "",
     ]
-    for name, rep in (("base", base), ("prompting (persona as system prompt)", prompt)):
-        L.append(
-            f"| {name} | {_f(tn(rep))} | {_f(tn(rep) - b_t, sign=True)} | "
-            f"{_f(off_target(_nats(rep), _nats(base), target), sign=True)} | {_f(rep['pmass'])} | {_f(rep['accuracy'], 2)} |"
-        )
+    L += [
+        "| model | shift | selectivity | pmass ratio | gen ppl | gen pass | distinct-2 | KL to base |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    L.append(
+        f"| base | – | – | 1.00 | {_gen_cell(c['gen_base'], 'ppl', 1)} | {_gen_cell(c['gen_base'], 'pass_rate')} | "
+        f"{_gen_cell(c['gen_base'], 'distinct2')} | {_gen_cell(c['gen_base'], 'kl_to_base', 3)} |"
+    )
+    p = c["prompt"]
+    L.append(
+        f"| prompting (persona as system prompt) | {_ci(p, 'target_shift')} | {_ci(p, 'selectivity')} | "
+        f"{_ci(p, 'pmass_ratio', sign=False)} | {_gen_cell(c['gen_prompt'], 'ppl', 1)} | "
+        f"{_gen_cell(c['gen_prompt'], 'pass_rate')} | {_gen_cell(c['gen_prompt'], 'distinct2')} | "
+        f"{_gen_cell(c['gen_prompt'], 'kl_to_base', 3)} |"
+    )
     L += [
         "",
         "## Rounds",
         "",
-        "| round | dose | kept | steered target nats (Δ) | healed target nats (Δ) | healed off-target mean Δ | "
-        "coherence steered → healed | cos(v_r, v_0) | heal val NLL (start → end) | heal val D mean / rmse | "
-        "time: vector / dose / gen / filter / evals / heal (s) |",
+        "| round | model | dose | kept | shift | selectivity | pmass ratio | gen ppl | gen pass | distinct-2 | KL to base |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rounds:
-        s, h, hi, t = r["steered"], r["healed"], r["heal"], r["time_s"]
-        evals = t["eval_steered"] + t["eval_healed"] + t["demo_steered"] + t["demo_healed"]
-        L.append(
-            f"| {r['round']} | {r['coeff']:.3g} | {r['filter']['kept']}/{r['filter']['rows']} ({r['filter']['kept_frac']:.0%}) | "
-            f"{_f(s['target_nats'])} ({_f(s['target_nats'] - b_t, sign=True)}) | "
-            + (
-                f"{_f(h['target_nats'])} ({_f(h['target_nats'] - b_t, sign=True)}) | "
-                f"{_f(off_target(h['nats'], _nats(base), target), sign=True)} | "
-                f"{_f(s['pmass'])} → {_f(h['pmass'])} | "
-                if h
-                else f"– | – | {_f(s['pmass'])} → – | "
+    for r in c["rounds"]:
+        kept = f"{_mean(r['kept_frac']):.0%}"
+        for kind in ("steered", "healed"):
+            m, g = r[kind], r[f"gen_{kind}"]
+            if m is None:
+                continue
+            L.append(
+                f"| {r['round']} | {kind} | {_f(_mean(r['coeff']), 2, False)} | {kept} | {_ci(m, 'target_shift')} | "
+                f"{_ci(m, 'selectivity')} | {_ci(m, 'pmass_ratio', sign=False)} | {_gen_cell(g, 'ppl', 1)} | "
+                f"{_gen_cell(g, 'pass_rate')} | {_gen_cell(g, 'distinct2')} | {_gen_cell(g, 'kl_to_base', 3)} |"
             )
-            + f"{_f(r['cos_v0'])} | "
-            + (
-                f"{_f(hi['val_nll_start'])} → {_f(hi['val_nll'])} | {_f(hi['val_D_mean'])} / {_f(hi['val_D_rmse'])} | "
-                if hi
-                else "– | – | "
-            )
-            + f"{t['vector']:.0f} / {t['dose']:.0f} / {t['generate']:.0f} / {t['filter']:.0f} / {evals:.0f} / {t['heal']:.0f} |"
+    L += ["", "![trajectory](trajectory.png)", "", "![profile](profile.png)", "", "## Answers", ""]
+    L += answers(c)
+    if len(c["seeds"]) == 1:
+        L += _filter_section(root, c) + _demo_section(root, c)
+    L += ["", "## Settings", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
+    out = root / "report.md"
+    write_text(out, "\n".join(L) + "\n")
+    return out
+
+
+def answers(c: dict[str, Any]) -> list[str]:
+    """Q0-Q3 and 'beats prompting?', each read off its interval."""
+    rounds = c["rounds"]
+    if not rounds:
+        return ["- No round finished."]
+    t = c["target"]
+    r0 = rounds[0]["filter"][0]
+    kept = ", ".join(f"{_mean(r['kept_frac']):.0%}" for r in rounds)
+    why = ", ".join(f"{k} {v}" for k, v in r0["reasons"].items()) or "none"
+    q0 = (
+        f"**Q0 can we filter?** kept {kept} per round at the chosen dose; round 0 dropped "
+        f"{r0['rows'] - r0['kept']} rows ({why}), median perplexity dropped "
+        f"{_f(r0['median_ppl_dropped'], 1)} vs kept {_f(r0['median_ppl_kept'], 1)}."
+    )
+    healed = [r for r in rounds if r["healed"]]
+    if not healed:
+        return [f"- {q0}", "- No round was healed."]
+    q1_parts = [
+        f"r{r['round']}: pmass ratio steered {_ci(r['steered'], 'pmass_ratio', sign=False)} → healed "
+        f"{_ci(r['healed'], 'pmass_ratio', sign=False)}, difference {verdict(r['heal_vs_steer_pmass']['difference_ci'])}; "
+        f"shift steered {_ci(r['steered'], 'target_shift')} vs healed {_ci(r['healed'], 'target_shift')}"
+        for r in healed
+    ]
+    q1_yes = sum(verdict(r["heal_vs_steer_pmass"]["difference_ci"]) == "yes" for r in healed)
+    q1 = (
+        f"**Q1 can we heal?** healing raised coherence over raw steering (CI above 0) in {q1_yes}/{len(healed)} rounds. "
+        + "; ".join(q1_parts)
+        + "."
+    )
+    last = healed[-1]["healed"]
+    lo, hi = last["pmass_ratio_ci"]
+    held = "yes" if lo >= COHERENCE_HELD else ("no" if hi < COHERENCE_HELD else "unclear")
+    q2 = (
+        f"**Q2 coherent over the loop?** {held}: healed pmass ratio per round "
+        f"{', '.join(_ci(r['healed'], 'pmass_ratio', sign=False) for r in healed)} (held = CI at or above {COHERENCE_HELD})."
+    )
+    steps = [r["step_vs_prev"] for r in healed if "step_vs_prev" in r]
+    moved = verdict(healed[0]["healed"]["target_shift_ci"])
+    step_txt = (
+        ", ".join(
+            f"{_f(s['difference'], 2, True)} [{_f(s['difference_ci'][0], 2, True)}, {_f(s['difference_ci'][1], 2, True)}] "
+            f"({s['verdict']})"
+            for s in steps
         )
-    L += ["", "![trajectory](trajectory.png)", "", "## Answers", ""]
-    L += _answers(rounds, base, prompt, b_t, p_t, direction, target)
-    L += ["", "## Filter: what was dropped", ""]
-    for r in rounds:
-        fs = r["filter"]
+        or "only one round"
+    )
+    q3 = (
+        f"**Q3 one direction?** round 0 moved {t} the persona's way: {moved} ({_ci(healed[0]['healed'], 'target_shift')}); "
+        f"each later round's extra shift: {step_txt}; cos(v_r, v_0) "
+        f"{', '.join(_f(_mean(r['cos_v0']), 2) for r in rounds)}."
+    )
+    d = healed[-1]["heal_vs_prompt"]
+    lo, hi = d["difference_ci"]
+    q4 = (
+        f"**Beats prompting?** {d['verdict']}: selectivity of the last healed round minus the prompting baseline's = "
+        f"{_f(d['difference'], 2, True)} [{_f(lo, 2, True)}, {_f(hi, 2, True)}] (the coherence gate inside selectivity "
+        f"compares them at matched coherence). Healed: {_ci(last, 'selectivity')}; prompting: {_ci(c['prompt'], 'selectivity')}."
+    )
+    return [f"- {q}" for q in (q0, q1, q2, q3, q4)]
+
+
+def _filter_section(root: Path, c: dict[str, Any]) -> list[str]:
+    L = ["", "## Filter: what was dropped", ""]
+    for r in c["rounds"]:
+        fs = r["filter"][0]
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(fs["reasons"].items(), key=lambda kv: -kv[1])) or "none"
         L.append(
             f"- round {r['round']}: kept {fs['kept']}/{fs['rows']}; dropped for {reasons}; median perplexity "
@@ -120,82 +273,31 @@ def write_report(root: str | Path, stop_reason: str, peak_rss_gb: float | None =
         rej = root / f"round_{r['round']:02d}" / "rejected.jsonl"
         for x in read_records(rej)[:2] if rej.is_file() else []:
             L.append(f"  - dropped ({', '.join(x.drop_reasons)}): “{x.completion[:160].replace(chr(10), ' ')}”")
-    L += ["", "## Demo generations (greedy, the same prompts every round)", ""]
-    demo_rows: list[tuple[str, list]] = []
+    return L
+
+
+def _demo_section(root: Path, c: dict[str, Any]) -> list[str]:
+    rows: list[tuple[str, list]] = []
     b = read_records(root / "baselines" / "demo.jsonl")
-    demo_rows.append(("base", [x for x in b if x.id.startswith("base")]))
-    demo_rows.append(("prompting", [x for x in b if x.id.startswith("prompt")]))
-    for r in rounds:
-        d = root / f"round_{r['round']:02d}"
+    rows += [
+        ("base", [x for x in b if x.id.startswith("base")]),
+        ("prompting", [x for x in b if x.id.startswith("prompt")]),
+    ]
+    for r in c["rounds"]:
         for kind in ("steered", "healed"):
-            p = d / f"demo_{kind}.jsonl"
+            p = root / f"round_{r['round']:02d}" / f"demo_{kind}.jsonl"
             if p.is_file():
-                demo_rows.append((f"r{r['round']} {kind}", read_records(p)))
-    L.append(_demo_table(demo_rows))
-    L += ["", "## Settings", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
-    out = root / "report.md"
-    write_text(out, "\n".join(L) + "\n")
+                rows.append((f"r{r['round']} {kind}", read_records(p)))
+    out = [
+        "",
+        "## Demo generations (greedy, the same prompts every round)",
+        "",
+        "| model | prompt | completion |",
+        "|---|---|---|",
+    ]
+    for label, recs in rows:
+        for x in recs:
+            text = x.completion.replace("\n", " ").replace("|", "\\|")
+            user = x.messages[-1]["content"].replace("|", "\\|")
+            out.append(f"| {label} | {user[:70]} | {text[:220]} |")
     return out
-
-
-def _answers(
-    rounds: list[dict], base: dict, prompt: dict, b_t: float, p_t: float, direction: int, target: str
-) -> list[str]:
-    if not rounds:
-        return ["No round finished."]
-    healed = [r for r in rounds if r["healed"]]
-    fracs = [r["filter"]["kept_frac"] for r in rounds]
-    r0 = rounds[0]["filter"]
-    q0 = (
-        f"**Q0 can we filter?** kept {', '.join(f'{x:.0%}' for x in fracs)} per round at the chosen dose; dropped rows had "
-        f"median perplexity {_f(r0['median_ppl_dropped'], 1)} vs {_f(r0['median_ppl_kept'], 1)} kept and median repetition "
-        f"{_f(r0['median_rep_dropped'], 2)} vs {_f(r0['median_rep_kept'], 2)} (round 0)."
-    )
-    if healed:
-        pairs = [
-            (
-                r["steered"]["pmass"],
-                r["healed"]["pmass"],
-                r["steered"]["target_nats"] - b_t,
-                r["healed"]["target_nats"] - b_t,
-            )
-            for r in healed
-        ]
-        better = sum(1 for s, h, *_ in pairs if h > s)
-        q1 = (
-            f"**Q1 can we heal?** healed coherence beat raw steering in {better}/{len(pairs)} rounds: "
-            + "; ".join(
-                f"r{r['round']} pmass {s:.3f} → {h:.3f} at Δ{target} steered {ds:+.3f} vs healed {dh:+.3f}"
-                for r, (s, h, ds, dh) in zip(healed, pairs)
-            )
-            + "."
-        )
-        pm = [r["healed"]["pmass"] for r in healed]
-        q2 = (
-            f"**Q2 coherent over the loop?** healed pmass per round {', '.join(f'{x:.3f}' for x in pm)} vs base "
-            f"{base['pmass']:.3f} (min ratio {min(pm) / base['pmass']:.3f})."
-        )
-        tr = [r["healed"]["target_nats"] for r in healed]
-        steps = [b - a for a, b in zip([b_t] + tr, tr)]
-        along = sum(1 for s in steps if s * direction > 0)
-        q3 = (
-            f"**Q3 one direction?** healed {target} nats {_f(b_t)} (base) → {' → '.join(_f(x) for x in tr)}; "
-            f"{along}/{len(steps)} steps moved the persona's way ({'down' if direction < 0 else 'up'}); "
-            f"cos(v_r, v_0) {', '.join(_f(r['cos_v0'], 2) for r in rounds)}."
-        )
-        final, prompt_shift = tr[-1] - b_t, p_t - b_t
-        off_h = off_target(healed[-1]["healed"]["nats"], _nats(base), target)
-        off_p = off_target(_nats(prompt), _nats(base), target)
-        further = final * direction > prompt_shift * direction
-        # A bigger shift bought with broken coherence is no win: require 90% of the baseline's pmass.
-        coherent = pm[-1] >= 0.9 * prompt["pmass"]
-        verdict = "yes" if further and coherent else ("not at equal coherence" if further else "no")
-        q4 = (
-            f"**Beats prompting?** {verdict}: after {len(healed)} round(s) the healed model moved {target} "
-            f"by {final:+.3f} nats at pmass {pm[-1]:.3f}; the persona as a system prompt moved it by "
-            f"{prompt_shift:+.3f} at pmass {prompt['pmass']:.3f}. The other foundations' nats moved {off_h:+.3f} "
-            f"on average (healed) vs {off_p:+.3f} (prompting)."
-        )
-    else:
-        q1 = q2 = q3 = q4 = "No round was healed."
-    return [f"- {q}" for q in (q0, q1, q2, q3, q4)]

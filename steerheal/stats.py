@@ -1,0 +1,251 @@
+"""Uncertainty for every eval figure: paired, stratified bootstrap over vignettes, and over seeds.
+
+The unit of resampling is the vignette (stratified by its labelled foundation, so each
+foundation keeps its count), and a difference between two models always resamples the SAME
+vignettes for both (paired). With several seeds, each bootstrap draw first resamples the seeds,
+then the vignettes (a two-level bootstrap), so the interval carries both sources of noise.
+
+Selectivity (the headline; after moralmaps): on-target shift, minus 0.1 × the mean absolute
+shift of the other six foundations, times the coherence gate min(1, pmass / base pmass)². The
+on-target shift is signed by the persona's direction, so positive = moved the way the persona
+asks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import SteerhealError
+from .config import FOUNDATIONS
+
+OFF_TARGET_WEIGHT = 0.1
+N_BOOT = 2000
+LEVEL = 0.95
+
+
+@dataclass
+class EvalRows:
+    """One eval's per-vignette numbers: log p over the seven options, pmass, the labelled foundation."""
+
+    ids: list[str]
+    logp: np.ndarray  # [N, 7]
+    pmass: np.ndarray  # [N]
+    label: np.ndarray  # [N] index into FOUNDATIONS
+
+    @classmethod
+    def from_report(cls, report: dict[str, Any]) -> EvalRows:
+        rows = report.get("rows")
+        if not rows:
+            raise SteerhealError("an eval report without per-vignette rows cannot carry a CI; rerun the eval")
+        logp = np.array([[r["logp"][f] for f in FOUNDATIONS] for r in rows], dtype=np.float64)
+        return cls(
+            [f"{r.get('condition', '')}/{r['id']}" for r in rows],
+            logp,
+            np.array([r["pmass"] for r in rows], dtype=np.float64),
+            np.array([FOUNDATIONS.index(r["foundation"]) for r in rows]),
+        )
+
+
+def ci(draws: np.ndarray, level: float = LEVEL) -> list[float]:
+    """Percentile interval of bootstrap draws along axis 0."""
+    a = (1 - level) / 2
+    lo, hi = np.quantile(draws, [a, 1 - a], axis=0)
+    return [float(lo), float(hi)]
+
+
+def verdict(interval: Sequence[float]) -> str:
+    """'yes' if the interval lies above 0, 'no' if below, 'unclear' if it holds 0."""
+    lo, hi = interval
+    return "yes" if lo > 0 else ("no" if hi < 0 else "unclear")
+
+
+def _stratified_draws(label: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_boot, N] row indices: each row of the draw resamples every foundation's vignettes within it."""
+    cols = []
+    for k in range(len(FOUNDATIONS)):
+        members = np.flatnonzero(label == k)
+        if len(members):
+            cols.append(members[rng.integers(0, len(members), size=(n_boot, len(members)))])
+    return np.concatenate(cols, axis=1)
+
+
+def _nats(logp: np.ndarray, label: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """[B, 7] diagonal nats (mean log p[f] over rows labelled f) for each draw of row indices [B, N]."""
+    lab = label[idx]  # [B, N]
+    out = np.full((idx.shape[0], len(FOUNDATIONS)), np.nan)
+    for k in range(len(FOUNDATIONS)):
+        m = lab == k
+        n = m.sum(1)
+        if n.all():
+            out[:, k] = np.where(m, logp[idx, k], 0.0).sum(1) / n
+    return out
+
+
+def _measures(base: EvalRows, model: EvalRows, idx: np.ndarray, target: int, direction: int) -> dict[str, np.ndarray]:
+    """Every paired measure of `model` against `base` for draws idx [B, N] (the identity draw gives the point)."""
+    d_nats = _nats(model.logp, model.label, idx) - _nats(base.logp, base.label, idx)  # [B, 7]
+    on = direction * d_nats[:, target]
+    others = [k for k in range(len(FOUNDATIONS)) if k != target]
+    off = np.nanmean(np.abs(d_nats[:, others]), axis=1)
+    pm_b, pm_m = base.pmass[idx].mean(1), model.pmass[idx].mean(1)
+    coh = np.minimum(1.0, pm_m / pm_b)
+    return {
+        "shift": d_nats,
+        "target_shift": on,
+        "off_target": off,
+        "pmass": pm_m,
+        "pmass_ratio": pm_m / pm_b,
+        "coherence_gate": coh**2,
+        "selectivity": (on - OFF_TARGET_WEIGHT * off) * coh**2,
+    }
+
+
+def compare(
+    base: EvalRows, models: Sequence[EvalRows], target: str, direction: int, n_boot: int = N_BOOT, seed: int = 0
+) -> dict[str, Any]:
+    """Paired measures of a model (one EvalRows per seed) against base, each with a 95% CI.
+
+    Point values are means over seeds on all vignettes; intervals come from the two-level
+    bootstrap (seeds, then vignettes within each foundation). With more than one seed,
+    `<name>_seed_ci` is the t-interval over the per-seed point values, and `per_seed` lists them.
+    """
+    if not models:
+        raise SteerhealError("nothing to compare: no model evals")
+    for m in models:
+        if m.ids != base.ids:
+            raise SteerhealError(
+                "the evals were not run on the same vignettes in the same order; "
+                "rerun them with the same --vignettes, --condition and --limit"
+            )
+    t = FOUNDATIONS.index(target)
+    rng = np.random.default_rng(seed)
+    ident = np.arange(len(base.ids))[None, :]
+    draws = _stratified_draws(base.label, n_boot, rng)
+    seed_draws = rng.integers(0, len(models), size=(n_boot, len(models)))
+    per_model_point = [_measures(base, m, ident, t, direction) for m in models]
+    per_model_boot = [_measures(base, m, draws, t, direction) for m in models]
+    out: dict[str, Any] = {
+        "n_seeds": len(models),
+        "n_vignettes": len(base.ids),
+        "target": target,
+        "direction": direction,
+    }
+    for name in per_model_point[0]:
+        point = np.mean([p[name][0] for p in per_model_point], axis=0)
+        boot = np.stack([b[name] for b in per_model_boot])  # [S, B, ...]
+        pooled = boot[seed_draws, np.arange(n_boot)[:, None]].mean(1)  # [B, ...]: resample seeds, then average
+        if name == "shift":
+            out["shift"] = {f: float(point[k]) for k, f in enumerate(FOUNDATIONS)}
+            out["shift_ci"] = {f: ci(pooled[:, k]) for k, f in enumerate(FOUNDATIONS)}
+            continue
+        out[name] = float(point)
+        out[f"{name}_ci"] = ci(pooled)
+        if len(models) > 1:
+            vals = [float(p[name][0]) for p in per_model_point]
+            out[f"{name}_per_seed"] = vals
+            out[f"{name}_seed_ci"] = t_interval(vals)
+    return out
+
+
+def difference(
+    base: EvalRows,
+    a: Sequence[EvalRows],
+    b: Sequence[EvalRows],
+    target: str,
+    direction: int,
+    measure: str = "selectivity",
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """measure(a) − measure(b), both against base, on the same vignette draws: 'does a beat b?' with a CI."""
+    t = FOUNDATIONS.index(target)
+    rng = np.random.default_rng(seed)
+    draws = _stratified_draws(base.label, n_boot, rng)
+    ident = np.arange(len(base.ids))[None, :]
+
+    def pooled(models: Sequence[EvalRows]) -> tuple[float, np.ndarray]:
+        pts = [_measures(base, m, ident, t, direction)[measure][0] for m in models]
+        boot = np.stack([_measures(base, m, draws, t, direction)[measure] for m in models])  # [S, B]
+        pick = rng.integers(0, len(models), size=(n_boot, len(models)))
+        return float(np.mean(pts)), boot[pick, np.arange(n_boot)[:, None]].mean(1)
+
+    pa, ba = pooled(a)
+    pb, bb = pooled(b)
+    interval = ci(ba - bb)
+    return {"measure": measure, "difference": pa - pb, "difference_ci": interval, "verdict": verdict(interval)}
+
+
+def bootstrap_mean_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int = 0) -> list[float]:
+    """95% percentile interval of the mean of independent values."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    return ci(x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1))
+
+
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (beyond that, the normal's 1.96).
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
+
+
+def t_interval(values: Sequence[float]) -> list[float]:
+    """95% t-interval of the mean of a few independent values (seeds); nan with fewer than two."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return [float("nan"), float("nan")]
+    half = (_T975[len(x) - 2] if len(x) - 1 <= len(_T975) else 1.96) * x.std(ddof=1) / math.sqrt(len(x))
+    return [float(x.mean() - half), float(x.mean() + half)]
+
+
+def report_cis(report: dict[str, Any], n_boot: int = N_BOOT, seed: int = 0) -> None:
+    """Add `<name>_ci` beside each figure of one eval report, in place (bootstrap over its vignettes)."""
+    rows = EvalRows.from_report(report)
+    rng = np.random.default_rng(seed)
+    draws = _stratified_draws(rows.label, n_boot, rng)
+    nats = _nats(rows.logp, rows.label, draws)
+    p = np.exp(rows.logp)
+    for k, f in enumerate(FOUNDATIONS):
+        entry = report["foundations"][f]
+        if entry["n"]:
+            entry["nats_ci"] = ci(nats[:, k])
+        entry["profile_ci"] = ci(p[draws, k].mean(1))
+    report["pmass_ci"] = ci(rows.pmass[draws].mean(1))
+    modal = np.array([FOUNDATIONS.index(r["modal"]) for r in report["rows"]])
+    correct = (rows.logp.argmax(1) == modal).astype(np.float64)
+    report["accuracy_ci"] = ci(correct[draws].mean(1))

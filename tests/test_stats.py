@@ -1,0 +1,109 @@
+"""stats.py: the bootstrap on known distributions, pairing, seeds, and the selectivity formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from steerheal import SteerhealError
+from steerheal.config import FOUNDATIONS
+from steerheal.stats import EvalRows, bootstrap_mean_ci, compare, difference, t_interval, verdict
+
+
+def rows(logp: np.ndarray, pmass: np.ndarray, label: np.ndarray) -> EvalRows:
+    return EvalRows([str(i) for i in range(len(label))], logp, pmass, label)
+
+
+def uniform(n_per: int = 10, pmass: float = 0.2) -> EvalRows:
+    label = np.repeat(np.arange(7), n_per)
+    return rows(np.full((len(label), 7), math.log(1 / 7)), np.full(len(label), pmass), label)
+
+
+def test_bootstrap_ci_of_a_normal_mean_has_the_textbook_width():
+    x = np.random.default_rng(1).normal(0, 1, 400)
+    lo, hi = bootstrap_mean_ci(x)
+    assert (hi - lo) / 2 == pytest.approx(1.96 / math.sqrt(400), rel=0.15)
+    assert lo < x.mean() < hi
+
+
+def test_bootstrap_ci_covers_the_true_mean_about_95_percent_of_the_time():
+    rng = np.random.default_rng(2)
+    hits = sum(
+        lo <= 1.0 <= hi
+        for lo, hi in (bootstrap_mean_ci(rng.exponential(1.0, 60), n_boot=400, seed=k) for k in range(200))
+    )
+    assert 0.86 <= hits / 200 <= 0.99  # percentile intervals under-cover a little on skewed data
+
+
+def test_t_interval_known_values():
+    lo, hi = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2) = 4.303
+    assert lo == pytest.approx(2 - 4.303 / math.sqrt(3), rel=1e-4) and hi == pytest.approx(2 + 4.303 / math.sqrt(3))
+    assert all(math.isnan(v) for v in t_interval([1.0]))
+
+
+def test_verdict_reads_the_interval():
+    assert (verdict([0.1, 0.5]), verdict([-0.5, -0.1]), verdict([-0.1, 0.2])) == ("yes", "no", "unclear")
+
+
+def test_a_model_against_itself_moves_nothing_with_a_zero_width_ci():
+    base = uniform()
+    out = compare(base, [base], "authority", -1)
+    assert out["target_shift"] == 0 and out["target_shift_ci"] == [0.0, 0.0] and out["selectivity"] == 0
+
+
+def test_selectivity_formula_by_hand():
+    base = uniform(pmass=0.2)
+    logp = base.logp.copy()
+    a, c = FOUNDATIONS.index("authority"), FOUNDATIONS.index("care")
+    logp[base.label == a, a] -= 1.0  # authority down 1 nat (the persona's way for direction -1)
+    logp[base.label == c, c] -= 0.6  # care down 0.6: off-target movement
+    model = rows(logp, np.full(len(base.label), 0.1), base.label)  # half the base coherence
+    out = compare(base, [model], "authority", -1)
+    off = 0.6 / 6
+    assert out["target_shift"] == pytest.approx(1.0)
+    assert out["off_target"] == pytest.approx(off)
+    assert out["coherence_gate"] == pytest.approx(0.25)
+    assert out["selectivity"] == pytest.approx((1.0 - 0.1 * off) * 0.25)
+    assert out["shift"]["care"] == pytest.approx(-0.6)
+    lo, hi = out["target_shift_ci"]
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)  # every vignette moved by exactly 1
+
+
+def test_paired_interval_is_narrower_than_the_spread_between_vignettes():
+    rng = np.random.default_rng(3)
+    base = uniform(n_per=20)
+    base.logp = base.logp + rng.normal(0, 1.0, base.logp.shape)  # vignettes differ a lot
+    model = rows(base.logp - 0.2 + rng.normal(0, 0.05, base.logp.shape), base.pmass, base.label)
+    out = compare(base, [model], "authority", -1)
+    lo, hi = out["target_shift_ci"]
+    assert lo > 0.1 and hi < 0.3  # pairing removes the vignette-to-vignette spread
+
+
+def test_seeds_pool_and_get_their_own_interval():
+    base = uniform()
+    models = []
+    for shift in (0.5, 1.0, 1.5):
+        logp = base.logp.copy()
+        logp[:, FOUNDATIONS.index("authority")] -= shift
+        models.append(rows(logp, base.pmass, base.label))
+    out = compare(base, models, "authority", -1)
+    assert out["target_shift"] == pytest.approx(1.0)
+    assert out["target_shift_per_seed"] == pytest.approx([0.5, 1.0, 1.5])
+    lo, hi = out["target_shift_seed_ci"]
+    assert lo == pytest.approx(1 - 4.303 * 0.5 / math.sqrt(3), rel=1e-3)
+    blo, bhi = out["target_shift_ci"]  # seed resampling alone spreads the pooled value over [0.5, 1.5]
+    assert 0.5 - 1e-9 <= blo < 0.9 and 1.1 < bhi <= 1.5 + 1e-9
+
+
+def test_difference_between_arms_and_mismatched_vignettes():
+    base = uniform()
+    strong, weak = (
+        rows(base.logp - np.eye(7)[FOUNDATIONS.index("authority")] * s, base.pmass, base.label) for s in (1.0, 0.2)
+    )
+    d = difference(base, [strong], [weak], "authority", -1)
+    assert d["difference"] == pytest.approx(0.8) and d["verdict"] == "yes"
+    other = rows(base.logp[:-1], base.pmass[:-1], base.label[:-1])
+    with pytest.raises(SteerhealError, match="same vignettes"):
+        compare(base, [other], "authority", -1)
