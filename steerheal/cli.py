@@ -436,6 +436,9 @@ def eval_(
     think_tokens: Annotated[
         int, typer.Option(help="Let the model write K tokens before it must answer; 0 = answer at once.")
     ] = _E.think_tokens,
+    protocol: Annotated[
+        str, typer.Option(help="kshot (seven worked examples of our own first) or zero-shot (tinymfv's protocol).")
+    ] = _E.protocol,
     limit: Annotated[
         Optional[int], typer.Option(help="A balanced sample of N vignettes (round-robin over foundations).")
     ] = _E.limit,
@@ -458,7 +461,12 @@ def eval_(
     from .vignettes import load_vignettes
 
     cfg = EvalConfig(
-        vignettes=vignettes, condition=condition, limit=limit, think_tokens=think_tokens, batch_size=batch_size
+        vignettes=vignettes,
+        condition=condition,
+        limit=limit,
+        think_tokens=think_tokens,
+        batch_size=batch_size,
+        protocol=protocol,
     )
     cfg.check()
     vigs = load_vignettes(vignettes, condition, limit, seed)

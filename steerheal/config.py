@@ -27,6 +27,7 @@ AGGS = ("rmse", "mean", "p95", "max")
 REFS = ("prev", "base")
 DOSES = ("keep", "kl", "fixed")
 CONDITIONS = ("other_violate", "self_violate", "both")
+PROTOCOLS = ("kshot", "zero-shot")
 
 
 @dataclass
@@ -117,9 +118,11 @@ class EvalConfig:
     limit: int | None = None  # a balanced sample of N vignettes
     think_tokens: int = 0
     batch_size: int = 16
+    protocol: str = "kshot"  # kshot: seven worked examples first (our own); zero-shot: tinymfv's published protocol
 
     def check(self) -> None:
         _choice("eval.condition", self.condition, CONDITIONS)
+        _choice("eval.protocol", self.protocol, PROTOCOLS)
         if self.think_tokens < 0:
             raise SteerhealError(f"eval.think_tokens (--think-tokens) {self.think_tokens}: must be 0 or more")
         if self.batch_size < 1:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +42,9 @@ QUESTION = "Which moral foundation does the scene below violate? Options:"
 ASK = "Answer with one word:"
 PREFILL = "Answer:"  # the answer word follows a space: " care" etc. are single tokens on SmolLM2
 JUST_ANSWER = "Just answer."
+# Seven worked examples of our own writing (one per foundation; never from an eval set). On the
+# bundled SmolLM2 and classic 132 they raise pmass 0.203 -> 0.507 and top-1 0.242 -> 0.288 (measured).
+KSHOT = Path(__file__).parent / "data" / "kshot_examples.jsonl"
 
 # ---------------------------------------------------------------- prompts and answer tokens
 
@@ -52,10 +57,29 @@ def user_prompt(text: str, order: Sequence[str]) -> str:
     return f"{QUESTION}\n{opts}\n\nScene: {text}\n\n{ASK} {words}."
 
 
+def load_shots(protocol: str) -> tuple[tuple[str, str], ...]:
+    """The worked examples of a protocol as (scene, foundation): none for zero-shot."""
+    if protocol == "zero-shot":
+        return ()
+    rows = [json.loads(x) for x in KSHOT.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return tuple((r["text"], r["foundation"]) for r in rows)
+
+
 def frame_messages(
-    text: str, order: Sequence[str], system: str | None, thought: str | None = None
+    text: str,
+    order: Sequence[str],
+    system: str | None,
+    thought: str | None = None,
+    shots: Sequence[tuple[str, str]] = (),
 ) -> list[dict[str, str]]:
+    """The chat for one vignette in one option order; worked examples first, in that same order
+    (mirroring the order per frame cancels part of the pull towards the last example's answer)."""
     msgs = [{"role": "system", "content": system}] if system else []
+    for ex_text, ex_f in sorted(shots, key=lambda s: list(order).index(s[1])):
+        msgs += [
+            {"role": "user", "content": user_prompt(ex_text, order)},
+            {"role": "assistant", "content": f"{PREFILL} {ex_f}"},
+        ]
     msgs.append({"role": "user", "content": user_prompt(text, order)})
     if thought is not None:  # think path: the model's own start, interrupted, then "Just answer."
         msgs += [{"role": "assistant", "content": thought}, {"role": "user", "content": JUST_ANSWER}]
@@ -191,11 +215,12 @@ def _think(
     vector: Any,
     coeff: float,
     batch_size: int,
+    shots: Sequence[tuple[str, str]],
 ) -> list[str]:
     """Greedy K-token starts of the assistant's answer, one per vignette (steered like the scoring)."""
     from .generate import complete
 
-    chats = [frame_messages(v.text, order, system) for v in vigs]
+    chats = [frame_messages(v.text, order, system, shots=shots) for v in vigs]
     return complete(
         lm,
         chats,
@@ -218,18 +243,19 @@ def _score_frame(
     batch_size: int,
     prefix_cache: bool,
     bar: Callable[..., None],
+    shots: Sequence[tuple[str, str]],
 ) -> tuple[torch.Tensor, bool]:
     """Option log-probs [N, K] (canonical order) for one option order; and whether the prefix cache was used."""
     tok = lm.tokenizer
     prompts = [
-        render_prompt(tok, frame_messages(v.text, order, system, thoughts[i] if thoughts else None)) + PREFILL
+        render_prompt(tok, frame_messages(v.text, order, system, thoughts[i] if thoughts else None, shots)) + PREFILL
         for i, v in enumerate(vignettes)
     ]
     token_ids = answer_token_ids(tok, prompts[0], FOUNDATIONS)
     if prefix_cache and thoughts is None:
         # The rendered prompt up to the scene is the same for every vignette in this frame.
         marker = "\x00SCENE\x00"
-        tmpl = render_prompt(tok, frame_messages(marker, order, system)) + PREFILL
+        tmpl = render_prompt(tok, frame_messages(marker, order, system, shots=shots)) + PREFILL
         head, _, tail = tmpl.partition(marker)
         shared = head.rstrip(" ")  # keep " You see..." as one pre-token
         suffixes = [head[len(shared) :] + v.text + tail for v in vignettes]
@@ -260,18 +286,21 @@ def score_vignettes(
     if vector is not None:
         vector.check_compatible(lm)
     frames = [tuple(FOUNDATIONS), tuple(reversed(FOUNDATIONS))]
+    shots = load_shots(cfg.protocol)
     lps, thoughts_all, cached_used = [], [], []
     with progress("eval", total=len(vignettes) * len(frames)) as bar:
         for order in frames:
             thoughts = (
-                _think(lm, vignettes, order, system, cfg.think_tokens, vector, coeff, cfg.batch_size)
+                _think(lm, vignettes, order, system, cfg.think_tokens, vector, coeff, cfg.batch_size, shots)
                 if cfg.think_tokens > 0
                 else None
             )
             thoughts_all.append(thoughts)
             steer = vector.apply(lm.model, coeff) if vector is not None else contextlib.nullcontext()
             with steer:
-                lp, cached = _score_frame(lm, vignettes, order, system, thoughts, cfg.batch_size, prefix_cache, bar)
+                lp, cached = _score_frame(
+                    lm, vignettes, order, system, thoughts, cfg.batch_size, prefix_cache, bar, shots
+                )
             cached_used.append(cached)
             lps.append(lp)
     p, pmass = combine_frames(lps)
@@ -293,6 +322,8 @@ def score_vignettes(
         "vignettes_sha256": vignettes_sha256(vignettes),
         "label": "human modal (argmax human_*)" if any(v.human for v in vignettes) else "foundation_coarse",
         "protocol": {
+            "name": cfg.protocol,
+            "shots": [list(x) for x in shots],
             "question": QUESTION,
             "glosses": GLOSSES,
             "prefill": PREFILL,

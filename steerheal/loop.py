@@ -11,18 +11,13 @@ Run directory:
 from __future__ import annotations
 
 import dataclasses
-import json
 import resource
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import SteerhealError, __version__
 from .coherence import generation_coherence, neutral_prompts
 from .config import GenerateConfig, RunConfig
 from .dose import choose_dose
@@ -34,12 +29,11 @@ from .heal import heal
 from .models import LoadedModel, load_model, parse_layers
 from .persona import Persona, load_persona
 from .progress import log
-from .records import Record, read_records, write_json, write_records, write_text
+from .records import Record, read_records, write_json, write_records
+from .rundir import Run, check_resume, finished_adapters, write_config, write_metrics
 from .vector import SteeringVector, extract
 from .vignettes import Vignette, load_vignettes
 
-# Keys that may change on resume without invalidating the finished steps.
-RESUMABLE_KEYS = ("rounds",)
 ROUND_STEPS = (
     "vector",
     "dose",
@@ -51,79 +45,6 @@ ROUND_STEPS = (
     "eval_healed",
     "demo_healed",
 )
-
-
-# ---------------------------------------------------------------- run directory and manifest
-
-
-class Run:
-    """The run directory and its manifest of finished steps (written atomically after each)."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.manifest_path = root / "manifest.json"
-        self.manifest = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {"steps": {}}
-
-    def done(self, step: str) -> bool:
-        return step in self.manifest["steps"]
-
-    def mark(self, step: str, seconds: float) -> None:
-        self.manifest["steps"][step] = {"time_s": round(seconds, 2), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json(self.manifest_path, self.manifest)
-
-    def seconds(self, step: str) -> float:
-        return float(self.manifest["steps"].get(step, {}).get("time_s", 0.0))
-
-    def step(self, key: str, fn: Callable[[], None]) -> None:
-        """Run fn unless the step is already finished; fn writes its artifacts atomically."""
-        if self.done(key):
-            return
-        t = time.perf_counter()
-        fn()
-        self.mark(key, time.perf_counter() - t)
-
-    def json(self, rel: str) -> Any:
-        return json.loads((self.root / rel).read_text())
-
-
-def _meta() -> dict:
-    import peft
-    import torch
-    import transformers
-
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "steerheal": __version__,
-        "torch": str(torch.__version__),
-        "transformers": str(transformers.__version__),
-        "peft": str(peft.__version__),
-        "git_commit": commit,
-    }
-
-
-def _check_resume(run: Run, cfg: dict, persona: Persona, force: bool) -> None:
-    path = run.root / "config.yaml"
-    if not path.is_file():
-        return
-    old = yaml.safe_load(path.read_text()) or {}
-    old_cfg = {k: v for k, v in (old.get("config") or {}).items() if k not in RESUMABLE_KEYS}
-    new_cfg = {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}
-    changed = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
-    if old.get("persona_sha256") != persona.sha256:
-        changed.append("persona file")
-    if changed and not force:
-        raise SteerhealError(
-            f"{run.root}: the config changed since this run started ({', '.join(changed)}); "
-            "use a new -o directory, or --force to continue with the new config"
-        )
 
 
 # ---------------------------------------------------------------- the pieces of a round
@@ -369,50 +290,14 @@ def _ignore(_: object) -> None:
     """A step's artifact is on disk; its return value is not needed."""
 
 
-def finished_adapters(run: Run, rounds: int) -> list[str]:
-    """The adapters of the rounds whose heal finished, in order: the current model is base + these."""
-    return [str(run.root / f"round_{r:02d}" / "adapter") for r in range(rounds) if run.done(f"round_{r:02d}/heal")]
-
-
-def write_config(root: Path, cfg: dict, persona: Persona, persona_path: str | Path) -> None:
-    """config.yaml: the resolved config, the persona (path, sha256, target) and the package versions."""
-    write_text(
-        root / "config.yaml",
-        yaml.safe_dump(
-            {
-                "config": cfg,
-                "persona": str(persona_path),
-                "persona_sha256": persona.sha256,
-                "target": persona.target,
-                "direction": persona.direction,
-                "versions": _meta(),
-            },
-            sort_keys=False,
-        ),
-    )
-
-
 def open_loop(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: bool) -> Loop:
     """Check a resume against the saved config, write config.yaml, load the model with the finished rounds' adapters."""
     persona = load_persona(persona_path)
     run = Run(Path(out))
     run.root.mkdir(parents=True, exist_ok=True)
     cfg_dict = cfg.to_dict()
-    _check_resume(run, cfg_dict, persona, force)
-    write_text(
-        run.root / "config.yaml",
-        yaml.safe_dump(
-            {
-                "config": cfg_dict,
-                "persona": str(persona_path),
-                "persona_sha256": persona.sha256,
-                "target": persona.target,
-                "direction": persona.direction,
-                "versions": _meta(),
-            },
-            sort_keys=False,
-        ),
-    )
+    check_resume(run, cfg_dict, persona, force)
+    write_config(run.root, cfg_dict, persona, persona_path)
     # The vignette sample does not depend on the run's seed, so that seeds pair on the same rows.
     vignettes = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
     lm = load_model(
@@ -482,10 +367,3 @@ def finish(loop: Loop, stop_reason: str, t0: float) -> LoopResult:
         model_flag = f" --model {loop.cfg.model}" if loop.cfg.model else ""
         log(f"standalone model: steerheal bake{model_flag} {flags} -o {root / 'baked'}")
     return LoopResult(root, n_done, stop_reason)
-
-
-def write_metrics(root: Path) -> None:
-    rows = [
-        json.loads((d / "round.json").read_text()) for d in sorted(root.glob("round_*")) if (d / "round.json").is_file()
-    ]
-    write_text(root / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

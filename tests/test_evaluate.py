@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ from steerheal.evaluate import (
     summarize,
 )
 from steerheal.vignettes import DEMO, load_vignettes
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "tinymfv"
+REAL_FILES = [SHARED / f"vignettes_classic_{c}.jsonl" for c in ("other_violate", "self_violate")]
 
 
 def evaluate(lm, vigs, batch_size=16, think_tokens=0, **kw):
@@ -211,3 +215,41 @@ def test_smoke_bundled_demo():
     # ~7/49152 of a format-blind model; a broken prompt or token choice would fall below 0.05.
     assert 0.05 < rep["pmass"] <= 1
     assert DEMO.is_file()
+
+
+# ---------------------------------------------------------------- the k-shot protocol
+
+
+def test_kshot_examples_are_our_own_and_follow_the_frame_order():
+    from steerheal.evaluate import load_shots
+
+    shots = load_shots("kshot")
+    assert sorted(f for _, f in shots) == sorted(FOUNDATIONS) and load_shots("zero-shot") == ()
+    for order in (FOUNDATIONS, tuple(reversed(FOUNDATIONS))):
+        msgs = frame_messages("A scene.", order, None, shots=shots)
+        answers = [m["content"].split()[-1] for m in msgs if m["role"] == "assistant"]
+        assert answers == list(order)  # examples shown in the frame's own option order
+        assert msgs[-1]["role"] == "user" and "A scene." in msgs[-1]["content"]
+    # no eval vignette text inside the examples: not the demo set, not tinymfv's classic files
+    from steerheal.vignettes import load_vignettes as lv
+
+    sets = [lv(None)] + [lv(str(p)) for p in REAL_FILES if p.is_file()]
+    # any run of 7 words shared with a vignette would mean copying ("you see a woman eating" is not)
+    words = lambda t: {" ".join(t.lower().split()[i : i + 7]) for i in range(len(t.split()) - 6)}  # noqa: E731
+    for text, _ in shots:
+        for vigs in sets:
+            for v in vigs:
+                assert not (words(text) & words(v.text)), (text, v.id)
+
+
+def test_kshot_scores_differ_from_zero_shot_and_prefix_cache_still_holds(tiny):
+    vigs = load_vignettes(None, limit=7)
+    cfg = EvalConfig(batch_size=4)
+    a = score_vignettes(tiny, vigs, cfg, prefix_cache=True)
+    b = score_vignettes(tiny, vigs, cfg, prefix_cache=False)
+    z = score_vignettes(tiny, vigs, EvalConfig(batch_size=4, protocol="zero-shot"))
+    assert a["settings"]["protocol"]["name"] == "kshot" and len(a["settings"]["protocol"]["shots"]) == 7
+    assert a["settings"]["protocol"]["prefix_cache"] is True
+    for ra, rb in zip(a["rows"], b["rows"]):
+        assert ra["pmass"] == pytest.approx(rb["pmass"], abs=1e-4)
+    assert a["pmass"] != pytest.approx(z["pmass"], abs=1e-6)
