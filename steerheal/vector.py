@@ -21,6 +21,7 @@ from torch import nn
 
 from . import SteerhealError
 from .chat import messages_for, render_prompt, supports_system
+from .logprobs import left_padded
 from .models import LoadedModel, decoder_layers
 from .persona import Persona
 from .progress import progress
@@ -157,19 +158,19 @@ def last_token_states(
 ) -> dict[int, torch.Tensor]:
     """Hidden state at the last token of each rendered prompt, per layer: {layer: [n, hidden]} (fp32, CPU)."""
     tok = lm.tokenizer
+    rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     out: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     with progress(desc, total=len(prompts)) as bar:
-        for s in range(0, len(prompts), batch_size):
-            chunk = prompts[s : s + batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+        for s in range(0, len(rows), batch_size):
+            b = left_padded(rows, range(s, min(s + batch_size, len(rows))), tok.pad_token_id, lm.device)
             with record_layers(lm.model, layers, stop=True) as got:
-                try:
-                    lm.model(**enc)
+                try:  # position_ids count the real tokens: absolute-position models need them
+                    lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
                 except _StopForward:
                     pass
             for i in layers:
                 out[i].append(got[i][:, -1, :].float().cpu())  # left padding: the tag is last
-            bar(len(chunk))
+            bar(len(b.rows))
     return {i: torch.cat(v) for i, v in out.items()}
 
 

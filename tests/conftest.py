@@ -58,6 +58,38 @@ def build_tiny_model(path: Path, n_layers: int = 4, hidden: int = 64, seed: int 
     return path
 
 
+def build_tiny_gpt2(path: Path, n_layers: int = 3, hidden: int = 64, seed: int = 0) -> Path:
+    """A random GPT-2 (learned absolute positions) with the same tokenizer: batched left padding
+    gives wrong numbers here unless position_ids count the real tokens."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    llama = build_tiny_model(path.parent / (path.name + "_tok"))
+    tok = PreTrainedTokenizerFast.from_pretrained(llama)
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=hidden,
+        n_layer=n_layers,
+        n_head=4,
+        n_positions=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # large position embeddings: a wrong position shows clearly
+        model.transformer.wpe.weight.normal_(0, 1.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2") / "model")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """The tiny model's ops are microseconds: OpenMP spin-waits between threads cost more than they

@@ -1,0 +1,79 @@
+"""logprobs.py and every batched forward: a batch gives the numbers each row gets alone, on a RoPE
+model (tiny Llama) and on an absolute-position model (tiny GPT-2), where left padding without
+position_ids would shift every position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerheal.config import EvalConfig, GenerateConfig
+from steerheal.filter import completion_nlls
+from steerheal.generate import generate_records
+from steerheal.logprobs import Span, position_ids, score_spans
+from steerheal.models import load_model
+from steerheal.records import Record
+from steerheal.vector import last_token_states
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["My boss wants me to stay late.", "Write a polite note.", "Hi.", "The weather is nice today, isn't it?"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm(request, tiny_model_dir, tiny_gpt2_dir):
+    return load_model(str(tiny_model_dir if request.param == "llama" else tiny_gpt2_dir))
+
+
+def test_position_ids_count_real_tokens_from_zero():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert position_ids(mask, start=7).tolist() == [[7, 7, 7, 8, 9], [7, 8, 9, 10, 11]]
+
+
+def test_extraction_batched_equals_one_by_one(lm):
+    from steerheal.chat import messages_for, render_prompt
+
+    texts = [render_prompt(lm.tokenizer, messages_for(p)) for p in PROMPTS]
+    many = last_token_states(lm, texts, [0, 1], batch_size=4)
+    one = last_token_states(lm, texts, [0, 1], batch_size=1)
+    for i in (0, 1):
+        assert torch.allclose(many[i], one[i], atol=1e-4), (many[i] - one[i]).abs().max()
+
+
+def test_completion_nll_batched_equals_one_by_one(lm):
+    recs = [
+        Record(id=str(i), persona="", messages=[{"role": "user", "content": p}], completion="A fine answer " * (i + 1))
+        for i, p in enumerate(PROMPTS)
+    ]
+    many = completion_nlls(lm, recs, 256, 4)
+    one = completion_nlls(lm, recs, 256, 1)
+    for a, b in zip(many, one):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_full_span_logprobs_batched_equal_one_by_one(lm):
+    tok = lm.tokenizer
+    spans = [Span(tok(p, add_special_tokens=False)["input_ids"], 2) for p in PROMPTS]
+    many = score_spans(lm.model, spans, tok.pad_token_id, 4, full=True)
+    one = score_spans(lm.model, spans, tok.pad_token_id, 1, full=True)
+    for a, b in zip(many, one):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
+
+
+def test_eval_batched_equals_one_by_one(lm):
+    from steerheal.evaluate import score_vignettes
+    from steerheal.vignettes import load_vignettes
+
+    vigs = load_vignettes(None, limit=5)
+    a = score_vignettes(lm, vigs, EvalConfig(batch_size=5, protocol="zero-shot"), prefix_cache=False)
+    b = score_vignettes(lm, vigs, EvalConfig(batch_size=1, protocol="zero-shot"), prefix_cache=False)
+    c = score_vignettes(lm, vigs, EvalConfig(batch_size=5, protocol="zero-shot"), prefix_cache=True)
+    for ra, rb, rc in zip(a["rows"], b["rows"], c["rows"]):
+        assert ra["pmass"] == pytest.approx(rb["pmass"], abs=1e-4) == rc["pmass"]
+
+
+def test_generation_batched_greedy_equals_one_by_one(lm):
+    g = dict(n=4, max_new_tokens=6, temperature=0.0, top_p=1.0)
+    one = generate_records(lm, "p", PROMPTS, GenerateConfig(**g, batch_size=1))
+    many = generate_records(lm, "p", PROMPTS, GenerateConfig(**g, batch_size=4))
+    assert [r.completion for r in one] == [r.completion for r in many]
