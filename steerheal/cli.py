@@ -9,7 +9,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -347,31 +347,54 @@ def bake(
     log(f"wrote {output}: {len(m['adapters'])} adapter(s) merged into {m['base_model']} ({m['time_s']:.1f} s)")
 
 
+# Options shared by `loop` and `compare` (one definition each).
+ConfigOpt = Annotated[Optional[str], typer.Option(help="Run YAML, or a preset: demo (default, CPU) or full (GPU).")]
+RoundsOpt = Annotated[Optional[int], typer.Option(help="Number of rounds.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed.")]
+SeedsOpt = Annotated[
+    Optional[str], typer.Option(help="Several independent seeds, e.g. 0,1,2: runs in -o/seed_S, one pooled report.")
+]
+CoeffOpt = Annotated[
+    Optional[float],
+    typer.Option(help="A fixed steering coefficient (sets dose.method=fixed; default: bisect the dose)."),
+]
+VignettesOpt = Annotated[Optional[str], typer.Option(help="Eval vignettes: a tinymfv JSONL path or tinymfv:classic.")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Any config key, e.g. --set heal.lam=0.5 --set generate.n=96.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even if the config changed.")]
+
+
+def _run_config(config: str | None, set_: list[str] | None, **flags: Any) -> Any:
+    """The RunConfig from a preset or YAML, the flags that were given, and --set (last wins)."""
+    from .config import deep_merge, parse_set, resolve_config
+
+    coeff, vignettes = flags.pop("coeff", None), flags.pop("vignettes", None)
+    over: dict = {k: v for k, v in flags.items() if v is not None and v != "auto" and v is not False}
+    if coeff is not None:
+        over["dose"] = {"method": "fixed", "coeff": coeff}
+    if vignettes is not None:
+        over["eval"] = {"vignettes": vignettes}
+    return resolve_config(config, deep_merge(over, parse_set(set_ or [])))
+
+
 @command
 def loop(
     persona: Annotated[Path, typer.Argument(help="Persona YAML.")],
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Run directory (default runs/<persona name>).")
     ] = None,
-    config: Annotated[
-        Optional[str], typer.Option(help="Run YAML, or a preset: demo (default, CPU) or full (GPU).")
+    arm: Annotated[
+        Optional[str], typer.Option(help="steer (default), prompt, prompt-kl, random or nll: see the README's Arms.")
     ] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="Number of rounds.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    seeds: Annotated[
-        Optional[str], typer.Option(help="Several independent seeds, e.g. 0,1,2: runs in -o/seed_S, one pooled report.")
-    ] = None,
-    coeff: Annotated[
-        Optional[float],
-        typer.Option(help="A fixed steering coefficient (sets dose.method=fixed; default: bisect the dose)."),
-    ] = None,
-    vignettes: Annotated[
-        Optional[str], typer.Option(help="Eval vignettes: a tinymfv JSONL path or tinymfv:classic.")
-    ] = None,
-    set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Any config key, e.g. --set heal.lam=0.5 --set n=96.")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Resume even if the config changed.")] = False,
+    config: ConfigOpt = None,
+    rounds: RoundsOpt = None,
+    seed: SeedOpt = None,
+    seeds: SeedsOpt = None,
+    coeff: CoeffOpt = None,
+    vignettes: VignettesOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -379,27 +402,62 @@ def loop(
     quiet: QuietOpt = False,
 ) -> None:
     """Run rounds of vector → dose → generate → filter → heal → eval, resumable, with baselines, report and plot."""
-    from .config import deep_merge, parse_set, resolve_config
     from .loop import run_seeds
     from .persona import load_persona
 
-    over: dict = {}
-    for key, val in (("rounds", rounds), ("seed", seed), ("seeds", seeds), ("model", model)):
-        if val is not None:
-            over[key] = val
-    if coeff is not None:
-        over["dose"] = {"method": "fixed", "coeff": coeff}
-    if vignettes is not None:
-        over["eval"] = {"vignettes": vignettes}
-    if device != "auto":
-        over["device"] = device
-    if dtype != "auto":
-        over["dtype"] = dtype
-    if trust_remote_code:
-        over["trust_remote_code"] = True
-    cfg = resolve_config(config, deep_merge(over, parse_set(set_ or [])))
+    cfg = _run_config(
+        config,
+        set_,
+        arm=arm,
+        rounds=rounds,
+        seed=seed,
+        seeds=seeds,
+        model=model,
+        coeff=coeff,
+        vignettes=vignettes,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
     out = output or Path("runs") / load_persona(persona).name
     run_seeds(persona, out, cfg, force=force)
+
+
+@command
+def compare(
+    persona: Annotated[Path, typer.Argument(help="Persona YAML.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Comparison directory (one sub-directory per arm).")],
+    arms: Annotated[
+        str, typer.Option(help="Comma-separated arms to run and compare.")
+    ] = "steer,prompt,prompt-kl,random,nll",
+    null_k: Annotated[int, typer.Option(help="Random directions in the raw-steering null (0 = none).")] = 8,
+    config: ConfigOpt = None,
+    rounds: RoundsOpt = None,
+    seeds: SeedsOpt = None,
+    vignettes: VignettesOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run several arms (each a full, resumable loop) and write one report: compare.md, compare.png, compare.json."""
+    from .compare import run_compare
+
+    cfg = _run_config(
+        config,
+        set_,
+        rounds=rounds,
+        seeds=seeds,
+        model=model,
+        vignettes=vignettes,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    run_compare(persona, output, cfg, [a.strip() for a in arms.split(",") if a.strip()], null_k, force)
 
 
 @command

@@ -28,6 +28,8 @@ REFS = ("prev", "base")
 DOSES = ("keep", "kl", "fixed")
 CONDITIONS = ("other_violate", "self_violate", "both")
 PROTOCOLS = ("kshot", "zero-shot")
+# Where each arm's training rows and target come from (see loop.py and the README's Arms section).
+ARMS = ("steer", "prompt", "prompt-kl", "random", "nll")
 
 
 @dataclass
@@ -137,6 +139,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    arm: str = "steer"
     rounds: int = 2
     seed: int = 0
     seeds: list[int] = field(default_factory=list)  # several independent runs (seed_S/ each), pooled in one report
@@ -155,6 +158,7 @@ class RunConfig:
             raise SteerhealError("rounds must be at least 1")
         if len(set(self.seeds)) != len(self.seeds):
             raise SteerhealError(f"seeds {self.seeds}: each seed once")
+        _choice("arm", self.arm, ARMS)
         _choice("dose.method", self.dose.method, DOSES)
         if self.dose.method == "fixed" and self.dose.coeff is None:
             raise SteerhealError("dose.method fixed needs dose.coeff (--coeff C)")

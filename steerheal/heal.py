@@ -92,12 +92,23 @@ def encode_rows(tok: Any, records: Sequence[Record], max_len: int) -> list[Span]
 
 
 def batch_terms(
-    model: nn.Module, batch: Batch, ref_logp: torch.Tensor | Callable[[], torch.Tensor] | None, cfg: HealConfig
+    model: nn.Module,
+    batch: Batch,
+    ref_logp: torch.Tensor | Callable[[], torch.Tensor] | None,
+    cfg: HealConfig,
+    teacher_logp: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, nll, D[B]) for one batch; ref_logp is [N, V], a thunk giving it, or None for reg nll."""
+    """(loss, fit, D[B]) for one batch; ref_logp is [N, V], a thunk giving it, or None for reg nll.
+
+    fit is the completion-token NLL, or, given the teacher's log-probs [N, V] at the same
+    positions, KL(teacher ‖ student): distillation towards a whole distribution (Prompt Baking).
+    """
     logp = span_logprobs(model, batch)
-    labels = batch.labels[batch.mask]
-    nll = -logp.gather(-1, labels[:, None]).squeeze(-1).mean()
+    if teacher_logp is not None:
+        nll = kl_per_position(logp, teacher_logp, "kl_fwd").mean()
+    else:
+        labels = batch.labels[batch.mask]
+        nll = -logp.gather(-1, labels[:, None]).squeeze(-1).mean()
     if cfg.reg == "nll" or ref_logp is None:
         d = torch.zeros(batch.input_ids.shape[0], device=logp.device)
         return nll, nll, d
@@ -197,6 +208,24 @@ def prepare_reference(
     return ref
 
 
+@torch.no_grad()
+def teacher_logprobs(
+    lm: LoadedModel, rows: Sequence[Span], teacher_records: Sequence[Record], cfg: HealConfig
+) -> list[torch.Tensor]:
+    """The current model's log-probs [n, V] over each completion, read in the teacher's context."""
+    if len(teacher_records) != len(rows):
+        raise SteerhealError(f"{len(teacher_records)} teacher records for {len(rows)} rows; give one per row")
+    t_rows = encode_rows(lm.tokenizer, teacher_records, cfg.max_len)
+    for r, t, rec in zip(rows, t_rows, teacher_records):
+        if r.n_scored != t.n_scored:
+            raise SteerhealError(
+                f"record {rec.id}: its completion is cut by --max-len {cfg.max_len} in the "
+                "teacher's longer context; raise --max-len"
+            )
+    with progress("teacher log-probs", total=len(t_rows)) as bar:
+        return score_spans(lm.model, t_rows, _pad_id(lm.tokenizer), 8, full=True, bar=bar)
+
+
 def _pad_id(tok: Any) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
@@ -260,7 +289,13 @@ def measure(
 
 
 def train(
-    peft_model: Any, rows: Sequence[Span], train_idx: list[int], ref: Reference | None, cfg: HealConfig, pad_id: int
+    peft_model: Any,
+    rows: Sequence[Span],
+    train_idx: list[int],
+    ref: Reference | None,
+    cfg: HealConfig,
+    pad_id: int,
+    teacher: list[torch.Tensor] | None = None,
 ) -> list[dict]:
     """AdamW with a cosine schedule and warm-up over the training rows; one log row per optimizer step."""
     if ref is not None:
@@ -284,7 +319,8 @@ def train(
                 active = False
                 for idx in group:
                     b = right_padded(rows, idx, pad_id, dev)
-                    loss, nll, d = batch_terms(peft_model, b, ref.for_batch(b) if ref else None, cfg)
+                    t_logp = torch.cat([teacher[i] for i in idx]).to(dev) if teacher is not None else None
+                    loss, nll, d = batch_terms(peft_model, b, ref.for_batch(b) if ref else None, cfg, t_logp)
                     if not torch.isfinite(loss):
                         raise SteerhealError(
                             f"step {step} (epoch {epoch}): loss is {float(loss)}; "
@@ -316,13 +352,16 @@ def heal(
     out_dir: str | Path,
     history: Sequence[str] = (),
     merge: bool = False,
+    teacher_records: Sequence[Record] | None = None,
 ) -> dict:
     """Train a LoRA on `records` over lm.model, write it to out_dir, return the heal.json summary.
 
     `history`: adapters not yet merged into lm.model; they are merged after the reference is
     taken, which is how --ref base works with a history (one copy of the weights). With
     merge=True the new adapter ends merged into lm.model (the loop continues from it); else
-    lm.model is left as it was (plus history).
+    lm.model is left as it was (plus history). `teacher_records`: the same completions in the
+    teacher's context (e.g. with the persona as system prompt); the student then fits the current
+    model's distribution in that context instead of the sampled tokens.
     """
     cfg.check()
     t0 = time.perf_counter()
@@ -342,6 +381,7 @@ def heal(
     train_idx, val_idx = split(len(rows), cfg.val_frac, cfg.seed)
     torch.manual_seed(cfg.seed)
     ref = prepare_reference(lm, rows, cfg, history)
+    teacher = teacher_logprobs(lm, rows, teacher_records, cfg) if teacher_records is not None else None
 
     lm.model.train()  # no dropout in these models' configs; train() for correctness of any that have it
     peft_model, layer_idx = attach_lora(lm.model, cfg)
@@ -351,7 +391,7 @@ def heal(
             measure(peft_model, rows, val_idx, ref, cfg, pad_id),
             measure(peft_model, rows, train_idx, ref, cfg, pad_id),
         )
-        log_rows = train(peft_model, rows, train_idx, ref, cfg, pad_id)
+        log_rows = train(peft_model, rows, train_idx, ref, cfg, pad_id, teacher)
         val1, train1 = (
             measure(peft_model, rows, val_idx, ref, cfg, pad_id),
             measure(peft_model, rows, train_idx, ref, cfg, pad_id),

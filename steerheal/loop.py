@@ -36,14 +36,17 @@ from .vignettes import Vignette, load_vignettes
 
 ROUND_STEPS = (
     "vector",
+    "random",
     "dose",
     "generate",
     "filter",
     "eval_steered",
     "demo_steered",
+    "gen_steered",
     "heal",
     "eval_healed",
     "demo_healed",
+    "gen_healed",
 )
 
 
@@ -152,20 +155,21 @@ class Loop:
             run.step(f"{key}/{name}", fn)
 
         layers = parse_layers(cfg.vector.layers, self.lm.n_layers)
+        v = cfg.vector
         step(
             "vector",
             lambda: extract(
-                self.lm,
-                persona,
-                layers,
-                batch_size=cfg.vector.batch_size,
-                max_prompts=cfg.vector.max_prompts,
-                normalize=cfg.vector.normalize,
+                self.lm, persona, layers, batch_size=v.batch_size, max_prompts=v.max_prompts, normalize=v.normalize
             ).save(d / "vector.safetensors"),
         )
         vec = SteeringVector.load(d / "vector.safetensors")
-        step("dose", lambda: write_json(d / "dose.json", choose_dose(self.lm, persona, vec, cfg, seed + 500)))
+        # The intervention this arm applies: the persona vector, a norm-matched random one, or the prompt.
+        if cfg.arm == "random":
+            step("random", lambda: vec.random_like(seed + 7).save(d / "random.safetensors"))
+            vec = SteeringVector.load(d / "random.safetensors")
+        step("dose", lambda: write_json(d / "dose.json", self._dose(vec, seed + 500)))
         coeff = float(run.json(f"{key}/dose.json")["coeff"])
+        act: dict[str, Any] = {"system": self.system} if self.prompted else {"vector": vec, "coeff": coeff}
         step(
             "generate",
             lambda: write_records(
@@ -174,41 +178,44 @@ class Loop:
                     persona.name,
                     persona.generation,
                     cfg.generate,
-                    vector=vec,
-                    coeff=coeff,
                     seed=seed,
                     id_prefix=f"{persona.name}-r{r}",
+                    **act,
                 ),
                 d / "completions.jsonl",
             ),
         )
 
         def do_filter() -> None:
-            kept, rejected = filter_records(
-                self.lm, read_records(d / "completions.jsonl"), cfg.filter, persona.narration
-            )
+            # Prompt arms train WITHOUT the persona prompt (context distillation): drop the system turn first.
+            rows = [_without_system(x) for x in read_records(d / "completions.jsonl")]
+            kept, rejected = filter_records(self.lm, rows, cfg.filter, persona.narration)
             write_records(rejected, d / "rejected.jsonl")
             write_records(kept, d / "kept.jsonl")
 
         step("filter", do_filter)
-        step("eval_steered", lambda: write_json(d / "eval_steered.json", self.eval(vector=vec, coeff=coeff)))
+        step("eval_steered", lambda: write_json(d / "eval_steered.json", self.eval(**act)))
         step(
             "demo_steered",
             lambda: write_records(
-                demo_records(self.lm, persona, cfg, f"r{r}-steered", vector=vec, coeff=coeff), d / "demo_steered.jsonl"
+                demo_records(self.lm, persona, cfg, f"r{r}-steered", **act), d / "demo_steered.jsonl"
             ),
         )
-        step("gen_steered", lambda: self.coherence(d / "gen_steered.json", vector=vec, coeff=coeff))
+        step("gen_steered", lambda: self.coherence(d / "gen_steered.json", **act))
         kept = read_records(d / "kept.jsonl")
-        hcfg = dataclasses.replace(cfg.heal, seed=cfg.heal.seed + r)
+        # The nll arm: the same steered rows, no barrier (isolates what the barrier adds).
+        reg = "nll" if cfg.arm == "nll" else cfg.heal.reg
+        hcfg = dataclasses.replace(cfg.heal, seed=cfg.heal.seed + r, reg=reg)
         if len(kept) < hcfg.min_rows:
             stop = f"round {r}: only {len(kept)} rows kept, fewer than heal.min_rows {hcfg.min_rows}"
             self.finish_round(r, stop, healed=False)
             return stop
         if not run.done(f"{key}/heal"):
             log(f"[round {r + 1}/{cfg.rounds}] heal on {len(kept)} kept rows")
+        teacher = [_with_system(x, self.system) for x in kept] if cfg.arm == "prompt-kl" else None
         run.step(
-            f"{key}/heal", lambda: _ignore(heal(self.lm, kept, hcfg, d / "adapter", merge=True))
+            f"{key}/heal",
+            lambda: _ignore(heal(self.lm, kept, hcfg, d / "adapter", merge=True, teacher_records=teacher)),
         )  # lm is now healed
         step("eval_healed", lambda: write_json(d / "eval_healed.json", self.eval()))
         step(
@@ -219,6 +226,20 @@ class Loop:
         floor_stop = self._coherence_stop(r)
         self.finish_round(r, floor_stop, healed=True)
         return floor_stop
+
+    @property
+    def prompted(self) -> bool:
+        """Prompt arms sample under the persona's system prompt instead of steering."""
+        return self.cfg.arm in ("prompt", "prompt-kl")
+
+    @property
+    def system(self) -> str:
+        return self.persona.pairs[0].pos
+
+    def _dose(self, vec: SteeringVector, seed: int) -> dict:
+        if self.prompted:
+            return {"coeff": 0.0, "method": "prompt", "system": self.system, "probes": []}
+        return choose_dose(self.lm, self.persona, vec, self.cfg, seed)
 
     def _eta(self, r: int) -> str:
         if r == 0 or not self.run.done(f"round_{r - 1:02d}/done"):
@@ -248,6 +269,7 @@ class Loop:
         dose = run.json(f"{key}/dose.json")
         info = {
             "round": r,
+            "arm": self.cfg.arm,
             "coeff": dose["coeff"],
             "dose": dose,
             "filter": filter_summary(read_records(d / "kept.jsonl") + read_records(d / "rejected.jsonl")),
@@ -280,6 +302,14 @@ class Loop:
         }
         write_json(d / "round.json", info)
         run.mark(f"{key}/done", 0.0)
+
+
+def _without_system(rec: Record) -> Record:
+    return dataclasses.replace(rec, messages=[m for m in rec.messages if m["role"] != "system"])
+
+
+def _with_system(rec: Record, system: str) -> Record:
+    return dataclasses.replace(rec, messages=[{"role": "system", "content": system}, *rec.messages])
 
 
 def _gen_summary(g: dict) -> dict | None:

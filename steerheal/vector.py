@@ -81,6 +81,21 @@ class SteeringVector:
         """The norm of all layers' directions together."""
         return float(sum(float(v.float().norm()) ** 2 for v in self.directions.values()) ** 0.5)
 
+    def random_like(self, seed: int) -> SteeringVector:
+        """A random direction per layer with this vector's per-layer norms: the control for a generic
+        perturbation of the same size (same layers, same dose rule)."""
+        g = torch.Generator().manual_seed(seed)
+        dirs = {}
+        for i, v in self.directions.items():
+            r = torch.randn(v.shape, generator=g, dtype=torch.float32)
+            dirs[i] = r * (v.float().norm() / r.norm())
+        meta = {
+            **self.meta,
+            "method": f"random (norm-matched to {self.meta.get('method', 'the persona vector')})",
+            "random_seed": str(seed),
+        }
+        return SteeringVector(dirs, meta)
+
     def cosine(self, other: SteeringVector) -> float:
         """Cosine of the concatenated directions over the layers both share."""
         common = [i for i in self.layers if i in other.directions]

@@ -1,0 +1,274 @@
+"""Several arms, one report: does steer-heal beat prompt distillation, a random direction and
+plain fine-tuning?
+
+Each arm is a full loop (every seed) in out/<arm>/, built by loop.run_seeds, so a finished arm
+or seed is never rerun. The random null: K random directions, norm-matched to the steer arm's
+round-0 vector at its round-0 dose, each scored raw on the eval (null.json); every arm's
+round-0 shift is placed in that distribution (percentile, z), and a shift counts as
+persona-specific only outside the null's central 95%.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import SteerhealError
+from .config import ARMS, RunConfig
+from .evaluate import score_vignettes
+from .loop import run_seeds
+from .models import load_model
+from .progress import log
+from .records import atomic_path, write_json, write_text
+from .report import collect
+from .rundir import Run
+from .stats import EvalRows, compare, difference
+from .vector import SteeringVector
+from .vignettes import load_vignettes
+
+
+def arm_dirs(out: Path, arm: str, cfg: RunConfig) -> list[Path]:
+    root = out / arm
+    return [root / f"seed_{s}" for s in cfg.seeds] if cfg.seeds else [root]
+
+
+def run_compare(
+    persona_path: str | Path, out: str | Path, cfg: RunConfig, arms: list[str], null_k: int = 8, force: bool = False
+) -> Path:
+    """Run every arm (resumably), the random null, and write compare.md, compare.png, compare.json."""
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise SteerhealError(f"--arms {','.join(bad)}: unknown; arms are {', '.join(ARMS)}")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    for arm in arms:
+        log(f"[arm {arm}]")
+        run_seeds(persona_path, root / arm, dataclasses.replace(cfg, arm=arm), force)
+    run = Run(root)
+    if "steer" in arms and null_k > 0:
+        run.step("null", lambda: write_json(root / "null.json", random_null(root, cfg, null_k)))
+    numbers = {arm: collect(arm_dirs(root, arm, cfg)) for arm in arms}
+    summary = summarize(root, numbers, cfg)
+    write_json(root / "compare.json", summary)
+    plot_compare(root, numbers)
+    write_text(root / "compare.md", render(summary, numbers))
+    log(f"compare report: {root / 'compare.md'}")
+    return root / "compare.md"
+
+
+def random_null(root: Path, cfg: RunConfig, k: int) -> dict[str, Any]:
+    """K norm-matched random directions at the steer arm's round-0 dose, each evaluated raw against base."""
+    first = arm_dirs(root, "steer", cfg)[0]
+    v0 = SteeringVector.load(first / "round_00" / "vector.safetensors")
+    coeff = float(Run(first).json("round_00/dose.json")["coeff"])
+    lm = load_model(cfg.model, [], device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    vigs = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
+    base = EvalRows.from_report(Run(first).json("baselines/base.json"))
+    persona = Run(first).json("round_00/round.json")
+    draws = []
+    for i in range(k):
+        rep = score_vignettes(lm, vigs, cfg.eval, vector=v0.random_like(10_000 + i), coeff=coeff)
+        m = compare(base, [EvalRows.from_report(rep)], persona["target"], persona["direction"])
+        draws.append({k2: m[k2] for k2 in ("target_shift", "selectivity", "pmass_ratio")})
+        log(f"  random null {i + 1}/{k}: shift {m['target_shift']:+.3f}, pmass ratio {m['pmass_ratio']:.3f}")
+    return {"k": k, "coeff": coeff, "vector_norm": v0.norm(), "draws": draws}
+
+
+def place(value: float, null: list[float]) -> dict[str, Any]:
+    """Where `value` falls in the null draws: percentile, z-score, and outside the central 95%?"""
+    x = np.asarray(null, dtype=np.float64)
+    lo, hi = np.quantile(x, [0.025, 0.975])
+    sd = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+    return {
+        "percentile": float((x < value).mean() * 100),
+        "z": (value - float(x.mean())) / sd if sd > 0 else math.nan,
+        "null_95": [float(lo), float(hi)],
+        "outside": bool(value < lo or value > hi),
+    }
+
+
+def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig) -> dict[str, Any]:
+    """Per arm: the last healed round against base, against the prompting baseline and against the steer
+    arm (selectivity, paired), and its round-0 raw shift placed in the random null."""
+    null = Run(root).json("null.json") if (root / "null.json").is_file() else None
+    out: dict[str, Any] = {"arms": {}, "null": null}
+    for arm, c in numbers.items():
+        healed = [r for r in c["rounds"] if r["healed"]]
+        entry: dict[str, Any] = {"rounds": len(c["rounds"]), "healed_rounds": len(healed)}
+        if healed:
+            entry["last"] = {
+                k: healed[-1]["healed"][k]
+                for k in (
+                    "target_shift",
+                    "target_shift_ci",
+                    "selectivity",
+                    "selectivity_ci",
+                    "pmass_ratio",
+                    "pmass_ratio_ci",
+                )
+            }
+            entry["vs_prompting"] = healed[-1]["heal_vs_prompt"]
+        if null and c["rounds"]:
+            shifts = [d["target_shift"] for d in null["draws"]]
+            entry["null_raw"] = place(c["rounds"][0]["steered"]["target_shift"], shifts)
+            if c["rounds"][0]["healed"]:
+                entry["null_healed"] = place(c["rounds"][0]["healed"]["target_shift"], shifts)
+        out["arms"][arm] = entry
+    if "steer" in numbers:
+        for arm in numbers:
+            if arm != "steer":
+                out["arms"][arm]["steer_minus_arm"] = _arm_difference(root, cfg, "steer", arm, numbers)
+    return out
+
+
+def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[str, dict]) -> dict | None:
+    """Selectivity of arm a's last healed round minus arm b's, paired over vignettes (and pooled over seeds)."""
+    ra, rb = numbers[a]["rounds"], numbers[b]["rounds"]
+    la = [r["round"] for r in ra if r["healed"]]
+    lb = [r["round"] for r in rb if r["healed"]]
+    if not la or not lb:
+        return None
+    base = EvalRows.from_report(numbers[a]["base"])
+    rows = lambda arm, r: [
+        EvalRows.from_report(Run(d).json(f"round_{r:02d}/eval_healed.json"))  # noqa: E731
+        for d in arm_dirs(root, arm, cfg)
+        if (d / f"round_{r:02d}" / "eval_healed.json").is_file()
+    ]
+    c = numbers[a]
+    return difference(base, rows(a, la[-1]), rows(b, lb[-1]), c["target"], c["direction"], "selectivity")
+
+
+def _ci(m: dict | None, k: str, sign: bool = True) -> str:
+    if not m:
+        return "–"
+    lo, hi = m[f"{k}_ci"]
+    f = "{:+.2f}" if sign else "{:.2f}"
+    return f"{f.format(m[k])} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def _gen_mean(gens: list[dict], key: str) -> str:
+    return f"{sum(x[key] for x in gens) / len(gens):.2f}" if gens else "–"
+
+
+def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
+    first = next(iter(numbers.values()))
+    t = first["target"]
+    L = [
+        "# steerheal compare",
+        "",
+        f"Persona `{first['persona']}`, target **{t}**; seeds "
+        f"{', '.join(map(str, first['seeds']))}; vignettes {first['base']['settings']['source']} "
+        f"({first['base']['n']} rows). Intervals: 95% paired bootstrap over vignettes and seeds.",
+        "",
+        "| arm | round | model | shift | selectivity | pmass ratio | gen ppl | distinct-2 | KL to base | min/round |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, c in numbers.items():
+        for r in c["rounds"]:
+            mins = sum(x["total"] for x in r["time_s"]) / max(1, len(r["time_s"])) / 60
+            for kind in ("steered", "healed"):
+                m, g = r[kind], [x for x in r[f"gen_{kind}"] if x]
+                if m is None:
+                    continue
+                L.append(
+                    f"| {arm} | {r['round']} | {'raw' if kind == 'steered' else 'healed'} | {_ci(m, 'target_shift')} | "
+                    f"{_ci(m, 'selectivity')} | {_ci(m, 'pmass_ratio', False)} | {_gen_mean(g, 'ppl')} | {_gen_mean(g, 'distinct2')} | "
+                    f"{_gen_mean(g, 'kl_to_base')} | {mins:.1f} |"
+                )
+    L += ["", "![compare](compare.png)", "", "## Verdict (computed from the intervals)", ""]
+    L += verdict_lines(summary, t)
+    return "\n".join(L) + "\n"
+
+
+def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
+    out = []
+    null = summary.get("null")
+    if null:
+        shifts = [d["target_shift"] for d in null["draws"]]
+        out.append(
+            f"- Random null: {null['k']} norm-matched random directions at C = {null['coeff']:.3g} moved {target} "
+            f"by {min(shifts):+.2f} to {max(shifts):+.2f} (persona-signed; mean {sum(shifts) / len(shifts):+.2f})."
+        )
+    for arm, e in summary["arms"].items():
+        parts = [f"**{arm}**"]
+        if "last" in e:
+            parts.append(
+                f"last healed round: shift {_ci(e['last'], 'target_shift')}, selectivity {_ci(e['last'], 'selectivity')}"
+            )
+            vp = e["vs_prompting"]
+            parts.append(
+                f"beats prompting: {vp['verdict']} (selectivity difference {vp['difference']:+.2f} "
+                f"[{vp['difference_ci'][0]:+.2f}, {vp['difference_ci'][1]:+.2f}])"
+            )
+        for key, name in (("null_raw", "raw round 0"), ("null_healed", "healed round 0")):
+            if key in e:
+                p = e[key]
+                parts.append(
+                    f"{name} in the random null: percentile {p['percentile']:.0f}, z {p['z']:+.2f}, "
+                    f"{'persona-specific (outside the null 95%)' if p['outside'] else 'not distinguishable from a random direction'}"
+                )
+        d = e.get("steer_minus_arm")
+        if d:
+            parts.append(
+                f"steer minus {arm} (selectivity): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
+                f"{d['difference_ci'][1]:+.2f}], steer better: {d['verdict']}"
+            )
+        out.append("- " + "; ".join(parts) + ".")
+    return out
+
+
+def plot_compare(root: Path, numbers: dict[str, dict]) -> Path:
+    """Every arm's healed trajectory (and round-0 raw point): target shift against coherence, with CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.scatter([1.0], [0.0], marker="*", s=200, c="black", zorder=5, label="base")
+    for j, (arm, c) in enumerate(numbers.items()):
+        color = f"C{j}"
+        pts = [r["healed"] for r in c["rounds"] if r["healed"]]
+        if c["rounds"]:
+            raw = c["rounds"][0]["steered"]
+            ax.scatter([raw["pmass_ratio"]], [raw["target_shift"]], marker="x", color=color, s=50)
+        xs, ys = [1.0] + [m["pmass_ratio"] for m in pts], [0.0] + [m["target_shift"] for m in pts]
+        ax.plot(xs, ys, "-", color=color, lw=1, alpha=0.6)
+        for m in pts:
+            ax.errorbar(
+                [m["pmass_ratio"]],
+                [m["target_shift"]],
+                xerr=[[m["pmass_ratio"] - m["pmass_ratio_ci"][0]], [m["pmass_ratio_ci"][1] - m["pmass_ratio"]]],
+                yerr=[[m["target_shift"] - m["target_shift_ci"][0]], [m["target_shift_ci"][1] - m["target_shift"]]],
+                fmt="o",
+                color=color,
+                capsize=2,
+                ms=5,
+            )
+        ax.plot([], [], "o-", color=color, label=f"{arm} (healed rounds; x = raw round 0)")
+    null_path = root / "null.json"
+    if null_path.is_file():
+        draws = Run(root).json("null.json")["draws"]
+        ax.scatter(
+            [d["pmass_ratio"] for d in draws],
+            [d["target_shift"] for d in draws],
+            marker=".",
+            c="grey",
+            label="random directions (raw)",
+        )
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("coherence: pmass / base pmass")
+    ax.set_ylabel(f"{next(iter(numbers.values()))['target']} shift, persona-signed (nats)")
+    ax.set_title("arms: shift against coherence (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = root / "compare.png"
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out

@@ -1,0 +1,116 @@
+"""The arms: where each arm's training rows and training target come from (issue: arms)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from steerheal.config import HealConfig, parse_set, resolve_config
+from steerheal.heal import attach_lora, batch_terms, encode_rows, teacher_logprobs
+from steerheal.logprobs import Span, right_padded, score_spans
+from steerheal.loop import run_loop
+from steerheal.models import load_model
+from steerheal.records import Record, read_records
+from steerheal.vector import SteeringVector
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = [
+    "rounds=1",
+    "vector.max_prompts=3",
+    "dose.probe_n=4",
+    "dose.steps=1",
+    "generate.n=8",
+    "generate.max_new_tokens=6",
+    "demo_max_new_tokens=4",
+    "pmass_floor=0",
+    "filter.max_ppl=1e9",
+    "filter.max_repetition=1.01",
+    "filter.min_words=0",
+    "heal.rank=4",
+    "heal.alpha=8",
+    "heal.epochs=1",
+    "heal.min_rows=4",
+    "heal.max_len=256",
+    "heal.lr=1e-2",
+    "eval.limit=7",
+    "coherence_prompts=2",
+]
+
+
+def _run(arm, model_dir, persona_file, tmp_path):
+    cfg = resolve_config(None, parse_set([*TINY, f"arm={arm}", f"model={model_dir}"]))
+    return run_loop(persona_file, tmp_path / arm, cfg).root / "round_00"
+
+
+def test_prompt_arm_trains_without_the_system_turn(tiny_model_dir, persona_file, tmp_path):
+    d = _run("prompt", tiny_model_dir, persona_file, tmp_path)
+    made = read_records(d / "completions.jsonl")
+    assert all(r.messages[0]["role"] == "system" for r in made) and all(r.coeff == 0 for r in made)
+    kept = read_records(d / "kept.jsonl")
+    assert kept and all(m["role"] != "system" for r in kept for m in r.messages)
+    dose = json.loads((d / "dose.json").read_text())
+    assert dose["method"] == "prompt" and dose["coeff"] == 0.0
+    assert json.loads((d / "eval_steered.json").read_text())["settings"]["system"] == dose["system"]
+
+
+def test_random_arm_steers_a_norm_matched_random_direction(tiny_model_dir, persona_file, tmp_path):
+    d = _run("random", tiny_model_dir, persona_file, tmp_path)
+    v, rnd = SteeringVector.load(d / "vector.safetensors"), SteeringVector.load(d / "random.safetensors")
+    assert v.layers == rnd.layers
+    for i in v.layers:
+        assert float(rnd.directions[i].norm()) == pytest.approx(float(v.directions[i].norm()), rel=1e-5)
+    assert abs(v.cosine(rnd)) < 0.5  # a different direction, not a copy
+    assert json.loads((d / "eval_steered.json").read_text())["settings"]["vector"]["method"].startswith("random")
+
+
+def test_nll_arm_has_no_barrier_term(tiny_model_dir, persona_file, tmp_path):
+    d = _run("nll", tiny_model_dir, persona_file, tmp_path)
+    h = json.loads((d / "adapter" / "heal.json").read_text())
+    assert h["config"]["reg"] == "nll" and h["barrier_frac"] == 0 and h["ref_cache"] is False
+    log = [json.loads(x) for x in (d / "adapter" / "train_log.jsonl").read_text().splitlines()]
+    assert all(x["loss"] == pytest.approx(x["nll"]) for x in log)  # loss is the NLL alone
+
+
+def test_prompt_kl_target_is_the_prompted_models_distribution(tiny_model_dir):
+    lm = load_model(str(tiny_model_dir))
+    system = "You judge each order by your own principles."
+    rows_plain = [
+        Record(id=str(i), persona="", messages=[{"role": "user", "content": u}], completion=c)
+        for i, (u, c) in enumerate(
+            [
+                ("My boss wants me to lie.", "I will not lie to anyone."),
+                ("Write a polite note.", "Dear friend, thank you."),
+            ]
+        )
+    ]
+    rows_sys = [
+        Record(
+            id=r.id, persona="", messages=[{"role": "system", "content": system}, *r.messages], completion=r.completion
+        )
+        for r in rows_plain
+    ]
+    cfg = HealConfig(rank=4, alpha=8, reg="nll", layers="0:1")
+    spans = encode_rows(lm.tokenizer, rows_plain, 256)
+    teacher = teacher_logprobs(lm, spans, rows_sys, cfg)
+    # the teacher is the same model reading the completion after the system prompt
+    by_hand = score_spans(
+        lm.model, [Span(*encode_completion_ids(lm, r)) for r in rows_sys], lm.tokenizer.pad_token_id, 2, full=True
+    )
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(teacher, by_hand))
+    pm, _ = attach_lora(lm.model, cfg)  # B = 0: the student is the unprompted model
+    b = right_padded(spans, [0, 1], lm.tokenizer.pad_token_id, torch.device("cpu"))
+    student = score_spans(lm.model, spans, lm.tokenizer.pad_token_id, 2, full=True)
+    with torch.no_grad():
+        _, fit, _ = batch_terms(pm, b, None, cfg, torch.cat(teacher))
+    s, t = torch.cat(student), torch.cat(teacher)
+    assert float(fit) == pytest.approx(float((t.exp() * (t - s)).sum(-1).mean()), rel=1e-4)  # KL(prompted ‖ plain)
+    assert float(fit) > 1e-4
+
+
+def encode_completion_ids(lm, rec):
+    from steerheal.chat import encode_completion
+
+    return encode_completion(lm.tokenizer, rec.messages, rec.completion, 256)
