@@ -165,29 +165,48 @@ def ref_cache_bytes(rows: Sequence[Span], vocab: int) -> int:
 class Reference:
     """The reference log-probs of each row: cached once when they fit, else recomputed with the LoRA off."""
 
-    def __init__(self, cache: list[torch.Tensor] | None, cache_gb: float):
+    def __init__(self, cache: list[torch.Tensor] | None, cache_gb: float, model: nn.Module | None = None):
         self.cache, self.cache_gb = cache, cache_gb
+        self.model = model  # a separate reference model (the base), else the student with its LoRA off
         self.peft_model: Any = None  # set by train() once the LoRA is attached (for recomputing)
 
     def for_batch(self, b: Batch) -> torch.Tensor | Callable[[], torch.Tensor]:
         if self.cache is not None:
             return torch.cat([self.cache[i] for i in b.rows]).to(b.input_ids.device)
+        if self.model is not None:
+            separate = self.model
+
+            def from_separate() -> torch.Tensor:
+                with torch.no_grad():
+                    return span_logprobs(separate, b)
+
+            return from_separate
         model = self.peft_model
 
         def on_the_fly() -> torch.Tensor:
-            with torch.no_grad(), model.disable_adapter():
-                return span_logprobs(model, b)
+            was_training = model.training
+            model.eval()  # the frozen reference never sees dropout
+            try:
+                with torch.no_grad(), model.disable_adapter():
+                    return span_logprobs(model, b)
+            finally:
+                model.train(was_training)
 
         return on_the_fly
 
 
 def prepare_reference(
-    lm: LoadedModel, rows: Sequence[Span], cfg: HealConfig, history: Sequence[str]
+    lm: LoadedModel,
+    rows: Sequence[Span],
+    cfg: HealConfig,
+    history: Sequence[str],
+    reference_model: nn.Module | None = None,
 ) -> Reference | None:
     """Take the reference before anything changes: cache its log-probs if they fit, then merge `history`.
 
-    With --ref base, `history` holds the adapters not yet merged, so the cached reference is the
-    base model's and the student trains on top of the merged history (one copy of the weights).
+    With --ref base, either `history` holds the adapters not yet merged (the cached reference is
+    then the base model's and the student trains on top of the merged history: one copy of the
+    weights), or `reference_model` is the base model itself (the loop, which keeps one anyway).
     """
     cache_gb = ref_cache_bytes(rows, int(lm.model.get_output_embeddings().weight.shape[0])) / 2**30
     ref = None
@@ -195,13 +214,13 @@ def prepare_reference(
         cache = None
         if cache_gb <= cfg.ref_cache_gb:
             with progress("reference log-probs", total=len(rows)) as bar:
-                cache = score_spans(lm.model, rows, _pad_id(lm.tokenizer), 8, full=True, bar=bar)
-        elif cfg.ref == "base" and history:
+                cache = score_spans(reference_model or lm.model, rows, _pad_id(lm.tokenizer), 8, full=True, bar=bar)
+        elif cfg.ref == "base" and history and reference_model is None:
             raise SteerhealError(
                 f"--ref base with a history needs the base log-probs cached: {cache_gb:.2f} GB "
                 f"> --ref-cache-gb {cfg.ref_cache_gb}; raise --ref-cache-gb or lower --max-len/rows"
             )
-        ref = Reference(cache, cache_gb)
+        ref = Reference(cache, cache_gb, reference_model)
     if history:
         lm.model = merge_adapters(lm.model, list(history))
         lm.adapters = lm.adapters + [str(a) for a in history]
@@ -353,6 +372,7 @@ def heal(
     history: Sequence[str] = (),
     merge: bool = False,
     teacher_records: Sequence[Record] | None = None,
+    reference_model: nn.Module | None = None,
 ) -> dict:
     """Train a LoRA on `records` over lm.model, write it to out_dir, return the heal.json summary.
 
@@ -371,7 +391,7 @@ def heal(
             f"{len(records)} rows to heal on, fewer than --min-rows {cfg.min_rows}; "
             "generate more completions or lower --min-rows"
         )
-    if cfg.ref == "base" and lm.adapters and cfg.reg != "nll":
+    if cfg.ref == "base" and lm.adapters and cfg.reg != "nll" and reference_model is None:
         raise SteerhealError(
             "--ref base needs the model loaded without its adapters: pass them as history "
             "(the CLI does this) so the base reference is taken before they are merged"
@@ -380,7 +400,7 @@ def heal(
     pad_id = _pad_id(lm.tokenizer)
     train_idx, val_idx = split(len(rows), cfg.val_frac, cfg.seed)
     torch.manual_seed(cfg.seed)
-    ref = prepare_reference(lm, rows, cfg, history)
+    ref = prepare_reference(lm, rows, cfg, history, reference_model)
     teacher = teacher_logprobs(lm, rows, teacher_records, cfg) if teacher_records is not None else None
 
     lm.model.train()  # no dropout in these models' configs; train() for correctness of any that have it
@@ -405,6 +425,7 @@ def heal(
             "layers": layer_idx,
             "steps": len(log_rows),
             "ref_cache": ref is not None and ref.cache is not None,
+            "ref_model": "separate (base)" if reference_model is not None else "the current model",
             "ref_cache_gb": round(ref.cache_gb, 4) if ref else 0.0,
             "train_nll_start": train0["nll"],
             "train_nll": train1["nll"],

@@ -213,9 +213,13 @@ class Loop:
         if not run.done(f"{key}/heal"):
             log(f"[round {r + 1}/{cfg.rounds}] heal on {len(kept)} kept rows")
         teacher = [_with_system(x, self.system) for x in kept] if cfg.arm == "prompt-kl" else None
+        # --ref base: the barrier holds every round to the unchanged base model (the judge is that model)
+        base_ref = self.judge().model if hcfg.ref == "base" and hcfg.reg != "nll" and self.lm.adapters else None
         run.step(
             f"{key}/heal",
-            lambda: _ignore(heal(self.lm, kept, hcfg, d / "adapter", merge=True, teacher_records=teacher)),
+            lambda: _ignore(
+                heal(self.lm, kept, hcfg, d / "adapter", merge=True, teacher_records=teacher, reference_model=base_ref)
+            ),
         )  # lm is now healed
         step("eval_healed", lambda: write_json(d / "eval_healed.json", self.eval()))
         step(

@@ -114,3 +114,32 @@ def encode_completion_ids(lm, rec):
     from steerheal.chat import encode_completion
 
     return encode_completion(lm.tokenizer, rec.messages, rec.completion, 256)
+
+
+def test_loop_with_ref_base_heals_every_round_against_the_base(tiny_model_dir, persona_file, tmp_path):
+    cfg = resolve_config(None, parse_set([*TINY, "rounds=2", "heal.ref=base", f"model={tiny_model_dir}"]))
+    root = run_loop(persona_file, tmp_path / "refbase", cfg).root  # crashed at round 1 before
+    h0 = json.loads((root / "round_00" / "adapter" / "heal.json").read_text())
+    h1 = json.loads((root / "round_01" / "adapter" / "heal.json").read_text())
+    assert h0["ref_model"] == "the current model"  # round 0: the current model is the base
+    assert h1["ref_model"] == "separate (base)" and h1["history"] == [str(root / "round_00" / "adapter")]
+
+
+def test_prepare_reference_from_a_separate_base_model(tiny_model_dir, tmp_path):
+    from steerheal.heal import heal, prepare_reference
+
+    lm = load_model(str(tiny_model_dir))
+    recs = [
+        Record(id=str(i), persona="", messages=[{"role": "user", "content": "Hi there."}], completion="Hello friend.")
+        for i in range(8)
+    ]
+    heal(lm, recs, HealConfig(rank=4, alpha=8, lr=5e-2, epochs=1, min_rows=4, layers="0:1"), tmp_path / "a", merge=True)
+    base = load_model(str(tiny_model_dir))
+    rows = encode_rows(lm.tokenizer, recs, 256)
+    cfg = HealConfig(ref="base")
+    ref = prepare_reference(lm, rows, cfg, (), reference_model=base.model)
+    want = score_spans(base.model, rows, lm.tokenizer.pad_token_id, 8, full=True)
+    healed = score_spans(lm.model, rows, lm.tokenizer.pad_token_id, 8, full=True)
+    assert ref is not None and ref.cache is not None
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ref.cache, want))
+    assert not torch.allclose(ref.cache[0], healed[0], atol=1e-4)  # and not the healed model's
