@@ -280,6 +280,9 @@ def heal(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _H.weight_decay,
     val_frac: Annotated[float, typer.Option(help="Fraction of rows held out for validation NLL and D.")] = _H.val_frac,
     warmup: Annotated[float, typer.Option(help="Warm-up as a fraction of the steps.")] = _H.warmup,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="Clip the gradient norm at this; 0 = no clipping.")
+    ] = _H.max_grad_norm,
     min_rows: Annotated[int, typer.Option(help="Refuse to heal on fewer rows than this.")] = _H.min_rows,
     ref_cache_gb: Annotated[
         float,
@@ -316,6 +319,7 @@ def heal(
         seed=seed,
         min_rows=min_rows,
         warmup=warmup,
+        max_grad_norm=max_grad_norm,
         ref_cache_gb=ref_cache_gb,
     )
     cfg.check()

@@ -97,7 +97,8 @@ class HealConfig:
     val_frac: float = 0.125
     seed: int = 0
     min_rows: int = 8
-    warmup: float = 0.1
+    warmup: float = 0.1  # a fraction of the steps, at least one step when > 0
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
     ref_cache_gb: float = 2.0
 
     def check(self) -> None:

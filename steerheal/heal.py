@@ -252,10 +252,15 @@ def _pad_id(tok: Any) -> int:
 # ---------------------------------------------------------------- training
 
 
+def warmup_steps(total: int, frac: float) -> int:
+    """Warm-up length: a fraction of the steps, but at least one when asked (int() made short heals skip it)."""
+    return min(total - 1, max(1, math.ceil(frac * total))) if frac > 0 and total > 1 else 0
+
+
 def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
+        if step < warmup:  # linear from 1/(warmup+1): the first step never takes the full rate
+            return (step + 1) / (warmup + 1)
         prog = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
 
@@ -324,7 +329,7 @@ def train(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     micro_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total = math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(cfg.warmup * total)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup_steps(total, cfg.warmup)))
     gen = torch.Generator().manual_seed(cfg.seed)
     log_rows: list[dict] = []
     step = 0
@@ -350,7 +355,8 @@ def train(
                     acc["nll"] += float(nll.detach()) / len(group)
                     acc["D"] += float(d.detach().mean()) / len(group)
                     active |= bool((d > cfg.tau).any()) and ref is not None
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 lr = sched.get_last_lr()[0]
                 opt.step()
                 sched.step()

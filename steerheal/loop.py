@@ -26,13 +26,21 @@ from .filter import filter_records
 from .filter import summary as filter_summary
 from .generate import generate_records
 from .heal import heal
-from .models import LoadedModel, load_model, parse_layers
+from .models import LoadedModel, load_model, parse_layers, resolve
 from .persona import Persona, load_persona
 from .progress import log
 from .records import Record, read_records, write_json, write_records
-from .rundir import Run, check_resume, finished_adapters, write_config, write_metrics
+from .rundir import (
+    Run,
+    check_resume,
+    finished_adapters,
+    model_fingerprint,
+    remove_stale_temps,
+    write_config,
+    write_metrics,
+)
 from .vector import SteeringVector, extract
-from .vignettes import Vignette, load_vignettes
+from .vignettes import Vignette, load_vignettes, vignettes_sha256
 
 ROUND_STEPS = (
     "vector",
@@ -303,6 +311,7 @@ class Loop:
             },
             "time_s": times,
             "stop": stop,
+            "below_floor": healed and stop is not None,
         }
         write_json(d / "round.json", info)
         run.mark(f"{key}/done", 0.0)
@@ -330,10 +339,15 @@ def open_loop(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: 
     run = Run(Path(out))
     run.root.mkdir(parents=True, exist_ok=True)
     cfg_dict = cfg.to_dict()
-    check_resume(run, cfg_dict, persona, force)
-    write_config(run.root, cfg_dict, persona, persona_path)
     # The vignette sample does not depend on the run's seed, so that seeds pair on the same rows.
     vignettes = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
+    inputs = {
+        "vignettes_sha256": vignettes_sha256(vignettes),
+        "model_fingerprint": model_fingerprint(resolve(cfg.model)),
+    }
+    check_resume(run, cfg_dict, persona, inputs, force)
+    write_config(run.root, cfg_dict, persona, persona_path, inputs)
+    remove_stale_temps(run.root)
     lm = load_model(
         cfg.model,
         finished_adapters(run, cfg.rounds),
@@ -395,7 +409,13 @@ def finish(loop: Loop, stop_reason: str, t0: float) -> LoopResult:
         f"done: {n_done} round(s) in {(time.perf_counter() - t0) / 60:.1f} min (this process), peak RSS "
         f"{rss_gb:.2f} GB; {stop_reason}. Report: {root / 'report.md'}"
     )
-    adapters = loop.finished_adapters()
+    # The model to keep stops before a round that broke the coherence floor.
+    broke = [
+        r
+        for r in range(rounds)
+        if loop.run.done(f"round_{r:02d}/done") and loop.run.json(f"round_{r:02d}/round.json").get("below_floor")
+    ]
+    adapters = [a for r, a in enumerate(loop.finished_adapters()) if not broke or r < broke[0]]
     if adapters:
         flags = " ".join(f"--adapter {a}" for a in adapters)
         model_flag = f" --model {loop.cfg.model}" if loop.cfg.model else ""

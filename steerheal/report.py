@@ -91,7 +91,8 @@ def _json_seed(run_dir: Path) -> int:
 
 def _gen(run_dir: Path, name: str) -> dict | None:
     p = run_dir / "baselines" / f"gen_{name}.json"
-    return _json(p) if p.is_file() else None
+    g = _json(p) if p.is_file() else None
+    return None if not g or g.get("skipped") else g
 
 
 # ---------------------------------------------------------------- formatting

@@ -6,7 +6,10 @@ run resumes at the first unfinished step and never redoes a finished one.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -76,7 +79,11 @@ def _meta() -> dict:
     }
 
 
-def check_resume(run: Run, cfg: dict, persona: Persona, force: bool) -> None:
+def check_resume(run: Run, cfg: dict, persona: Persona, inputs: dict[str, str], force: bool) -> None:
+    """Refuse to resume when the config, the persona, the vignettes or the model weights changed.
+
+    With --force the run goes on, and the old config.yaml is kept beside it (config.replaced-<time>.yaml).
+    """
     path = run.root / "config.yaml"
     if not path.is_file():
         return
@@ -86,11 +93,38 @@ def check_resume(run: Run, cfg: dict, persona: Persona, force: bool) -> None:
     changed = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
     if old.get("persona_sha256") != persona.sha256:
         changed.append("persona file")
+    for key, value in inputs.items():
+        if key in old and old[key] != value:
+            changed.append(key.replace("_", " "))
     if changed and not force:
         raise SteerhealError(
-            f"{run.root}: the config changed since this run started ({', '.join(changed)}); "
+            f"{run.root}: the {', '.join(changed)} changed since this run started; "
             "use a new -o directory, or --force to continue with the new config"
         )
+    if changed:
+        os.replace(path, run.root / f"config.replaced-{time.strftime('%Y%m%dT%H%M%S')}.yaml")
+
+
+def remove_stale_temps(root: Path) -> int:
+    """Temp files and directories that a killed process left behind (atomic writes never finished)."""
+    stale = [p for p in root.rglob(".*.tmp")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def model_fingerprint(path: str) -> str:
+    """A cheap fingerprint of local weights: config.json, and each weight file's name, size and first MiB.
+    A hub id is taken at its word (its snapshot is immutable by revision)."""
+    p = Path(path)
+    if not p.is_dir():
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    for f in sorted(p.glob("config.json")) + sorted(p.glob("*.safetensors")):
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(2**20))
+    return h.hexdigest()
 
 
 def finished_adapters(run: Run, rounds: int) -> list[str]:
@@ -98,8 +132,11 @@ def finished_adapters(run: Run, rounds: int) -> list[str]:
     return [str(run.root / f"round_{r:02d}" / "adapter") for r in range(rounds) if run.done(f"round_{r:02d}/heal")]
 
 
-def write_config(root: Path, cfg: dict, persona: Persona, persona_path: str | Path) -> None:
-    """config.yaml: the resolved config, the persona (path, sha256, target) and the package versions."""
+def write_config(
+    root: Path, cfg: dict, persona: Persona, persona_path: str | Path, inputs: dict[str, str] | None = None
+) -> None:
+    """config.yaml: the resolved config, the persona (path, sha256, target), the inputs' fingerprints
+    (vignettes, model weights) and the package versions."""
     write_text(
         root / "config.yaml",
         yaml.safe_dump(
@@ -109,6 +146,7 @@ def write_config(root: Path, cfg: dict, persona: Persona, persona_path: str | Pa
                 "persona_sha256": persona.sha256,
                 "target": persona.target,
                 "direction": persona.direction,
+                **(inputs or {}),
                 "versions": _meta(),
             },
             sort_keys=False,

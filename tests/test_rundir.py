@@ -1,0 +1,99 @@
+"""rundir.py and the loop's small contracts: warm-up, resume fingerprints, --force, stale temps, the stop
+rules and the bake suggestion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from steerheal import SteerhealError
+from steerheal.config import parse_set, resolve_config
+from steerheal.heal import _lr_lambda, warmup_steps
+from steerheal.loop import run_loop
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = [
+    "rounds=1",
+    "vector.max_prompts=3",
+    "dose.probe_n=4",
+    "dose.steps=1",
+    "generate.n=8",
+    "generate.max_new_tokens=6",
+    "demo_max_new_tokens=4",
+    "pmass_floor=0",
+    "filter.max_ppl=1e9",
+    "filter.max_repetition=1.01",
+    "filter.min_words=0",
+    "heal.rank=4",
+    "heal.alpha=8",
+    "heal.epochs=1",
+    "heal.min_rows=4",
+    "heal.max_len=256",
+    "heal.lr=1e-2",
+    "eval.limit=7",
+    "coherence_prompts=0",
+]
+
+
+def test_warmup_is_not_a_no_op_for_short_heals():
+    assert warmup_steps(8, 0.1) == 1 and warmup_steps(40, 0.1) == 4 and warmup_steps(8, 0.0) == 0
+    f = _lr_lambda(8, warmup_steps(8, 0.1))
+    assert f(0) == pytest.approx(0.5) and f(1) == pytest.approx(1.0)  # step 0 used to take the full rate
+
+
+def _cfg(model_dir, *extra):
+    return resolve_config(None, parse_set([*TINY, f"model={model_dir}", *extra]))
+
+
+def test_resume_refuses_changed_vignettes_and_changed_weights(
+    tiny_model_dir, tiny_model_dir_wide, persona_file, tmp_path
+):
+    import shutil
+
+    from steerheal.vignettes import DEMO
+
+    model, vig = tmp_path / "model", tmp_path / "vignettes.jsonl"
+    shutil.copytree(tiny_model_dir, model)
+    vig.write_text(DEMO.read_text())
+    cfg = _cfg(model, f"eval.vignettes={vig}")
+    out = tmp_path / "run"
+    run_loop(persona_file, out, cfg)
+    conf = yaml.safe_load((out / "config.yaml").read_text())
+    assert conf["vignettes_sha256"] and conf["model_fingerprint"]
+    vig.write_text(DEMO.read_text().replace('"text": "', '"text": "Edited. '))  # same path, other scenes
+    with pytest.raises(SteerhealError, match="vignettes sha256 changed"):
+        run_loop(persona_file, out, cfg)
+    vig.write_text(DEMO.read_text())
+    for f in tiny_model_dir_wide.glob("*.safetensors"):  # other weights under the same path
+        shutil.copy(f, model / f.name)
+    with pytest.raises(SteerhealError, match="model fingerprint changed"):
+        run_loop(persona_file, out, cfg)
+    assert not list(out.glob("config.replaced-*.yaml"))  # refused: nothing moved
+
+
+def test_force_continues_and_keeps_the_replaced_config(tiny_model_dir, persona_file, tmp_path):
+    out = tmp_path / "run"
+    run_loop(persona_file, out, _cfg(tiny_model_dir))
+    (out / ".killed.xyz.tmp").mkdir()  # what a SIGKILL mid-write leaves
+    run_loop(persona_file, out, _cfg(tiny_model_dir, "rounds=2", "heal.lam=0.5"), force=True)
+    kept = list(out.glob("config.replaced-*.yaml"))
+    assert len(kept) == 1 and yaml.safe_load(kept[0].read_text())["config"]["heal"]["lam"] == 0.3
+    assert not list(out.rglob(".*.tmp"))
+    assert (out / "round_01" / "round.json").is_file()
+
+
+def test_stop_rules_and_the_bake_suggestion(tiny_model_dir, persona_file, tmp_path, capsys):
+    from steerheal.progress import set_quiet
+
+    set_quiet(False)
+    res = run_loop(persona_file, tmp_path / "floor", _cfg(tiny_model_dir, "rounds=3", "pmass_floor=1.5"))
+    assert res.rounds_done == 1 and "fell below the floor" in res.stop_reason
+    info = json.loads((res.root / "round_00" / "round.json").read_text())
+    assert info["below_floor"] is True
+    assert "standalone model" not in capsys.readouterr().err  # never suggest baking the broken round
+    res = run_loop(persona_file, tmp_path / "rows", _cfg(tiny_model_dir, "rounds=3", "filter.max_ppl=1.0"))
+    assert res.rounds_done == 1 and "fewer than heal.min_rows" in res.stop_reason
+    assert not (res.root / "round_00" / "adapter").exists()
