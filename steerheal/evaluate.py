@@ -306,11 +306,41 @@ def score_vignettes(
     p, pmass = combine_frames(lps)
     report = summarize(p, pmass, [v.foundation for v in vignettes], [v.modal for v in vignettes])
     logp = torch.log(p.clamp_min(1e-30))
+    report["settings"] = _settings(lm, vignettes, cfg, vector, coeff, system, shots, all(cached_used))
+    # Per vignette, so that differences between models can be paired (same rows) and bootstrapped.
+    report["rows"] = [
+        {
+            "id": v.id,
+            "condition": v.condition,
+            "foundation": v.foundation,
+            "modal": v.modal,
+            "p": {f: round(float(p[i, k]), 6) for k, f in enumerate(FOUNDATIONS)},
+            "logp": {f: round(float(logp[i, k]), 6) for k, f in enumerate(FOUNDATIONS)},
+            "pmass": round(float(pmass[i]), 6),
+            **({"thought": [t[i] for t in thoughts_all if t is not None]} if cfg.think_tokens > 0 else {}),
+        }
+        for i, v in enumerate(vignettes)
+    ]
+    report_cis(report)  # a 95% bootstrap CI beside every figure
+    return report
+
+
+def _settings(
+    lm: LoadedModel,
+    vignettes: list[Vignette],
+    cfg: EvalConfig,
+    vector: Any,
+    coeff: float,
+    system: str | None,
+    shots: Sequence[tuple[str, str]],
+    prefix_cache: bool,
+) -> dict[str, Any]:
+    """Everything that produced an eval, for its JSON: model, intervention, vignettes, protocol."""
     vec_meta = None
     if vector is not None:
         vec_meta = {k: vector.meta.get(k) for k in ("model", "persona", "method", "layers", "persona_sha256")}
         vec_meta["path"] = vector.path
-    report["settings"] = {
+    return {
         "model": lm.name,
         "adapters": list(lm.adapters),
         "vector": vec_meta,
@@ -328,25 +358,9 @@ def score_vignettes(
             "glosses": GLOSSES,
             "prefill": PREFILL,
             "frames": ["forward", "reversed"],
-            "prefix_cache": all(cached_used),
+            "prefix_cache": prefix_cache,
         },
     }
-    # Per vignette, so that differences between models can be paired (same rows) and bootstrapped.
-    report["rows"] = [
-        {
-            "id": v.id,
-            "condition": v.condition,
-            "foundation": v.foundation,
-            "modal": v.modal,
-            "p": {f: round(float(p[i, k]), 6) for k, f in enumerate(FOUNDATIONS)},
-            "logp": {f: round(float(logp[i, k]), 6) for k, f in enumerate(FOUNDATIONS)},
-            "pmass": round(float(pmass[i]), 6),
-            **({"thought": [t[i] for t in thoughts_all if t is not None]} if cfg.think_tokens > 0 else {}),
-        }
-        for i, v in enumerate(vignettes)
-    ]
-    report_cis(report)  # a 95% bootstrap CI beside every figure
-    return report
 
 
 def _span(interval: list[float] | None) -> str:

@@ -7,6 +7,8 @@ LoRA off (never a second copy); since it never changes during a heal, its log-pr
 completion positions are computed once and reused when they fit heal.ref_cache_gb.
 
 Three steps, one function each: prepare_reference, train, and the summary heal.json.
+
+Over 400 lines: the loss pieces, the reference, training and the summary are one idea; each function fits a screen.
 """
 
 from __future__ import annotations
@@ -367,6 +369,27 @@ def train(
     return log_rows
 
 
+def summarize(log_rows: list[dict], ref: Reference | None, before: dict, after: dict) -> dict[str, Any]:
+    """heal.json's numbers: NLL and D (to the reference) before and after training, and the barrier's use."""
+    n = max(1, len(log_rows))
+    return {
+        "steps": len(log_rows),
+        "ref_cache": ref is not None and ref.cache is not None,
+        "ref_cache_gb": round(ref.cache_gb, 4) if ref else 0.0,
+        "train_nll_start": before["train"]["nll"],
+        "train_nll": after["train"]["nll"],
+        "val_nll_start": before["val"]["nll"],
+        "val_nll": after["val"]["nll"],
+        # D after training vs the reference, sequence means of the mean and rmse aggregations
+        "val_D_mean": after["val"]["D_mean"],
+        "val_D_rmse": after["val"]["D_rmse"],
+        "train_D_mean": after["train"]["D_mean"],
+        "train_D_rmse": after["train"]["D_rmse"],
+        "mean_D_steps": sum(r["D"] for r in log_rows) / n,
+        "barrier_frac": sum(r["barrier_active"] for r in log_rows) / n,
+    }
+
+
 # ---------------------------------------------------------------- the heal
 
 
@@ -413,15 +436,15 @@ def heal(
     peft_model, layer_idx = attach_lora(lm.model, cfg)
     ok = False
     try:
-        val0, train0 = (
-            measure(peft_model, rows, val_idx, ref, cfg, pad_id),
-            measure(peft_model, rows, train_idx, ref, cfg, pad_id),
-        )
+        before = {
+            "val": measure(peft_model, rows, val_idx, ref, cfg, pad_id),
+            "train": measure(peft_model, rows, train_idx, ref, cfg, pad_id),
+        }
         log_rows = train(peft_model, rows, train_idx, ref, cfg, pad_id, teacher)
-        val1, train1 = (
-            measure(peft_model, rows, val_idx, ref, cfg, pad_id),
-            measure(peft_model, rows, train_idx, ref, cfg, pad_id),
-        )
+        after = {
+            "val": measure(peft_model, rows, val_idx, ref, cfg, pad_id),
+            "train": measure(peft_model, rows, train_idx, ref, cfg, pad_id),
+        }
         summary = {
             "config": asdict(cfg),
             "model": lm.name,
@@ -429,21 +452,8 @@ def heal(
             "data_sha256": records_sha256(records),
             "rows": {"train": len(train_idx), "val": len(val_idx)},
             "layers": layer_idx,
-            "steps": len(log_rows),
-            "ref_cache": ref is not None and ref.cache is not None,
             "ref_model": "separate (base)" if reference_model is not None else "the current model",
-            "ref_cache_gb": round(ref.cache_gb, 4) if ref else 0.0,
-            "train_nll_start": train0["nll"],
-            "train_nll": train1["nll"],
-            "val_nll_start": val0["nll"],
-            "val_nll": val1["nll"],
-            # D after training vs the reference, sequence means of the mean and rmse aggregations
-            "val_D_mean": val1["D_mean"],
-            "val_D_rmse": val1["D_rmse"],
-            "train_D_mean": train1["D_mean"],
-            "train_D_rmse": train1["D_rmse"],
-            "mean_D_steps": sum(r["D"] for r in log_rows) / max(1, len(log_rows)),
-            "barrier_frac": sum(r["barrier_active"] for r in log_rows) / max(1, len(log_rows)),
+            **summarize(log_rows, ref, before, after),
             "time_s": round(time.perf_counter() - t0, 2),
         }
         peft_model.eval()
@@ -462,8 +472,8 @@ def heal(
         for p in lm.model.parameters():
             p.requires_grad_(False)
     log(
-        f"healed: val NLL {val0['nll']:.3f} → {val1['nll']:.3f}, val D mean {val1['D_mean']:.3f} "
-        f"rmse {val1['D_rmse']:.3f}, barrier active "
+        f"healed: val NLL {summary['val_nll_start']:.3f} → {summary['val_nll']:.3f}, val D mean "
+        f"{summary['val_D_mean']:.3f} rmse {summary['val_D_rmse']:.3f}, barrier active "
         f"{summary['barrier_frac']:.0%} of {summary['steps']} steps, {summary['time_s']:.0f} s"
     )
     return summary

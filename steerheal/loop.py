@@ -6,6 +6,8 @@ Run directory:
   round_XX/{vector.safetensors, dose.json, completions.jsonl, kept.jsonl, rejected.jsonl,
             eval_steered.json, demo_steered.jsonl, adapter/, eval_healed.json, demo_healed.jsonl, round.json}
   metrics.jsonl  trajectory.png  report.md
+
+Over 400 lines: a round is one readable sequence of named steps (round()), plus the baselines and seeds around it.
 """
 
 from __future__ import annotations
