@@ -90,15 +90,16 @@ def check_resume(run: Run, cfg: dict, persona: Persona, inputs: dict[str, str], 
     old = yaml.safe_load(path.read_text()) or {}
     old_cfg = {k: v for k, v in (old.get("config") or {}).items() if k not in RESUMABLE_KEYS}
     new_cfg = {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}
-    changed = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    keys = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    changed = [f"config changed ({', '.join(keys)})"] if keys else []
     if old.get("persona_sha256") != persona.sha256:
-        changed.append("persona file")
+        changed.append("persona file changed")
     for key, value in inputs.items():
         if key in old and old[key] != value:
-            changed.append(key.replace("_", " "))
+            changed.append(f"{key.replace('_', ' ')} changed")
     if changed and not force:
         raise SteerhealError(
-            f"{run.root}: the {', '.join(changed)} changed since this run started; "
+            f"{run.root}: the {', the '.join(changed)} since this run started; "
             "use a new -o directory, or --force to continue with the new config"
         )
     if changed:
