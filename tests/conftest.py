@@ -128,6 +128,34 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+# The smallest loop that exercises every step on the tiny model (as --set KEY=VALUE pairs).
+TINY_RUN = [
+    "vector.max_prompts=3",
+    "dose.probe_n=4",
+    "dose.steps=1",
+    "generate.n=8",
+    "generate.max_new_tokens=6",
+    "demo_max_new_tokens=4",
+    "pmass_floor=0",
+    "filter.max_ppl=1e9",
+    "filter.max_repetition=1.01",
+    "filter.min_words=0",
+    "heal.rank=4",
+    "heal.alpha=8",
+    "heal.epochs=1",
+    "heal.min_rows=4",
+    "heal.max_len=256",
+    "heal.lr=1e-2",
+    "eval.limit=7",
+    "coherence_prompts=2",
+]
+
+
+def tiny_cli(*extra: str) -> list[str]:
+    """TINY_RUN (then extra pairs) as command-line flags."""
+    return [arg for pair in (*TINY_RUN, *extra) for arg in ("--set", pair)]
+
+
 PERSONA_YAML = """\
 name: tiny_persona
 description: A test persona.

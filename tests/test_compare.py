@@ -8,48 +8,11 @@ import subprocess
 import sys
 import time
 
+from conftest import tiny_cli
+
 from steerheal.compare import place
 
-TINY = [
-    "--rounds",
-    "1",
-    "--set",
-    "vector.max_prompts=3",
-    "--set",
-    "dose.probe_n=4",
-    "--set",
-    "dose.steps=1",
-    "--set",
-    "generate.n=8",
-    "--set",
-    "generate.max_new_tokens=6",
-    "--set",
-    "demo_max_new_tokens=4",
-    "--set",
-    "pmass_floor=0",
-    "--set",
-    "filter.max_ppl=1e9",
-    "--set",
-    "filter.max_repetition=1.01",
-    "--set",
-    "filter.min_words=0",
-    "--set",
-    "heal.rank=4",
-    "--set",
-    "heal.alpha=8",
-    "--set",
-    "heal.epochs=1",
-    "--set",
-    "heal.min_rows=4",
-    "--set",
-    "heal.max_len=256",
-    "--set",
-    "heal.lr=1e-2",
-    "--set",
-    "eval.limit=7",
-    "--set",
-    "coherence_prompts=2",
-]
+TINY = tiny_cli("rounds=1")
 
 
 def test_place_in_the_null():

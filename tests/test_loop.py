@@ -7,49 +7,13 @@ import sys
 import time
 
 import pytest
+from conftest import tiny_cli
 from safetensors.torch import load_file
 
 from steerheal import SteerhealError
 from steerheal.config import parse_set, resolve_config
 
-TINY = [
-    "--set",
-    "rounds=2",
-    "--set",
-    "vector.max_prompts=3",
-    "--set",
-    "dose.probe_n=4",
-    "--set",
-    "dose.steps=1",
-    "--set",
-    "generate.n=8",
-    "--set",
-    "generate.max_new_tokens=6",
-    "--set",
-    "demo_max_new_tokens=4",
-    "--set",
-    "pmass_floor=0",
-    "--set",
-    "filter.max_ppl=1e9",
-    "--set",
-    "filter.max_repetition=1.01",
-    "--set",
-    "filter.min_words=0",
-    "--set",
-    "heal.rank=4",
-    "--set",
-    "heal.alpha=8",
-    "--set",
-    "heal.epochs=1",
-    "--set",
-    "heal.min_rows=4",
-    "--set",
-    "heal.max_len=256",
-    "--set",
-    "heal.lr=1e-2",
-    "--set",
-    "eval.limit=7",
-]
+TINY = tiny_cli("rounds=2")
 
 
 def _cmd(model_dir, persona, out):

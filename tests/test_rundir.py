@@ -7,6 +7,7 @@ import json
 
 import pytest
 import yaml
+from conftest import TINY_RUN
 
 from steerheal import SteerhealError
 from steerheal.config import parse_set, resolve_config
@@ -15,27 +16,7 @@ from steerheal.loop import run_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = [
-    "rounds=1",
-    "vector.max_prompts=3",
-    "dose.probe_n=4",
-    "dose.steps=1",
-    "generate.n=8",
-    "generate.max_new_tokens=6",
-    "demo_max_new_tokens=4",
-    "pmass_floor=0",
-    "filter.max_ppl=1e9",
-    "filter.max_repetition=1.01",
-    "filter.min_words=0",
-    "heal.rank=4",
-    "heal.alpha=8",
-    "heal.epochs=1",
-    "heal.min_rows=4",
-    "heal.max_len=256",
-    "heal.lr=1e-2",
-    "eval.limit=7",
-    "coherence_prompts=0",
-]
+TINY = [*TINY_RUN, "rounds=1", "coherence_prompts=0"]
 
 
 def test_warmup_is_not_a_no_op_for_short_heals():
