@@ -354,7 +354,10 @@ def bake(
 
 
 # Options shared by `loop` and `compare` (one definition each).
-ConfigOpt = Annotated[Optional[str], typer.Option(help="Run YAML, or a preset: demo (default, CPU) or full (GPU).")]
+ConfigOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Run YAML, or a preset: demo (default, CPU), compare (the CPU arms comparison) or full (GPU)."),
+]
 RoundsOpt = Annotated[Optional[int], typer.Option(help="Number of rounds.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed.")]
 SeedsOpt = Annotated[

@@ -21,7 +21,7 @@ import torch
 
 from .chat import encode_completion, messages_for
 from .config import FilterConfig
-from .filter import completion_nlls, filter_records
+from .filter import filter_records
 from .generate import complete
 from .logprobs import Span, score_spans
 from .models import LoadedModel
@@ -44,7 +44,7 @@ def distinct2(texts: list[str]) -> float:
 
 
 @torch.no_grad()
-def kl_to_base(
+def judge_completions(
     lm: LoadedModel,
     base: LoadedModel,
     model_chats: list[list[dict[str, str]]],
@@ -52,11 +52,13 @@ def kl_to_base(
     completions: list[str],
     steer: Any,
     max_len: int,
-) -> float:
-    """Mean per-token KL(model ‖ base) over the completion tokens; each model sees its own chat."""
+) -> tuple[list[torch.Tensor], float]:
+    """One base forward per chunk gives both the per-token NLL of each completion under base and the
+    mean per-token KL(model ‖ base) over the completion tokens; each model sees its own chat."""
     pad = lm.tokenizer.pad_token_id
+    nlls: list[torch.Tensor] = []
     tot, n = 0.0, 0
-    with progress("KL to base", total=len(completions)) as bar:
+    with progress("judging completions", total=len(completions)) as bar:
         for s in range(0, len(completions), CHUNK):
             idx = range(s, min(s + CHUNK, len(completions)))
             a = [Span(*encode_completion(lm.tokenizer, model_chats[i], completions[i], max_len)) for i in idx]
@@ -64,12 +66,13 @@ def kl_to_base(
             with steer():
                 la = score_spans(lm.model, a, pad, CHUNK, full=True)
             lb = score_spans(base.model, b, pad, CHUNK, full=True)
-            for x, y in zip(la, lb):
+            for x, y, span in zip(la, lb, b):
+                nlls.append(-y.gather(-1, torch.tensor(span.ids[span.start :])[:, None]).squeeze(-1))
                 k = min(len(x), len(y))  # equal unless max_len truncated one of the two
                 tot += float((x[:k].exp() * (x[:k] - y[:k])).sum())
                 n += k
             bar(len(idx))
-    return tot / max(1, n)
+    return nlls, tot / max(1, n)
 
 
 def generation_coherence(
@@ -94,19 +97,19 @@ def generation_coherence(
     chats_m, chats_b = model_chats * 2, base_chats * 2
     recs = [Record(id=f"coh-{i}", persona="", messages=chats_b[i], completion=t) for i, t in enumerate(texts)]
     fcfg = filter_cfg or FilterConfig()
-    nlls = completion_nlls(base, recs, fcfg.max_len, fcfg.batch_size, desc="coherence: base perplexity")
-    tokens = sum(len(x) for x in nlls)
-    ppl = math.exp(min(50.0, sum(float(x.sum()) for x in nlls) / max(1, tokens)))
-    kept, _ = filter_records(base, recs, fcfg)
 
     def steer() -> Any:
         return vector.apply(lm.model, coeff) if vector is not None else contextlib.nullcontext()
 
+    nlls, kl = judge_completions(lm, base, chats_m, chats_b, texts, steer, fcfg.max_len)
+    tokens = sum(len(x) for x in nlls)
+    ppl = math.exp(min(50.0, sum(float(x.sum()) for x in nlls) / max(1, tokens)))
+    kept, _ = filter_records(base, recs, fcfg, nlls=nlls)
     return {
         "ppl": round(ppl, 3),
         "pass_rate": round(len(kept) / len(recs), 4),
         "distinct2": round(distinct2(texts), 4),
-        "kl_to_base": round(kl_to_base(lm, base, chats_m, chats_b, texts, steer, fcfg.max_len), 5),
+        "kl_to_base": round(kl, 5),
         "n": len(texts),
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,

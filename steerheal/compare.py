@@ -20,7 +20,7 @@ import numpy as np
 from . import SteerhealError
 from .config import ARMS, RunConfig
 from .evaluate import score_vignettes
-from .loop import run_seeds
+from .loop import BASELINE_STEPS, run_seeds
 from .models import load_model
 from .progress import log
 from .records import atomic_path, write_json, write_text
@@ -45,9 +45,15 @@ def run_compare(
         raise SteerhealError(f"--arms {','.join(bad)}: unknown; arms are {', '.join(ARMS)}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    # The baselines are computed once (by the first run to get there) and reused by every arm and seed,
+    # also by a second compare process running other arms into the same directory.
+    shared = next(
+        (d for a in ARMS for d in arm_dirs(root, a, cfg) if all(Run(d).done(k) for k in BASELINE_STEPS)), None
+    )
     for arm in arms:
         log(f"[arm {arm}]")
-        run_seeds(persona_path, root / arm, dataclasses.replace(cfg, arm=arm), force)
+        runs = run_seeds(persona_path, root / arm, dataclasses.replace(cfg, arm=arm), force, shared)
+        shared = shared or runs[0].root
     run = Run(root)
     if "steer" in arms and null_k > 0:
         run.step("null", lambda: write_json(root / "null.json", random_null(root, cfg, null_k)))

@@ -30,6 +30,7 @@ CONDITIONS = ("other_violate", "self_violate", "both")
 PROTOCOLS = ("kshot", "zero-shot")
 # Where each arm's training rows and target come from (see loop.py and the README's Arms section).
 ARMS = ("steer", "prompt", "prompt-kl", "random", "nll")
+STEERED_MEASURES = ("all", "first")
 
 
 @dataclass
@@ -147,6 +148,9 @@ class RunConfig:
     coherence_prompts: int = 24  # neutral prompts for generation coherence (greedy + sampled each); 0 = skip
     pmass_floor: float = 0.9  # stop when healed coherence < pmass_floor x base coherence
     demo_max_new_tokens: int = 40
+    # Raw-steered eval, demo and generation coherence in every round (all), or in round 0 only (first:
+    # compare places round 0's raw shift in the random null; later raw evals only cost time).
+    steered_measures: str = "all"
     vector: VectorConfig = field(default_factory=VectorConfig)
     dose: DoseConfig = field(default_factory=DoseConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -160,6 +164,7 @@ class RunConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise SteerhealError(f"seeds {self.seeds}: each seed once")
         _choice("arm", self.arm, ARMS)
+        _choice("steered_measures", self.steered_measures, STEERED_MEASURES)
         _choice("dose.method", self.dose.method, DOSES)
         if self.dose.method == "fixed" and self.dose.coeff is None:
             raise SteerhealError("dose.method fixed needs dose.coeff (--coeff C)")
@@ -249,11 +254,12 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def preset(name: str) -> dict:
-    """A preset's overrides (demo, full) as a dict."""
+    """A preset's overrides (demo, full, compare) as a dict."""
     try:
         text = resources.files("steerheal").joinpath(f"presets/{name}.yaml").read_text()
     except FileNotFoundError:
-        raise SteerhealError(f"--config {name}: no such preset or file; presets are demo and full") from None
+        names = sorted(p.name.removesuffix(".yaml") for p in resources.files("steerheal").joinpath("presets").iterdir())
+        raise SteerhealError(f"--config {name}: no such preset or file; presets are {', '.join(names)}") from None
     return yaml.safe_load(text) or {}
 
 

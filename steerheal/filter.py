@@ -72,11 +72,16 @@ def perplexity(nll: torch.Tensor, tail: bool) -> float:
 
 
 def score(
-    lm: LoadedModel, records: list[Record], cfg: FilterConfig, narration: list[str] | tuple[str, ...] = ()
+    lm: LoadedModel,
+    records: list[Record],
+    cfg: FilterConfig,
+    narration: list[str] | tuple[str, ...] = (),
+    nlls: list[torch.Tensor] | None = None,
 ) -> None:
-    """Add scores and drop_reasons to each record, in place."""
+    """Add scores and drop_reasons to each record, in place (nlls: per-token NLLs under lm, if already known)."""
     patterns = tuple(DEFAULT_NARRATION) + tuple(narration)
-    nlls = completion_nlls(lm, records, cfg.max_len, cfg.batch_size)
+    if nlls is None:
+        nlls = completion_nlls(lm, records, cfg.max_len, cfg.batch_size)
     for r, nll in zip(records, nlls):
         ppl = perplexity(nll, cfg.ppl_tail)
         rep = repetition(r.completion)
@@ -107,10 +112,14 @@ def split(records: list[Record]) -> tuple[list[Record], list[Record]]:
 
 
 def filter_records(
-    lm: LoadedModel, records: list[Record], cfg: FilterConfig, narration: list[str] | tuple[str, ...] = ()
+    lm: LoadedModel,
+    records: list[Record],
+    cfg: FilterConfig,
+    narration: list[str] | tuple[str, ...] = (),
+    nlls: list[torch.Tensor] | None = None,
 ) -> tuple[list[Record], list[Record]]:
     """Score and split: the one function the CLI and the loop both call."""
-    score(lm, records, cfg, narration)
+    score(lm, records, cfg, narration, nlls)
     return split(records)
 
 

@@ -44,6 +44,12 @@ from .rundir import (
 from .vector import SteeringVector, extract
 from .vignettes import Vignette, load_vignettes, vignettes_sha256
 
+# The baselines are the same for every seed and arm of one config: computed once, then shared.
+BASELINE_STEPS = tuple(f"baselines/{k}" for k in ("base", "prompt", "demo", "gen_base", "gen_prompt"))
+BASELINE_FILES = tuple(
+    f"baselines/{f}" for f in ("base.json", "prompt.json", "demo.jsonl", "gen_base.json", "gen_prompt.json")
+)
+
 ROUND_STEPS = (
     "vector",
     "random",
@@ -97,6 +103,7 @@ class Loop:
     cfg: RunConfig
     lm: LoadedModel
     vignettes: list[Vignette]
+    baselines_from: Path | None = None  # a finished run of the same config whose baselines to reuse
     _judge: LoadedModel | None = None
 
     def judge(self) -> LoadedModel:
@@ -136,7 +143,9 @@ class Loop:
     def baselines(self) -> None:
         """The base model and the prompting baseline (the persona's first pos prompt as a system prompt)."""
         run, d, system = self.run, self.run.root / "baselines", self.persona.pairs[0].pos
-        if not all(run.done(f"baselines/{k}") for k in ("base", "prompt", "demo", "gen_base", "gen_prompt")):
+        if self.baselines_from is not None and run.adopt(Run(self.baselines_from), BASELINE_STEPS, BASELINE_FILES):
+            log(f"[baselines] shared from {self.baselines_from}")
+        if not all(run.done(k) for k in BASELINE_STEPS):
             log("[baselines] base model and the prompting baseline (persona as system prompt)")
         run.step("baselines/base", lambda: write_json(d / "base.json", self.eval()))
         run.step("baselines/prompt", lambda: write_json(d / "prompt.json", self.eval(system=system)))
@@ -204,14 +213,15 @@ class Loop:
             write_records(kept, d / "kept.jsonl")
 
         step("filter", do_filter)
-        step("eval_steered", lambda: write_json(d / "eval_steered.json", self.eval(**act)))
-        step(
-            "demo_steered",
-            lambda: write_records(
-                demo_records(self.lm, persona, cfg, f"r{r}-steered", **act), d / "demo_steered.jsonl"
-            ),
-        )
-        step("gen_steered", lambda: self.coherence(d / "gen_steered.json", **act))
+        if r == 0 or cfg.steered_measures == "all":
+            step("eval_steered", lambda: write_json(d / "eval_steered.json", self.eval(**act)))
+            step(
+                "demo_steered",
+                lambda: write_records(
+                    demo_records(self.lm, persona, cfg, f"r{r}-steered", **act), d / "demo_steered.jsonl"
+                ),
+            )
+            step("gen_steered", lambda: self.coherence(d / "gen_steered.json", **act))
         kept = read_records(d / "kept.jsonl")
         # The nll arm: the same steered rows, no barrier (isolates what the barrier adds).
         reg = "nll" if cfg.arm == "nll" else cfg.heal.reg
@@ -291,10 +301,14 @@ class Loop:
             "direction": self.persona.direction,
             "cos_v0": round(vec.cosine(v0), 4),
             "vector_norm": round(vec.norm(), 4),
-            "steered": eval_summary(run.json(f"{key}/eval_steered.json"), t),
+            "steered": eval_summary(run.json(f"{key}/eval_steered.json"), t)
+            if run.done(f"{key}/eval_steered")
+            else None,
             "healed": eval_summary(run.json(f"{key}/eval_healed.json"), t) if healed else None,
             "base_target_nats": eval_summary(run.json("baselines/base.json"), t)["target_nats"],
-            "gen_steered": _gen_summary(run.json(f"{key}/gen_steered.json")),
+            "gen_steered": _gen_summary(run.json(f"{key}/gen_steered.json"))
+            if run.done(f"{key}/gen_steered")
+            else None,
             "gen_healed": _gen_summary(run.json(f"{key}/gen_healed.json")) if healed else None,
             "heal": None
             if heal_info is None
@@ -335,7 +349,9 @@ def _ignore(_: object) -> None:
     """A step's artifact is on disk; its return value is not needed."""
 
 
-def open_loop(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: bool) -> Loop:
+def open_loop(
+    persona_path: str | Path, out: str | Path, cfg: RunConfig, force: bool, baselines_from: Path | None = None
+) -> Loop:
     """Check a resume against the saved config, write config.yaml, load the model with the finished rounds' adapters."""
     persona = load_persona(persona_path)
     run = Run(Path(out))
@@ -357,19 +373,28 @@ def open_loop(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: 
         dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
     )
-    return Loop(run, persona, cfg, lm, vignettes)
+    return Loop(run, persona, cfg, lm, vignettes, baselines_from)
 
 
-def run_seeds(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: bool = False) -> list[LoopResult]:
-    """cfg.seeds independent runs in out/seed_S (each resumable), then one report pooled over them in out."""
+def run_seeds(
+    persona_path: str | Path,
+    out: str | Path,
+    cfg: RunConfig,
+    force: bool = False,
+    baselines_from: Path | None = None,
+) -> list[LoopResult]:
+    """cfg.seeds independent runs in out/seed_S (each resumable, the first seed's baselines shared),
+    then one report pooled over them in out."""
     if not cfg.seeds:
-        return [run_loop(persona_path, out, cfg, force)]
+        return [run_loop(persona_path, out, cfg, force, baselines_from)]
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     results = []
     for s in cfg.seeds:
         log(f"[seed {s}] ({cfg.seeds.index(s) + 1}/{len(cfg.seeds)})")
-        results.append(run_loop(persona_path, root / f"seed_{s}", dataclasses.replace(cfg, seed=s, seeds=[]), force))
+        one = dataclasses.replace(cfg, seed=s, seeds=[])
+        results.append(run_loop(persona_path, root / f"seed_{s}", one, force, baselines_from))
+        baselines_from = baselines_from or results[0].root
     dirs = [r.root for r in results]
     write_config(root, cfg.to_dict(), load_persona(persona_path), persona_path)
     from .plot import plot_run
@@ -382,10 +407,16 @@ def run_seeds(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: 
     return results
 
 
-def run_loop(persona_path: str | Path, out: str | Path, cfg: RunConfig, force: bool = False) -> LoopResult:
+def run_loop(
+    persona_path: str | Path,
+    out: str | Path,
+    cfg: RunConfig,
+    force: bool = False,
+    baselines_from: Path | None = None,
+) -> LoopResult:
     """Run (or resume) the loop in `out`: every finished step is recorded and never redone."""
     t0 = time.perf_counter()
-    loop = open_loop(persona_path, out, cfg, force)
+    loop = open_loop(persona_path, out, cfg, force, baselines_from)
     loop.baselines()
     stop_reason = f"{cfg.rounds} rounds done"
     for r in range(cfg.rounds):

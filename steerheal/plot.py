@@ -54,7 +54,8 @@ def plot_run(root: str | Path, run_dirs: list[Path] | None = None) -> Path:
     _point(ax, c["prompt"], "tab:blue", "prompting baseline", "prompt")
     path = [(1.0, 0.0)]
     for i, r in enumerate(c["rounds"]):
-        _point(ax, r["steered"], "tab:red", "raw steered" if i == 0 else None, f"s{r['round']}")
+        if r["steered"]:
+            _point(ax, r["steered"], "tab:red", "raw steered" if i == 0 else None, f"s{r['round']}")
         if r["healed"]:
             _point(ax, r["healed"], "tab:green", "healed" if i == 0 else None, f"r{r['round']}")
             path.append((r["healed"]["pmass_ratio"], r["healed"]["target_shift"]))

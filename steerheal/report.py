@@ -55,7 +55,8 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
     for r in range(n_rounds):
         infos = [x[r] for x in rounds_by_seed if len(x) > r]
         dirs = [d / f"round_{r:02d}" for d, x in zip(run_dirs, rounds_by_seed) if len(x) > r]
-        steered = [_rows(d / "eval_steered.json") for d in dirs]
+        # steered_measures=first: no raw-steered eval after round 0
+        steered = [_rows(d / "eval_steered.json") for d in dirs if (d / "eval_steered.json").is_file()]
         healed = [_rows(d / "eval_healed.json") for d, i in zip(dirs, infos) if i["healed"]]
         row: dict[str, Any] = {
             "round": r,
@@ -67,14 +68,15 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
             "heal": [i["heal"] for i in infos if i["heal"]],
             "time_s": [i["time_s"] for i in infos],
             "stop": [i.get("stop") for i in infos],
-            "steered": compare(base, steered, target, direction),
+            "steered": compare(base, steered, target, direction) if steered else None,
             "healed": compare(base, healed, target, direction) if healed else None,
             "gen_steered": [i.get("gen_steered") for i in infos],
             "gen_healed": [i.get("gen_healed") for i in infos],
         }
         if healed:
             # Q1: does healing restore coherence compared with raw steering (paired, same vignettes)?
-            row["heal_vs_steer_pmass"] = difference(base, healed, steered, target, direction, "pmass_ratio")
+            if len(steered) == len(healed):
+                row["heal_vs_steer_pmass"] = difference(base, healed, steered, target, direction, "pmass_ratio")
             row["heal_vs_prompt"] = difference(base, healed, prompts, target, direction, "selectivity")
             if prev_healed:  # Q3: did this round move the target further than the last one?
                 row["step_vs_prev"] = difference(base, healed, prev_healed, target, direction, "target_shift")
@@ -217,15 +219,16 @@ def answers(c: dict[str, Any]) -> list[str]:
     healed = [r for r in rounds if r["healed"]]
     if not healed:
         return [f"- {q0}", "- No round was healed."]
+    paired = [r for r in healed if "heal_vs_steer_pmass" in r]  # rounds with a raw-steered eval
     q1_parts = [
         f"r{r['round']}: pmass ratio steered {_ci(r['steered'], 'pmass_ratio', sign=False)} → healed "
         f"{_ci(r['healed'], 'pmass_ratio', sign=False)}, difference {verdict(r['heal_vs_steer_pmass']['difference_ci'])}; "
         f"shift steered {_ci(r['steered'], 'target_shift')} vs healed {_ci(r['healed'], 'target_shift')}"
-        for r in healed
+        for r in paired
     ]
-    q1_yes = sum(verdict(r["heal_vs_steer_pmass"]["difference_ci"]) == "yes" for r in healed)
+    q1_yes = sum(verdict(r["heal_vs_steer_pmass"]["difference_ci"]) == "yes" for r in paired)
     q1 = (
-        f"**Q1 can we heal?** healing raised coherence over raw steering (CI above 0) in {q1_yes}/{len(healed)} rounds. "
+        f"**Q1 can we heal?** healing raised coherence over raw steering (CI above 0) in {q1_yes}/{len(paired)} rounds. "
         + "; ".join(q1_parts)
         + "."
     )

@@ -55,6 +55,19 @@ class Run:
     def json(self, rel: str) -> Any:
         return json.loads((self.root / rel).read_text())
 
+    def adopt(self, src: Run, steps: tuple[str, ...], files: tuple[str, ...]) -> bool:
+        """Take finished `steps` (and their `files`) from another run instead of recomputing them: the
+        baselines are the same for every seed and arm. False, and nothing copied, unless src has them all."""
+        if not all(src.done(s) for s in steps) or all(self.done(s) for s in steps):
+            return False
+        for rel in files:
+            (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            write_text(self.root / rel, (src.root / rel).read_text())
+        for s in steps:
+            self.manifest["steps"][s] = {**src.manifest["steps"][s], "time_s": 0.0, "shared_from": str(src.root)}
+        write_json(self.manifest_path, self.manifest)
+        return True
+
 
 def _meta() -> dict:
     import peft

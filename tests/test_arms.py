@@ -124,3 +124,22 @@ def test_prepare_reference_from_a_separate_base_model(tiny_model_dir, tmp_path):
     assert ref is not None and ref.cache is not None
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ref.cache, want))
     assert not torch.allclose(ref.cache[0], healed[0], atol=1e-4)  # and not the healed model's
+
+
+def test_seeds_share_the_baselines_and_steered_measures_first_skips_later_raw_evals(
+    tiny_model_dir, persona_file, tmp_path
+):
+    from steerheal.loop import BASELINE_FILES, run_seeds
+
+    sets = [*TINY, "rounds=2", "seeds=0,1", "steered_measures=first", f"model={tiny_model_dir}"]
+    root = tmp_path / "seeds"
+    s0, s1 = (r.root for r in run_seeds(persona_file, root, resolve_config(None, parse_set(sets))))
+    steps = json.loads((s1 / "manifest.json").read_text())["steps"]
+    assert steps["baselines/base"]["shared_from"] == str(s0) and steps["baselines/base"]["time_s"] == 0
+    for rel in BASELINE_FILES:
+        assert (s1 / rel).read_text() == (s0 / rel).read_text()
+    for s in (s0, s1):
+        assert (s / "round_00" / "eval_steered.json").is_file() and (s / "round_01" / "eval_healed.json").is_file()
+        assert not (s / "round_01" / "eval_steered.json").exists()
+        assert json.loads((s / "round_01" / "round.json").read_text())["steered"] is None
+    assert "healing raised coherence over raw steering (CI above 0) in" in (root / "report.md").read_text()

@@ -33,3 +33,21 @@ def test_unsteered_model_matches_its_judge_and_steering_moves_every_measure(tiny
     assert steered["ppl"] != plain["ppl"]
     prompted = generation_coherence(tiny, tiny, prompts, system="Answer as a pirate.", max_new_tokens=8)
     assert prompted["kl_to_base"] > 0  # the judge reads the completion without the system prompt
+
+
+def test_one_base_pass_gives_the_filters_nlls_and_the_kl(tiny):
+    """judge_completions' base NLLs equal the filter's own scoring (it used to run base three times)."""
+    from steerheal.chat import messages_for
+    from steerheal.coherence import judge_completions
+    from steerheal.filter import completion_nlls
+    from steerheal.records import Record
+
+    chats = [messages_for(p) for p in neutral_prompts(3)]
+    texts = ["a short reply here", "another one, longer than the first reply", "x"]
+    nlls, kl = judge_completions(tiny, tiny, chats, chats, texts, lambda: torch.no_grad(), 512)
+    recs = [Record(id=str(i), persona="", messages=c, completion=t) for i, (c, t) in enumerate(zip(chats, texts))]
+    want = completion_nlls(tiny, recs, 512, 16)
+    assert [len(x) for x in nlls] == [len(x) for x in want]
+    for a, b in zip(nlls, want):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert kl == pytest.approx(0.0, abs=1e-6)

@@ -57,6 +57,9 @@ def test_compare_runs_arms_resumes_after_sigkill_and_reports(tiny_model_dir, per
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "steer" / "manifest.json").read_text())["steps"] == steer_steps  # not rerun
     assert "[round 1/1] vector" in r.stderr  # the killed arm went on
+    for arm in ("random", "prompt"):  # the baselines were computed once, by the first arm
+        base = json.loads((out / arm / "manifest.json").read_text())["steps"]["baselines/base"]
+        assert base["shared_from"] == str(out / "steer")
     summary = json.loads((out / "compare.json").read_text())
     assert set(summary["arms"]) == {"steer", "random", "prompt"} and len(summary["null"]["draws"]) == 3
     assert "null_raw" in summary["arms"]["steer"] and "steer_minus_arm" in summary["arms"]["random"]
