@@ -6,6 +6,7 @@ usage: STEERHEAL_CACHE=/tmp/shcache python benchmarks/bench_eval.py [VIGNETTES.j
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -47,8 +48,11 @@ def main() -> None:
         f"batched {a.batch_size}, no prefix cache": dict(batch_size=a.batch_size, prefix_cache=False),
         f"batched {a.batch_size} + shared-prefix KV cache (default)": dict(batch_size=a.batch_size, prefix_cache=True),
     }
+    gqa_off = "batched + prefix cache, K/V copied per head (TRANSFORMERS_SDPA_FORCE_GQA=0)"
+    runs[gqa_off] = dict(batch_size=a.batch_size, prefix_cache=True)
     res = {}
     for name, kw in runs.items():
+        os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "0" if name == gqa_off else "1"
         s, rep = timed(lm, sub, **kw)
         res[name] = (s, rep)
         print(
@@ -58,6 +62,9 @@ def main() -> None:
     for name, (s, rep) in list(res.items())[1:]:
         dp = max(abs(x["pmass"] - y["pmass"]) for x, y in zip(rep["rows"], base[1]["rows"]))
         print(f"speed-up of '{name}' over one at a time: {base[0] / s:.2f}x (max |Δpmass| {dp:.1e})")
+    default = f"batched {a.batch_size} + shared-prefix KV cache (default)"
+    print(f"SDPA's own GQA over copying K/V per head: {res[gqa_off][0] / res[default][0]:.2f}x")
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
     s, rep = timed(lm, allv, batch_size=a.batch_size)
     print(
         f"all {len(allv)} vignettes × 2 frames (default settings): {s:.1f} s  ({len(allv) / s:.2f} vignettes/s; target ≤ 60 s)"

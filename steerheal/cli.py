@@ -388,6 +388,37 @@ def _run_config(config: str | None, set_: list[str] | None, **flags: Any) -> Any
 
 
 @command
+def sweep(
+    persona: Annotated[Path, typer.Argument(help="Persona YAML.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Sweep directory.")],
+    bands: Annotated[str, typer.Option(help="Layer bands (fractions of depth), comma-separated.")] = (
+        "0.2:0.3,0.45:0.55,0.7:0.8"
+    ),
+    coeffs: Annotated[str, typer.Option(help="Steering coefficients, comma-separated.")] = "2,4,8",
+    null_k: Annotated[int, typer.Option(help="Random directions per point, norm-matched to the real vector.")] = 3,
+    config: ConfigOpt = None,
+    vignettes: VignettesOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Raw steering over layer bands × coefficients against a random null, and the prompt by strength (Pareto curves)."""
+    from .sweep import run_sweep
+
+    cfg = _run_config(
+        config, set_, model=model, vignettes=vignettes, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    try:
+        cs = [float(c) for c in coeffs.split(",") if c.strip()]
+    except ValueError:
+        raise SteerhealError(f"--coeffs {coeffs}: give numbers, e.g. 2,4,8") from None
+    run_sweep(persona, output, cfg, [b.strip() for b in bands.split(",") if b.strip()], cs, null_k)
+
+
+@command
 def loop(
     persona: Annotated[Path, typer.Argument(help="Persona YAML.")],
     output: Annotated[

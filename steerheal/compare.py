@@ -5,7 +5,7 @@ Each arm is a full loop (every seed) in out/<arm>/, built by loop.run_seeds, so 
 or seed is never rerun. The random null: K random directions, norm-matched to the steer arm's
 round-0 vector at its round-0 dose, each scored raw on the eval (null.json); every arm's
 round-0 shift is placed in that distribution (percentile, z), and a shift counts as
-persona-specific only outside the null's central 95%.
+persona-specific only above the null's central 95% (the persona's way).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .progress import log
 from .records import atomic_path, write_json, write_text
 from .report import collect
 from .rundir import Run
-from .stats import EvalRows, compare, difference
+from .stats import EvalRows, beats, compare, difference
 from .vector import SteeringVector
 from .vignettes import load_vignettes
 
@@ -94,7 +94,16 @@ def place(value: float, null: list[float]) -> dict[str, Any]:
         "z": (value - float(x.mean())) / sd if sd > 0 else math.nan,
         "null_95": [float(lo), float(hi)],
         "outside": bool(value < lo or value > hi),
+        "above": bool(value > hi),  # persona-specific: beyond the null the persona's way
     }
+
+
+def _null_word(p: dict[str, Any]) -> str:
+    if p.get("above"):
+        return "persona-specific (above the null's central 95%)"
+    if p["outside"]:
+        return "below the null's central 95% (further the wrong way than random directions)"
+    return "not distinguishable from a random direction"
 
 
 def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig) -> dict[str, Any]:
@@ -207,15 +216,15 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
             )
             vp = e["vs_prompting"]
             parts.append(
-                f"beats prompting: {vp['verdict']} (selectivity difference {vp['difference']:+.2f} "
+                f"beats prompting: {beats(vp['difference_ci'], e['last']['selectivity_ci'])} "
+                f"(selectivity difference {vp['difference']:+.2f} "
                 f"[{vp['difference_ci'][0]:+.2f}, {vp['difference_ci'][1]:+.2f}])"
             )
         for key, name in (("null_raw", "raw round 0"), ("null_healed", "healed round 0")):
             if key in e:
                 p = e[key]
                 parts.append(
-                    f"{name} in the random null: percentile {p['percentile']:.0f}, z {p['z']:+.2f}, "
-                    f"{'persona-specific (outside the null 95%)' if p['outside'] else 'not distinguishable from a random direction'}"
+                    f"{name} in the random null: percentile {p['percentile']:.0f}, z {p['z']:+.2f}, {_null_word(p)}"
                 )
         d = e.get("steer_minus_arm")
         if d:

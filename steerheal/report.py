@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .records import read_records, write_text
-from .stats import EvalRows, compare, difference, verdict
+from .stats import EvalRows, beats, compare, difference, verdict
 
 # A coherence ratio (healed pmass / base pmass) at or above this counts as "coherence held".
 COHERENCE_HELD = 0.9
@@ -257,7 +257,8 @@ def answers(c: dict[str, Any]) -> list[str]:
     d = healed[-1]["heal_vs_prompt"]
     lo, hi = d["difference_ci"]
     q4 = (
-        f"**Beats prompting?** {d['verdict']}: selectivity of the last healed round minus the prompting baseline's = "
+        f"**Beats prompting?** {beats(d['difference_ci'], last['selectivity_ci'])} (yes needs both the difference and "
+        "the healed model's own selectivity above 0): selectivity of the last healed round minus the prompting baseline's = "
         f"{_f(d['difference'], 2, True)} [{_f(lo, 2, True)}, {_f(hi, 2, True)}] (the coherence gate inside selectivity "
         f"compares them at matched coherence). Healed: {_ci(last, 'selectivity')}; prompting: {_ci(c['prompt'], 'selectivity')}."
     )

@@ -64,6 +64,16 @@ def verdict(interval: Sequence[float]) -> str:
     return "yes" if lo > 0 else ("no" if hi < 0 else "unclear")
 
 
+def beats(difference_ci: Sequence[float], own_ci: Sequence[float]) -> str:
+    """Does a model beat a rival? 'yes' only when the difference's interval lies above 0 AND the
+    model's own interval does too: a model that does not move the trait the persona's way beats
+    nothing, however much less wrong than the rival it is. 'no' when either lies below 0."""
+    diff, own = verdict(difference_ci), verdict(own_ci)
+    if "no" in (diff, own):
+        return "no"
+    return "yes" if diff == own == "yes" else "unclear"
+
+
 def _stratified_draws(label: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """[n_boot, N] row indices: each row of the draw resamples every foundation's vignettes within it."""
     cols = []

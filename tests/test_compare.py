@@ -21,6 +21,8 @@ def test_place_in_the_null():
     assert p["percentile"] == 100 and p["outside"] and p["z"] > 1.5
     q = place(50.0, null)
     assert 49 <= q["percentile"] <= 51 and not q["outside"] and abs(q["z"]) < 0.1
+    low = place(-20.0, null)  # far the wrong way: outside, but not persona-specific
+    assert low["outside"] and not low["above"] and p["above"]
 
 
 def test_compare_runs_arms_resumes_after_sigkill_and_reports(tiny_model_dir, persona_file, tmp_path):

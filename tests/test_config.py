@@ -40,9 +40,12 @@ def test_every_cli_default_is_the_dataclass_default(command, cls):
 
 
 def test_presets_only_override_known_keys():
-    demo, full = resolve_config(None, {}), resolve_config("full", {})
-    assert isinstance(demo, RunConfig) and demo.heal.tau == 0.1 and demo.generate.n == 48
+    demo, full, cmp = resolve_config(None, {}), resolve_config("full", {}), resolve_config("compare", {})
+    assert isinstance(demo, RunConfig) and demo.heal.tau == 0.1 and demo.generate.max_new_tokens == 40
     assert full.model == "Qwen/Qwen3-0.6B" and full.heal.rank == 32 and full.vector.max_prompts is None
+    assert full.seeds == cmp.seeds == [0, 1, 2] and not demo.seeds
+    # compare overrides the demo preset, and inherits what it does not name (the iso-KL dose)
+    assert cmp.eval.protocol == "zero-shot" and cmp.steered_measures == "first" and cmp.dose.method == "kl"
     assert demo.heal.agg == HealConfig().agg  # a key no preset names keeps the dataclass default
 
 

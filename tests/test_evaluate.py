@@ -137,6 +137,20 @@ def test_prefix_cache_matches_plain_forward(tiny):
         assert ra["pmass"] == pytest.approx(rb["pmass"], abs=1e-4)
 
 
+def test_cpu_grouped_attention_gives_the_same_scores(tiny, monkeypatch):
+    """The tiny model has 4 query heads over 2 K/V heads: SDPA's own GQA equals transformers' repeat_kv."""
+    import os
+
+    assert os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == "1"  # set by load_model on CPU
+    vigs = load_vignettes(None, limit=6)
+    a = evaluate(tiny, vigs, batch_size=3, prefix_cache=True)
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")
+    b = evaluate(tiny, vigs, batch_size=3, prefix_cache=True)
+    for ra, rb in zip(a["rows"], b["rows"]):
+        for f in FOUNDATIONS:
+            assert ra["logp"][f] == pytest.approx(rb["logp"][f], abs=1e-5)
+
+
 def test_batched_matches_one_at_a_time(tiny):
     vigs = load_vignettes(None, limit=5)
     a = evaluate(tiny, vigs, batch_size=5, prefix_cache=False)

@@ -107,3 +107,13 @@ def test_difference_between_arms_and_mismatched_vignettes():
     other = rows(base.logp[:-1], base.pmass[:-1], base.label[:-1])
     with pytest.raises(SteerhealError, match="same vignettes"):
         compare(base, [other], "authority", -1)
+
+
+def test_beats_needs_the_difference_and_the_models_own_value_above_zero():
+    from steerheal.stats import beats
+
+    assert beats([0.1, 0.3], [0.05, 0.2]) == "yes"
+    assert beats([0.06, 0.11], [-0.09, -0.02]) == "no"  # less wrong than the rival is not a win (demo, 2026-11-29)
+    assert beats([0.06, 0.11], [-0.01, 0.2]) == "unclear"
+    assert beats([-0.2, 0.1], [0.1, 0.2]) == "unclear"
+    assert beats([-0.3, -0.1], [0.1, 0.2]) == "no"

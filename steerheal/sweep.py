@@ -1,0 +1,208 @@
+"""Pareto curves instead of single points: where, if anywhere, is the persona vector specific?
+
+Raw steering (no heal) swept over layer bands × coefficients; at every point the real vector is
+scored beside K random directions norm-matched to it (same layers, same per-layer norms, same
+coefficient), and its target shift is placed in that null (z-score, outside the null's range?).
+The prompt is swept by strength: no prompt, the first pair's pos prompt, every pair's pos prompt
+together. Each eval is one resumable step, so a killed sweep goes on where it stopped.
+
+Out: sweep.json (every point, with CIs and its place in the null), sweep.md, sweep.png.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import RunConfig
+from .evaluate import score_vignettes
+from .models import load_model, parse_layers
+from .persona import load_persona
+from .progress import log
+from .records import write_json, write_text
+from .rundir import Run
+from .stats import EvalRows, compare
+from .vector import SteeringVector, extract
+from .vignettes import load_vignettes
+
+KEYS = ("target_shift", "target_shift_ci", "selectivity", "selectivity_ci", "pmass_ratio", "pmass_ratio_ci")
+MIN_PMASS_RATIO = 0.5  # a point counts as a candidate only while the forced choice still answers
+
+
+def run_sweep(
+    persona_path: str | Path,
+    out: str | Path,
+    cfg: RunConfig,
+    bands: list[str],
+    coeffs: list[float],
+    null_k: int = 3,
+) -> Path:
+    """Score every (band, coefficient) point, real and K random, and every prompt strength; write the report."""
+    persona = load_persona(persona_path)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    run = Run(root)
+    lm = load_model(cfg.model, [], device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    vigs = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
+
+    def scored(key: str, **kw: Any) -> EvalRows:
+        run.step(key, lambda: write_json(root / f"{key}.json", score_vignettes(lm, vigs, cfg.eval, **kw)))
+        return EvalRows.from_report(run.json(f"{key}.json"))
+
+    def vector(key: str, layers: list[int]) -> SteeringVector:
+        v = cfg.vector
+        path = root / f"{key}.safetensors"
+        run.step(key, lambda: extract(lm, persona, layers, v.normalize, v.batch_size, v.max_prompts).save(path))
+        return SteeringVector.load(path)
+
+    log("[sweep] base and prompt strengths")
+    base = scored("base")
+    # Prompt strength: the first pair's pos prompt, then every pair's pos prompt together.
+    prompts = {"first": persona.pairs[0].pos, "all": "\n".join(p.pos for p in persona.pairs)}
+    t, sign = persona.target, persona.direction
+
+    def point(rows: EvalRows) -> dict[str, Any]:
+        m = compare(base, [rows], t, sign)
+        return {k: m[k] for k in KEYS}
+
+    summary: dict[str, Any] = {"target": t, "null_k": null_k, "prompt": {"none": None}, "bands": {}}
+    for name, text in prompts.items():
+        summary["prompt"][name] = point(scored(f"prompt_{name}", system=text))
+    for band in bands:
+        layers = parse_layers(band, lm.n_layers)
+        vec = vector(f"band_{band}/vector", layers)
+        points = []
+        for c in coeffs:
+            log(f"[sweep] band {band} (layers {layers[0]}-{layers[-1]}), C = {c:g}")
+            real = point(scored(f"band_{band}/c{c:g}_real", vector=vec, coeff=c))
+            null = [
+                point(scored(f"band_{band}/c{c:g}_random{i}", vector=vec.random_like(20_000 + i), coeff=c))
+                for i in range(null_k)
+            ]
+            points.append({"coeff": c, "real": real, "null": null, **specificity(real, null)})
+        summary["bands"][band] = {"layers": layers, "norm": vec.norm(), "points": points}
+    summary["most_specific"] = most_specific(summary)
+    write_json(root / "sweep.json", summary)
+    write_text(root / "sweep.md", render(summary))
+    plot_sweep(root, summary)
+    log(f"sweep report: {root / 'sweep.md'}")
+    return root / "sweep.md"
+
+
+def specificity(real: dict[str, Any], null: list[dict[str, Any]]) -> dict[str, Any]:
+    """The real shift against the null's shifts at the same norm: z, and whether it lies beyond every draw."""
+    x = np.asarray([d["target_shift"] for d in null], dtype=np.float64)
+    if len(x) == 0:
+        return {"z": math.nan, "beyond_null": False}
+    sd = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    z = (real["target_shift"] - float(x.mean())) / sd if sd > 0 else math.nan
+    return {
+        "z": z,
+        "null_mean": float(x.mean()),
+        "null_range": [float(x.min()), float(x.max())],
+        "beyond_null": bool(real["target_shift"] > x.max()),
+    }
+
+
+def most_specific(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The coherent point (pmass ratio ≥ MIN_PMASS_RATIO) whose real shift stands furthest above its null."""
+    cands = [
+        {"band": band, "coeff": p["coeff"], "z": p["z"], "beyond_null": p["beyond_null"], **p["real"]}
+        for band, b in summary["bands"].items()
+        for p in b["points"]
+        if p["real"]["pmass_ratio"] >= MIN_PMASS_RATIO and not math.isnan(p["z"])
+    ]
+    return max(cands, key=lambda c: c["z"]) if cands else None
+
+
+def _ci(m: dict[str, Any], k: str) -> str:
+    lo, hi = m[f"{k}_ci"]
+    return f"{m[k]:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
+def render(s: dict[str, Any]) -> str:
+    t = s["target"]
+    L = [
+        "# steerheal sweep: raw steering across layer bands and coefficients, against a random null",
+        "",
+        f"Target **{t}** (shift persona-signed, nats; 95% paired bootstrap CIs over vignettes). At each point "
+        f"{s['null_k']} random directions with the real vector's per-layer norms, at the same coefficient, form the null; "
+        "z = (real shift − null mean) / null SD.",
+        "",
+        "| band | C | real shift | selectivity | pmass ratio | null shifts (min … max) | z | beyond every draw |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for band, b in s["bands"].items():
+        for p in b["points"]:
+            r, rng = p["real"], p.get("null_range")
+            null = f"{rng[0]:+.2f} … {rng[1]:+.2f}" if rng else "–"
+            L.append(
+                f"| {band} | {p['coeff']:g} | {_ci(r, 'target_shift')} | {_ci(r, 'selectivity')} | "
+                f"{r['pmass_ratio']:.2f} | {null} | {p['z']:+.1f} | {'yes' if p['beyond_null'] else 'no'} |"
+            )
+    L += ["", "| prompt strength | shift | selectivity | pmass ratio |", "|---|---|---|---|"]
+    L.append("| none | +0.00 | +0.00 | 1.00 |")
+    for name, m in s["prompt"].items():
+        if m:
+            L.append(
+                f"| {name} pos prompt(s) | {_ci(m, 'target_shift')} | {_ci(m, 'selectivity')} | {m['pmass_ratio']:.2f} |"
+            )
+    best = s["most_specific"]
+    L += ["", "![sweep](sweep.png)", ""]
+    if best is None:
+        L.append(f"- No point kept pmass ratio ≥ {MIN_PMASS_RATIO} with a usable null: nothing to choose from.")
+    else:
+        where = f"band {best['band']} at C = {best['coeff']:g}"
+        specific = "beyond every random draw" if best["beyond_null"] else "inside the random spread"
+        L.append(
+            f"- Most specific coherent point: {where}, shift {_ci(best, 'target_shift')}, z {best['z']:+.1f}, {specific}."
+        )
+        if not best["beyond_null"]:
+            L.append(
+                "- So the real vector is specific nowhere on this grid: a random direction of the same norm does as much."
+            )
+    return "\n".join(L) + "\n"
+
+
+def plot_sweep(root: Path, s: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.scatter([1.0], [0.0], marker="*", s=200, c="black", zorder=5, label="base")
+    for j, (band, b) in enumerate(s["bands"].items()):
+        pts = b["points"]
+        ax.plot(
+            [p["real"]["pmass_ratio"] for p in pts],
+            [p["real"]["target_shift"] for p in pts],
+            "o-",
+            color=f"C{j}",
+            label=f"persona vector, band {band}",
+        )
+        for p in pts:
+            ax.scatter(
+                [d["pmass_ratio"] for d in p["null"]],
+                [d["target_shift"] for d in p["null"]],
+                marker="x",
+                color=f"C{j}",
+                alpha=0.45,
+                s=25,
+            )
+    for name, m in s["prompt"].items():
+        if m:
+            ax.scatter([m["pmass_ratio"]], [m["target_shift"]], marker="s", color="tab:blue", s=50)
+            ax.annotate(name, (m["pmass_ratio"], m["target_shift"]), fontsize=7)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("coherence: pmass / base pmass")
+    ax.set_ylabel(f"{s['target']} shift, persona-signed (nats)")
+    ax.set_title("raw steering by band (lines: coefficients rising; x: random, same norm)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "sweep.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,61 @@
+"""sweep: raw steering over bands × coefficients against a norm-matched random null, and prompt strength."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from conftest import tiny_cli
+
+from steerheal.sweep import most_specific, specificity
+
+
+def _pt(shift: float, pmass: float = 1.0) -> dict:
+    return {"target_shift": shift, "pmass_ratio": pmass}
+
+
+def test_specificity_places_the_real_shift_in_the_null():
+    s = specificity(_pt(3.0), [_pt(0.0), _pt(1.0), _pt(2.0)])
+    assert s["z"] == 2.0 and s["beyond_null"] and s["null_range"] == [0.0, 2.0]
+    inside = specificity(_pt(1.5), [_pt(0.0), _pt(1.0), _pt(2.0)])
+    assert not inside["beyond_null"] and 0 < inside["z"] < 1
+    assert math.isnan(specificity(_pt(1.0), [])["z"])
+
+
+def test_most_specific_skips_incoherent_points():
+    def point(c, shift, pmass, z):
+        return {"coeff": c, "real": _pt(shift, pmass), "z": z, "beyond_null": z > 2}
+
+    s = {
+        "bands": {
+            "a": {"points": [point(2, 0.5, 0.9, 1.0), point(8, 3.0, 0.2, 9.0)]},
+            "b": {"points": [point(4, 1.0, 0.8, 3.0)]},
+        }
+    }
+    best = most_specific(s)
+    assert best is not None and (best["band"], best["coeff"]) == ("b", 4)  # the z = 9 point has lost coherence
+
+
+def test_sweep_on_the_tiny_model_resumes_and_reports(tiny_model_dir, persona_file, tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [
+        sys.executable, "-m", "steerheal.cli", "sweep", str(persona_file), "-o", str(out), "--model",
+        str(tiny_model_dir), "--bands", "0.25:0.5,0.5:0.75", "--coeffs", "2,8", "--null-k", "2", *tiny_cli(),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "sweep.json").read_text())
+    assert list(s["bands"]) == ["0.25:0.5", "0.5:0.75"] and set(s["prompt"]) == {"none", "first", "all"}
+    for b in s["bands"].values():
+        assert [p["coeff"] for p in b["points"]] == [2.0, 8.0]
+        for p in b["points"]:
+            assert len(p["null"]) == 2 and p["real"]["target_shift"] not in [d["target_shift"] for d in p["null"]]
+            assert p["real"]["target_shift_ci"][0] <= p["real"]["target_shift"] <= p["real"]["target_shift_ci"][1]
+    md = (out / "sweep.md").read_text()
+    assert "| 0.5:0.75 | 8 |" in md and "all pos prompt(s)" in md and (out / "sweep.png").is_file()
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    assert len(steps) == 1 + 2 + 2 * (1 + 2 * 3)  # base, 2 prompts, per band: vector + 2 coeffs × (real + 2 random)
+    r2 = subprocess.run(cmd, capture_output=True, text=True)
+    assert r2.returncode == 0 and json.loads((out / "manifest.json").read_text())["steps"] == steps  # nothing redone
