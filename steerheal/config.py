@@ -273,8 +273,14 @@ def parse_set(items: list[str]) -> dict:
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
+            if not isinstance(node.get(p, {}), dict):  # --set dose=kl, then --set dose.steps=4
+                node[p] = {"method": node[p]}
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(val)
+        value = yaml.safe_load(val)
+        if isinstance(node.get(leaf), dict) and isinstance(value, str):
+            node[leaf]["method"] = value  # --set dose.steps=4, then --set dose=kl
+        else:
+            node[leaf] = value
     return out
 
 
@@ -290,6 +296,8 @@ def resolve_config(config: str | None, overrides: dict) -> RunConfig:
                 raise SteerhealError(f"{config}: malformed YAML ({getattr(e, 'problem', e)})") from None
             if not isinstance(user, dict):
                 raise SteerhealError(f"{config}: a run config must be a YAML mapping")
+            if isinstance(user.get("config"), dict) and "versions" in user:
+                user = user["config"]  # a run directory's config.yaml: that run's exact settings
         else:
             user = preset(config)
         data = deep_merge(data, user)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,24 @@ def test_values_are_cast_to_the_field_type_or_refused():
         resolve_config(None, parse_set(["heal.reg=kl"]))
     with pytest.raises(SteerhealError, match="dose.method fixed needs dose.coeff"):
         resolve_config(None, parse_set(["dose.method=fixed"]))
+
+
+def test_a_run_directorys_config_yaml_reruns_that_runs_settings(tmp_path):
+    import yaml
+
+    from steerheal.persona import load_persona
+    from steerheal.rundir import write_config
+
+    persona_path = Path(__file__).parents[1] / "personas" / "anti_authority.yaml"
+    cfg = resolve_config(None, parse_set(["dose=keep", "generate.n=48", "seed=3"]))
+    write_config(tmp_path, cfg.to_dict(), load_persona(persona_path), persona_path)
+    again = resolve_config(str(tmp_path / "config.yaml"), {})
+    assert again == cfg and again.dose.method == "keep" and again.generate.n == 48
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["config"]["seed"] == 3
+
+
+def test_a_sections_method_and_its_keys_combine_in_either_order():
+    """--set dose=keep --set dose.steps=2 raised a TypeError (a traceback) before."""
+    for sets in (["dose=keep", "dose.steps=2"], ["dose.steps=2", "dose=keep"]):
+        cfg = resolve_config(None, parse_set(sets))
+        assert cfg.dose.method == "keep" and cfg.dose.steps == 2

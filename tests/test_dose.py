@@ -36,7 +36,8 @@ def test_kl_search_finds_the_coefficient_that_hits_the_target(tiny):
 
 def test_keep_rule_bisects_down_when_nothing_passes(tiny, persona_file):
     cfg: RunConfig = resolve_config(
-        None, parse_set(["dose.steps=2", "dose.probe_n=2", "generate.max_new_tokens=4", "filter.max_ppl=1.0"])
+        None,
+        parse_set(["dose=keep", "dose.steps=2", "dose.probe_n=2", "generate.max_new_tokens=4", "filter.max_ppl=1.0"]),
     )  # nothing passes
     res = choose_dose(tiny, load_persona(persona_file), _vec(tiny), cfg, seed=0)
     coeffs = [p["coeff"] for p in res["probes"]]
