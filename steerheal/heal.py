@@ -31,7 +31,7 @@ from . import SteerhealError
 from .chat import encode_completion
 from .config import HealConfig
 from .logprobs import Batch, Span, right_padded, score_spans, span_logprobs
-from .models import LoadedModel, decoder_layers, merge_adapters, parse_layers
+from .models import LoadedModel, absorb, decoder_layers, merge_adapters, parse_layers
 from .progress import log, progress
 from .records import Record, atomic_path
 
@@ -465,7 +465,7 @@ def heal(
     finally:
         # Leave lm.model a plain model: merged with the new adapter on success if asked, else as before.
         if ok and merge:
-            lm.model = peft_model.merge_and_unload().eval()
+            lm.model = absorb(peft_model, out_dir)
             lm.adapters = lm.adapters + [str(out_dir)]
         else:
             lm.model = peft_model.unload().eval()

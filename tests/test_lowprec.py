@@ -1,0 +1,101 @@
+"""Faithful rounds in bf16 (bf16 works on CPU): merging a small heal into bf16 weights rounds most
+of it away, so in low precision each adapter stays a frozen fp32 low-rank residual, and bake merges
+in fp32. The loop's model, a reload with the adapters and the baked checkpoint are one function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from steerheal.models import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_adapter(model_dir: Path, out: Path, std: float = 2e-5) -> Path:
+    """A LoRA whose ΔW is far below a bf16 ulp of the weights, like a real heal's."""
+    from peft import LoraConfig, get_peft_model
+
+    from steerheal.heal import lora_targets
+
+    lm = load_model(str(model_dir))
+    torch.manual_seed(0)
+    pm = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=lora_targets(lm.model, [0, 1])))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, std)
+    pm.save_pretrained(out)
+    return out
+
+
+def adapter_deltas(adapter: Path) -> dict[str, torch.Tensor]:
+    """ΔW = (alpha / r) · B A per module, in fp32, straight from the adapter file."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    sd = load_file(adapter / "adapter_model.safetensors")
+    scale = cfg["lora_alpha"] / cfg["r"]
+    return {
+        k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): scale
+        * sd[k.replace("lora_A", "lora_B")]
+        @ sd[k]
+        for k in sd
+        if k.endswith("lora_A.weight")
+    }
+
+
+def effective_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The weight a module applies, in fp32: its stored weight plus any low-rank residuals kept beside it."""
+    mod = model.get_submodule(name)
+    w = mod.weight.detach().float().clone()
+    for a, b, scale in getattr(mod, "steerheal_low_rank", []):
+        w += scale * b @ a
+    return w
+
+
+def test_an_adapter_loaded_in_bf16_keeps_its_whole_delta(tiny_model_dir, tmp_path):
+    adapter = small_adapter(tiny_model_dir, tmp_path / "a")
+    base = load_model(str(tiny_model_dir), dtype="bf16")
+    healed = load_model(str(tiny_model_dir), [str(adapter)], dtype="bf16")
+    for name, want in adapter_deltas(adapter).items():
+        got = effective_weight(healed.model, name) - effective_weight(base.model, name)
+        loss = float((got - want).norm() / want.norm())
+        assert loss <= 0.01, f"{name}: {loss:.0%} of ΔW lost"  # merged into bf16 weights: about 100% lost
+
+
+def test_the_loop_model_a_reload_and_the_bake_are_one_function_in_bf16(tiny_model_dir, tmp_path):
+    from steerheal.bake import bake
+    from steerheal.config import HealConfig
+    from steerheal.heal import heal
+    from steerheal.records import Record
+
+    recs = [
+        Record(
+            id=str(i), persona="", messages=[{"role": "user", "content": f"Say hi {i}."}], completion="Hello, friend."
+        )
+        for i in range(8)
+    ]
+    lm = load_model(str(tiny_model_dir), dtype="bf16")
+    cfg = HealConfig(rank=4, alpha=8, lr=1e-3, epochs=1, min_rows=4, layers="0:1", batch_size=4)
+    heal(lm, recs, cfg, tmp_path / "a", merge=True)  # what the loop does after each round
+    reload = load_model(str(tiny_model_dir), [str(tmp_path / "a")], dtype="bf16")  # generate -a ...
+    bake(str(tiny_model_dir), [tmp_path / "a"], tmp_path / "baked")
+    baked = load_model(str(tmp_path / "baked"))
+    assert next(baked.model.parameters()).dtype == torch.float32  # merged and saved in fp32
+
+    base = load_model(str(tiny_model_dir), dtype="bf16")
+    for name, want in adapter_deltas(tmp_path / "a").items():  # the loop's model kept the whole heal
+        got = effective_weight(lm.model, name) - effective_weight(base.model, name)
+        assert float((got - want).norm() / want.norm()) <= 0.01
+
+    ids = lm.tokenizer(["Say hi to the world, my friend.", "What is the weather?"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        lp = [torch.log_softmax(m.model(**ids).logits.float(), -1) for m in (lm, reload, baked)]
+    mask = ids["attention_mask"].bool()
+    for i in range(3):
+        for j in range(i + 1, 3):
+            kl = (lp[i].exp() * (lp[i] - lp[j])).sum(-1)[mask]
+            assert float(kl.max()) <= 1e-3, (i, j, float(kl.max()))
