@@ -205,3 +205,31 @@ def last_logits(
         return list(tail_logits(model, b)[:, -1].float().cpu())
 
     return map_batches(rows, [len(r) for r in rows], batch_size, run, bar)
+
+
+@dataclass
+class TopK:
+    """Log-probs [n, V] kept as the top k per position (the rest of the mass is 1 − their sum):
+    memory that does not grow with the vocabulary (12 bytes per kept entry)."""
+
+    values: torch.Tensor  # [n, k] fp32 log-probs
+    indices: torch.Tensor  # [n, k] int64 token ids
+
+    @classmethod
+    def of(cls, logp: torch.Tensor, k: int) -> TopK:
+        v, i = logp.float().topk(min(k, logp.shape[-1]), dim=-1)
+        return cls(v, i)
+
+    @classmethod
+    def cat(cls, parts: Sequence[TopK]) -> TopK:
+        return cls(torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts]))
+
+    def to(self, device: torch.device) -> TopK:
+        return TopK(self.values.to(device), self.indices.to(device))
+
+    def rest(self) -> torch.Tensor:
+        """[n] log of the mass outside the top k."""
+        return (1 - self.values.exp().sum(-1)).clamp_min(1e-12).log()
+
+    def nbytes(self) -> int:
+        return self.values.numel() * 4 + self.indices.numel() * 8

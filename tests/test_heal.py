@@ -287,3 +287,16 @@ def test_smoke_bundled_heal_then_bake(tmp_path):
     ref = load_model(None, [str(tmp_path / "ad")])
     with torch.no_grad():
         assert torch.allclose(m(ids).logits, ref.model(ids).logits, atol=1e-4)
+
+
+def test_heal_with_a_top_k_reference_cache(tiny_model_dir, tmp_path):
+    """A top-16 cache is smaller than the full-vocabulary one, and its D is a close lower bound of it."""
+    s = {}
+    for k in (0, 16):
+        lm = load_model(str(tiny_model_dir))
+        s[k] = heal(lm, recs(12), tiny_cfg(ref_top_k=k, epochs=2), tmp_path / f"k{k}")
+        assert (
+            s[k]["ref_cache"] and json.loads((tmp_path / f"k{k}" / "heal.json").read_text())["config"]["ref_top_k"] == k
+        )
+    assert s[16]["ref_cache_gb"] < s[0]["ref_cache_gb"] / 10
+    assert 0 < s[16]["val_D_mean"] <= s[0]["val_D_mean"] * 1.05

@@ -77,3 +77,32 @@ def test_generation_batched_greedy_equals_one_by_one(lm):
     one = generate_records(lm, "p", PROMPTS, GenerateConfig(**g, batch_size=1))
     many = generate_records(lm, "p", PROMPTS, GenerateConfig(**g, batch_size=4))
     assert [r.completion for r in one] == [r.completion for r in many]
+
+
+def test_topk_kl_is_exact_at_k_equal_v_and_a_lower_bound_below():
+    from steerheal.heal import kl_per_position, topk_kl
+    from steerheal.logprobs import TopK
+
+    torch.manual_seed(0)
+    ref = torch.log_softmax(torch.randn(6, 80) * 3, -1)
+    student = torch.log_softmax(ref + torch.randn(6, 80) * 0.5, -1)
+    for direction in ("kl_rev", "kl_fwd"):
+        full = kl_per_position(student, ref, direction)
+        assert torch.allclose(topk_kl(student, TopK.of(ref, 80), direction), full, atol=1e-5)
+        for k in (4, 16):
+            part = topk_kl(student, TopK.of(ref, k), direction)
+            assert (part >= -1e-6).all() and (part <= full + 1e-5).all()  # coarser buckets: never more
+        assert (
+            topk_kl(student, TopK.of(ref, 16), direction) >= topk_kl(student, TopK.of(ref, 4), direction) - 1e-5
+        ).all()
+    t = TopK.of(ref, 8)
+    assert t.nbytes() == 6 * 8 * 12 and torch.equal(t.values, ref.topk(8, -1).values)
+
+
+def test_reference_cache_size_does_not_grow_with_the_vocabulary():
+    from steerheal.heal import ref_cache_bytes
+    from steerheal.logprobs import Span
+
+    rows = [Span(list(range(30)), 10)] * 4
+    assert ref_cache_bytes(rows, 151_936, 256) == ref_cache_bytes(rows, 49_152, 256) == 80 * 256 * 12
+    assert ref_cache_bytes(rows, 151_936, 0) == 80 * 151_936 * 4  # full vocabulary: 4 bytes per entry
