@@ -117,7 +117,7 @@ def test_prepare_reference_from_a_separate_base_model(tiny_model_dir, tmp_path):
     heal(lm, recs, HealConfig(rank=4, alpha=8, lr=5e-2, epochs=1, min_rows=4, layers="0:1"), tmp_path / "a", merge=True)
     base = load_model(str(tiny_model_dir))
     rows = encode_rows(lm.tokenizer, recs, 256)
-    cfg = HealConfig(ref="base")
+    cfg = HealConfig(ref="base", ref_top_k=0)  # the whole vocabulary, to compare row by row
     ref = prepare_reference(lm, rows, cfg, (), reference_model=base.model)
     want = score_spans(base.model, rows, lm.tokenizer.pad_token_id, 8, full=True)
     healed = score_spans(lm.model, rows, lm.tokenizer.pad_token_id, 8, full=True)
