@@ -96,6 +96,20 @@ def test_rmse_vs_mean_spiky_and_flat():
     assert aggregate(spiky, m2, "rmse").item() == pytest.approx(0.0, abs=1e-5)
 
 
+def test_every_aggregation_ignores_masked_positions_row_by_row():
+    """Rows of a batch with different real lengths: padding holding huge values never leaks in."""
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.4, 99.0, 99.0], [1.0, 2.0, 99.0, 99.0, 99.0, 99.0], [99.0] * 6])
+    mask = torch.tensor([[True] * 4 + [False] * 2, [True] * 2 + [False] * 4, [False] * 6])
+    want = {
+        "mean": [0.25, 1.5, 0.0],
+        "rmse": [math.sqrt((0.01 + 0.04 + 0.09 + 0.16) / 4), math.sqrt(2.5), 0.0],
+        "max": [0.4, 2.0, 0.0],
+        "p95": [float(torch.quantile(torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.95)), 1.95, 0.0],
+    }
+    for agg, values in want.items():
+        assert aggregate(kl, mask, agg).tolist() == pytest.approx(values, abs=1e-5), agg
+
+
 def test_kl_of_model_with_itself_is_zero(tiny):
     rows = encode_rows(tiny.tokenizer, recs(4), 256)
     b = make_batch(rows, [0, 1, 2, 3], tiny.tokenizer.pad_token_id, torch.device("cpu"))
