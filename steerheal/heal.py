@@ -262,7 +262,8 @@ def reference_logprobs(
     with progress("reference log-probs", total=len(rows)) as bar:
         for s in range(0, len(rows), chunk):
             lps = score_spans(model, rows[s : s + chunk], pad_id, chunk, full=True)
-            out += [TopK.of(x, top_k) for x in lps] if top_k else lps
+            # top-k only where it saves memory: a vocabulary of k or fewer is kept whole (exact, 4 bytes an entry)
+            out += [TopK.of(x, top_k) if 0 < top_k < x.shape[-1] else x for x in lps]
             bar(len(lps))
     return out
 

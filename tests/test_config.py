@@ -89,3 +89,19 @@ def test_a_sections_method_and_its_keys_combine_in_either_order():
     for sets in (["dose=keep", "dose.steps=2"], ["dose.steps=2", "dose=keep"]):
         cfg = resolve_config(None, parse_set(sets))
         assert cfg.dose.method == "keep" and cfg.dose.steps == 2
+
+
+def test_every_data_file_and_preset_ships_in_the_wheel():
+    """neutral_prompts.txt was missing from package-data: a non-editable install had no coherence prompts."""
+    import fnmatch
+    import re
+
+    root = Path(__file__).parents[1]
+    text = (root / "pyproject.toml").read_text()  # no tomllib: Python 3.10 is supported
+    line = re.search(r"^\[tool\.setuptools\.package-data\]\nsteerheal = \[(.*)\]$", text, re.M)
+    assert line is not None
+    globs = re.findall(r'"([^"]+)"', line.group(1))
+    pkg = root / "steerheal"
+    for f in [*(pkg / "data").iterdir(), *(pkg / "presets").iterdir()]:
+        rel = f.relative_to(pkg).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not in package-data"
