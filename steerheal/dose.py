@@ -89,6 +89,9 @@ def steered_kl_p95(lm: LoadedModel, prompts: list[str], vec: SteeringVector, coe
     return float(torch.quantile(kl, 0.95)) if kl.numel() else 0.0
 
 
+ASSUMED_SLOPE = 2.0  # d log KL / d log C before two probes give a secant
+
+
 def kl_dose(
     lm: LoadedModel,
     prompts: list[str],
@@ -100,7 +103,11 @@ def kl_dose(
     steps: int,
     tol: float = 0.1,
 ) -> dict[str, Any]:
-    """Secant search on (log C, log p95 KL) for p95 KL = target, C kept in [lo, hi]; the closest probe wins."""
+    """Secant search on (log C, log p95 KL) for p95 KL = target, C kept in [lo, hi]; the closest probe wins.
+
+    The first probe sits at the geometric middle of [lo, hi]; the second is a Newton step that assumes
+    KL ∝ C² (slope 2 in log-log, as for any small perturbation; measured 1.8 on SmolLM2 between C 0.5
+    and 2.8). On the demo that lands within tol in two probes where a probe at lo wasted one."""
     probes: list[dict[str, float]] = []
 
     def probe(c: float) -> float:
@@ -109,10 +116,13 @@ def kl_dose(
         log(f"  dose probe {len(probes)}/{steps}: coeff {c:.3g} p95 KL {kl:.3f} (target {target})")
         return math.log(max(kl, 1e-6)) - math.log(target)
 
-    x0, x1 = math.log(lo), math.log(math.sqrt(lo * hi))
-    y0, y1 = probe(math.exp(x0)), probe(math.exp(x1))
+    x1 = math.log(math.sqrt(lo * hi))
+    y1 = probe(math.exp(x1))
+    x0, y0 = x1, y1
+    slope = ASSUMED_SLOPE
     while len(probes) < steps and abs(y1) > math.log1p(tol):
-        slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+        if x1 != x0:
+            slope = (y1 - y0) / (x1 - x0)
         x2 = x1 - y1 / slope if slope > 0 else (x1 + math.log(2) if y1 < 0 else x1 - math.log(2))
         x2 = min(max(x2, math.log(lo)), math.log(hi))
         if x2 == x1:

@@ -43,3 +43,15 @@ def test_keep_rule_bisects_down_when_nothing_passes(tiny, persona_file):
     coeffs = [p["coeff"] for p in res["probes"]]
     assert coeffs[1] < coeffs[0]  # every probe failed: the search moved down
     assert res["coeff"] == cfg.dose.lo and "no probe reached" in res["note"]
+
+
+def test_kl_search_takes_two_probes_when_kl_is_quadratic_in_c(monkeypatch):
+    """The first probe is at the middle of [lo, hi] and the second a Newton step with slope 2 in
+    log-log: for KL ∝ C² that hits the target exactly, so no probe is spent at lo."""
+    import steerheal.dose as dose
+
+    monkeypatch.setattr(dose, "steered_kl_p95", lambda lm, prompts, vec, c, tokens: 0.1 * c * c)
+    res = kl_dose(None, PROMPTS, None, 1.0, 6, lo=0.5, hi=16.0, steps=3)  # type: ignore[arg-type]
+    coeffs = [p["coeff"] for p in res["probes"]]
+    assert coeffs[0] == pytest.approx(8**0.5, abs=1e-3)
+    assert len(coeffs) == 2 and res["coeff"] == pytest.approx(10**0.5, abs=1e-3)
