@@ -30,7 +30,7 @@ from torch import nn
 from . import SteerhealError
 from .chat import encode_completion
 from .config import HealConfig
-from .logprobs import Batch, Span, TopK, right_padded, score_spans, span_logprobs
+from .logprobs import Batch, Span, TopK, cat_logprobs, per_position, right_padded, score_spans, span_logprobs
 from .models import LoadedModel, absorb, decoder_layers, merge_adapters, parse_layers
 from .progress import log, progress
 from .records import Record, atomic_path
@@ -117,24 +117,28 @@ def batch_terms(
     batch: Batch,
     ref_logp: torch.Tensor | TopK | Callable[[], torch.Tensor] | None,
     cfg: HealConfig,
-    teacher_logp: torch.Tensor | None = None,
+    teacher_logp: torch.Tensor | TopK | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, fit, D[B]) for one batch; ref_logp is [N, V], a thunk giving it, or None for reg nll.
 
     fit is the completion-token NLL, or, given the teacher's log-probs [N, V] at the same
     positions, KL(teacher ‖ student): distillation towards a whole distribution (Prompt Baking).
     """
-    logp = span_logprobs(model, batch)
-    if teacher_logp is not None:
-        nll = kl_per_position(logp, teacher_logp, "kl_fwd").mean()
-    else:
-        labels = batch.labels[batch.mask]
-        nll = -logp.gather(-1, labels[:, None]).squeeze(-1).mean()
-    if cfg.reg == "nll" or ref_logp is None:
-        d = torch.zeros(batch.input_ids.shape[0], device=logp.device)
-        return nll, nll, d
-    ref = ref_logp() if callable(ref_logp) else ref_logp
-    d = aggregate(_per_position(position_kl(logp, ref, cfg.reg), batch.mask), batch.mask, cfg.agg)
+    labels = batch.labels[batch.mask]
+    ref = None if cfg.reg == "nll" or ref_logp is None else ref_logp() if callable(ref_logp) else ref_logp
+
+    def terms(logp: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        if teacher_logp is not None:
+            fit = position_kl(logp, teacher_logp[sl], "kl_fwd")
+        else:
+            fit = -logp.gather(-1, labels[sl, None]).squeeze(-1)
+        return fit, position_kl(logp, ref[sl], cfg.reg) if ref is not None else torch.zeros_like(fit)
+
+    fit_pos, kl_pos = per_position(model, batch, terms)  # chunks of positions: no [N, V] tensor kept
+    nll = fit_pos.mean()
+    if ref is None:
+        return nll, nll, torch.zeros(batch.input_ids.shape[0], device=nll.device)
+    d = aggregate(_per_position(kl_pos, batch.mask), batch.mask, cfg.agg)
     return nll + barrier(d, cfg.tau, cfg.lam), nll, d
 
 
@@ -194,10 +198,7 @@ class Reference:
 
     def for_batch(self, b: Batch) -> torch.Tensor | TopK | Callable[[], torch.Tensor]:
         if self.cache is not None:
-            rows = [self.cache[i] for i in b.rows]
-            if isinstance(rows[0], TopK):
-                return TopK.cat(rows).to(b.input_ids.device)  # type: ignore[arg-type]
-            return torch.cat(rows).to(b.input_ids.device)  # type: ignore[arg-type]
+            return cat_logprobs([self.cache[i] for i in b.rows], b.input_ids.device)
         if self.model is not None:
             separate = self.model
 
@@ -253,26 +254,20 @@ def prepare_reference(
 
 
 def reference_logprobs(
-    model: nn.Module, rows: Sequence[Span], pad_id: int, top_k: int
+    model: nn.Module, rows: Sequence[Span], pad_id: int, top_k: int, desc: str = "reference log-probs"
 ) -> list[torch.Tensor] | list[TopK]:
-    """Each row's reference log-probs, 8 rows at a time, compressed to the top k as they come
-    (so the full [n, V] rows never all sit in memory at once)."""
-    chunk = 8
-    out: list = []
-    with progress("reference log-probs", total=len(rows)) as bar:
-        for s in range(0, len(rows), chunk):
-            lps = score_spans(model, rows[s : s + chunk], pad_id, chunk, full=True)
-            # top-k only where it saves memory: a vocabulary of k or fewer is kept whole (exact, 4 bytes an entry)
-            out += [TopK.of(x, top_k) if 0 < top_k < x.shape[-1] else x for x in lps]
-            bar(len(lps))
-    return out
+    """Each row's reference log-probs, 8 rows at a time, kept as their top k (compressed chunk by
+    chunk of positions, so no [n, V] tensor is ever built) or, for a vocabulary of k or fewer, whole."""
+    with progress(desc, total=len(rows)) as bar:
+        return score_spans(model, rows, pad_id, 8, full=True, top_k=top_k, bar=bar)
 
 
 @torch.no_grad()
 def teacher_logprobs(
     lm: LoadedModel, rows: Sequence[Span], teacher_records: Sequence[Record], cfg: HealConfig
-) -> list[torch.Tensor]:
-    """The current model's log-probs [n, V] over each completion, read in the teacher's context."""
+) -> list[torch.Tensor] | list[TopK]:
+    """The current model's log-probs over each completion, read in the teacher's context: [n, V] rows,
+    or their top heal.ref_top_k (Prompt Baking keeps the teacher's top logits the same way)."""
     if len(teacher_records) != len(rows):
         raise SteerhealError(f"{len(teacher_records)} teacher records for {len(rows)} rows; give one per row")
     t_rows = encode_rows(lm.tokenizer, teacher_records, cfg.max_len)
@@ -282,8 +277,7 @@ def teacher_logprobs(
                 f"record {rec.id}: its completion is cut by --max-len {cfg.max_len} in the "
                 "teacher's longer context; raise --max-len"
             )
-    with progress("teacher log-probs", total=len(t_rows)) as bar:
-        return score_spans(lm.model, t_rows, _pad_id(lm.tokenizer), 8, full=True, bar=bar)
+    return reference_logprobs(lm.model, t_rows, _pad_id(lm.tokenizer), cfg.ref_top_k, desc="teacher log-probs")
 
 
 def _pad_id(tok: Any) -> int:
@@ -341,16 +335,24 @@ def measure(
     dev = next(peft_model.parameters()).device
     for s in range(0, len(idx), 8):
         b = right_padded(rows, idx[s : s + 8], pad_id, dev)
-        logp = span_logprobs(peft_model, b)
         r = ref.for_batch(b)
         r = r() if callable(r) else r
-        tot_nll += float(-logp.gather(-1, b.labels[b.mask][:, None]).sum())
+        nll_pos, kl_pos = _nll_and_kl(peft_model, b, r, direction)
+        tot_nll += float(nll_pos.sum())
         tot_tok += int(b.mask.sum())
-        kl = _per_position(position_kl(logp, r, direction), b.mask)
+        kl = _per_position(kl_pos, b.mask)
         dm += aggregate(kl, b.mask, "mean").tolist()
         dr += aggregate(kl, b.mask, "rmse").tolist()
     peft_model.train()
     return {"nll": tot_nll / tot_tok, "D_mean": sum(dm) / len(dm), "D_rmse": sum(dr) / len(dr)}
+
+
+def _nll_and_kl(model: nn.Module, b: Batch, ref: torch.Tensor | TopK, direction: str) -> tuple[torch.Tensor, ...]:
+    """Per scored position: the token's NLL and the KL to the reference, in chunks of positions."""
+    labels = b.labels[b.mask]
+    return per_position(
+        model, b, lambda lp, sl: (-lp.gather(-1, labels[sl, None]).squeeze(-1), position_kl(lp, ref[sl], direction))
+    )
 
 
 def train(
@@ -360,7 +362,7 @@ def train(
     ref: Reference | None,
     cfg: HealConfig,
     pad_id: int,
-    teacher: list[torch.Tensor] | None = None,
+    teacher: list[torch.Tensor] | list[TopK] | None = None,
 ) -> list[dict]:
     """AdamW with a cosine schedule and warm-up over the training rows; one log row per optimizer step."""
     if ref is not None:
@@ -384,7 +386,7 @@ def train(
                 active = False
                 for idx in group:
                     b = right_padded(rows, idx, pad_id, dev)
-                    t_logp = torch.cat([teacher[i] for i in idx]).to(dev) if teacher is not None else None
+                    t_logp = cat_logprobs([teacher[i] for i in idx], dev) if teacher is not None else None
                     loss, nll, d = batch_terms(peft_model, b, ref.for_batch(b) if ref else None, cfg, t_logp)
                     if not torch.isfinite(loss):
                         raise SteerhealError(

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 T = TypeVar("T")
 
@@ -119,10 +120,15 @@ def cache_kwarg(model: nn.Module) -> str:
 
 
 def _base_class(model: nn.Module) -> type:
+    return type(unwrap(model))
+
+
+def unwrap(model: nn.Module) -> Any:
+    """The transformers model inside any peft wrappers."""
     base: Any = model
-    while hasattr(base, "get_base_model") and base is not base.get_base_model():  # through peft wrappers
+    while hasattr(base, "get_base_model") and base is not base.get_base_model():
         base = base.get_base_model()
-    return type(base)
+    return base
 
 
 def tail_logits(model: nn.Module, batch: Batch, **kw: object) -> torch.Tensor:
@@ -144,22 +150,80 @@ def span_logprobs(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.log_softmax(tail_logits(model, batch)[batch.mask].float(), dim=-1)
 
 
+# ---------------------------------------------------------------- memory that does not grow with V
+# A [positions, V] fp32 tensor is 0.6 GB for 1,000 positions at Qwen3's V = 151,936, and a heal step
+# holds several (logits, log-softmax, their gradients). So the LM head runs on chunks of positions
+# of at most CHUNK_ELEMS entries each, checkpointed under autograd (recomputed in backward).
+CHUNK_ELEMS = 2**24  # 64 MiB of fp32 per [positions, V] piece
+# Models that post-process head(h) (Gemma 2's soft-capping, Cohere's and Granite's scaling) keep the plain path.
+_LOGIT_POSTPROCESS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The output layer when the logits are exactly head(last hidden state), else None."""
+    base = unwrap(model)
+    cfg = getattr(base, "config", None)
+    if cfg is None or any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESS):
+        return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def span_hidden(model: nn.Module, batch: Batch, head: nn.Module) -> torch.Tensor:
+    """The head's input [N, H] at the positions that predict scored tokens. A pre-hook takes it and hands
+    the head an empty slice, so the forward builds no logits at all."""
+    got: dict[str, torch.Tensor] = {}
+
+    def take(_mod: nn.Module, args: tuple) -> tuple:
+        got["h"] = args[0]
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        tail_logits(model, batch)
+    finally:
+        handle.remove()
+    return got["h"][:, -batch.keep :][batch.mask]
+
+
+def per_position(
+    model: nn.Module, batch: Batch, fn: Callable[[torch.Tensor, slice], tuple[torch.Tensor, ...]]
+) -> tuple[torch.Tensor, ...]:
+    """fn(log-probs [n, V] fp32, the slice of positions they are) over chunks of the N scored positions;
+    its outputs (each [n, ...]) are concatenated. Peak memory is one chunk's, not [N, V]."""
+    head = output_head(model)
+    if head is None:
+        logp = span_logprobs(model, batch)
+        return fn(logp, slice(0, logp.shape[0]))
+    h = span_hidden(model, batch, head)
+    n, step = h.shape[0], max(1, CHUNK_ELEMS // int(head.weight.shape[0]))
+    grad = torch.is_grad_enabled() and h.requires_grad and n > step
+    outs = []
+    for s in range(0, max(n, 1), step):
+        sl = slice(s, min(n, s + step))
+
+        def piece(hc: torch.Tensor, sl: slice = sl) -> tuple[torch.Tensor, ...]:
+            return fn(F.log_softmax(head(hc).float(), dim=-1), sl)
+
+        outs.append(checkpoint(piece, h[sl], use_reentrant=False) if grad else piece(h[sl]))
+    return tuple(torch.cat(x) for x in zip(*outs))
+
+
 def span_token_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """NLL [N] of each scored token: logsumexp − logit, without a [B, T, V] log-softmax tensor."""
-    logits = tail_logits(model, batch)[batch.mask].float()
+    """NLL [N] of each scored token, in chunks of positions (never a [B, T, V] tensor)."""
     target = batch.labels[batch.mask]
-    return torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None]).squeeze(-1)
+    return per_position(model, batch, lambda lp, sl: (-lp.gather(-1, target[sl, None]).squeeze(-1),))[0]
 
 
 def map_batches(
     items: Sequence[T],
     lengths: Sequence[int],
     batch_size: int,
-    fn: Callable[[list[int]], list[torch.Tensor]],
+    fn: Callable[[list[int]], list[Any]],
     bar: Callable[..., None] | None = None,
-) -> list[torch.Tensor]:
+) -> list[Any]:
     """Run fn over length-sorted chunks of row indices; its per-row outputs come back in input order."""
-    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+    out: list[Any] = [torch.empty(0)] * len(items)
     for idx in by_length(lengths, batch_size):
         for i, x in zip(idx, fn(idx)):
             out[i] = x
@@ -176,17 +240,29 @@ def score_spans(
     batch_size: int,
     *,
     full: bool = False,
+    top_k: int = 0,
     bar: Callable[..., None] | None = None,
-) -> list[torch.Tensor]:
-    """Per span: the NLL of each scored token [n_scored], or with full=True the log-probs [n_scored, V]."""
+) -> list[Any]:
+    """Per span: the NLL of each scored token [n_scored]; with full=True the log-probs [n_scored, V],
+    or with 0 < top_k < V their top k as a TopK (compressed chunk by chunk: no [N, V] tensor)."""
     dev = next(model.parameters()).device
 
-    def run(idx: list[int]) -> list[torch.Tensor]:
+    def run(idx: list[int]) -> list[Any]:
         b = right_padded(spans, idx, pad_id, dev)
-        vals = span_logprobs(model, b) if full else span_token_nll(model, b)
-        return [v.cpu() for v in vals.split([spans[i].n_scored for i in idx])]
+        sizes = [spans[i].n_scored for i in idx]
+        if not full:
+            return [v.cpu() for v in span_token_nll(model, b).split(sizes)]
+        vocab = _vocab(model)
+        if 0 < top_k < vocab:
+            vals, ids = per_position(model, b, lambda lp, sl: tuple(lp.topk(top_k, dim=-1)))
+            return [TopK(v.cpu(), i.cpu()) for v, i in zip(vals.split(sizes), ids.split(sizes))]
+        return [v.cpu() for v in per_position(model, b, lambda lp, sl: (lp,))[0].split(sizes)]
 
     return map_batches(spans, [len(s.ids) for s in spans], batch_size, run, bar)
+
+
+def _vocab(model: nn.Module) -> int:
+    return int(unwrap(model).get_output_embeddings().weight.shape[0])
 
 
 @torch.no_grad()
@@ -227,9 +303,20 @@ class TopK:
     def to(self, device: torch.device) -> TopK:
         return TopK(self.values.to(device), self.indices.to(device))
 
+    def __getitem__(self, rows: slice) -> TopK:
+        return TopK(self.values[rows], self.indices[rows])
+
     def rest(self) -> torch.Tensor:
         """[n] log of the mass outside the top k."""
         return (1 - self.values.exp().sum(-1)).clamp_min(1e-12).log()
 
     def nbytes(self) -> int:
         return self.values.numel() * 4 + self.indices.numel() * 8
+
+
+def cat_logprobs(parts: Sequence[torch.Tensor | TopK], device: torch.device) -> torch.Tensor | TopK:
+    """Concatenate cached per-row log-probs (whole rows or top-k) and move them to `device`."""
+    tops = [p for p in parts if isinstance(p, TopK)]
+    if tops:
+        return TopK.cat(tops).to(device)
+    return torch.cat([p for p in parts if isinstance(p, torch.Tensor)]).to(device)

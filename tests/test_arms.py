@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 from conftest import TINY_RUN
 
 from steerheal.config import HealConfig, parse_set, resolve_config
-from steerheal.heal import attach_lora, batch_terms, encode_rows, teacher_logprobs
-from steerheal.logprobs import Span, right_padded, score_spans
+from steerheal.heal import attach_lora, batch_terms, encode_rows, teacher_logprobs, topk_kl
+from steerheal.logprobs import Span, TopK, right_padded, score_spans
 from steerheal.loop import run_loop
 from steerheal.models import load_model
 from steerheal.records import Record, read_records
@@ -89,6 +90,17 @@ def test_prompt_kl_target_is_the_prompted_models_distribution(tiny_model_dir):
     s, t = torch.cat(student), torch.cat(teacher)
     assert float(fit) == pytest.approx(float((t.exp() * (t - s)).sum(-1).mean()), rel=1e-4)  # KL(prompted ‖ plain)
     assert float(fit) > 1e-4
+    # The teacher cached as its top k (vocabulary-independent memory): KL over the k tokens plus the
+    # rest bucket, a lower bound of the full KL (loose here: a random tiny model's next token is
+    # near uniform over its vocabulary).
+    small = dataclasses.replace(cfg, ref_top_k=16)
+    top = teacher_logprobs(lm, spans, rows_sys, small)
+    assert all(isinstance(x, TopK) and x.values.shape[-1] == 16 for x in top)
+    assert all(torch.equal(x.values, t.topk(16, -1).values) for x, t in zip(top, teacher))
+    with torch.no_grad():
+        _, fit_k, _ = batch_terms(pm, b, None, small, TopK.cat(top))
+    assert float(fit_k) == pytest.approx(float(topk_kl(s, TopK.cat(top), "kl_fwd").mean()), rel=1e-4)
+    assert 0 < float(fit_k) <= float(fit) + 1e-6
 
 
 def encode_completion_ids(lm, rec):

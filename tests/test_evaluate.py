@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -135,6 +136,30 @@ def test_prefix_cache_matches_plain_forward(tiny):
         for f in FOUNDATIONS:
             assert ra["p"][f] == pytest.approx(rb["p"][f], abs=1e-4)
         assert ra["pmass"] == pytest.approx(rb["pmass"], abs=1e-4)
+
+
+def test_prefix_cache_matches_plain_forward_through_a_peft_adapter(tiny):
+    """The eval's cached prefix also holds with an unmerged LoRA in the forward (a healed model before merging)."""
+    import dataclasses
+
+    from steerheal.config import HealConfig
+    from steerheal.heal import attach_lora
+
+    pm, _ = attach_lora(copy.deepcopy(tiny.model), HealConfig(rank=4, alpha=8, layers="0:1"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    lm = dataclasses.replace(tiny, model=pm.eval())
+    vigs = load_vignettes(None, limit=5)
+    a = evaluate(lm, vigs, batch_size=3, prefix_cache=True)
+    b = evaluate(lm, vigs, batch_size=3, prefix_cache=False)
+    plain = evaluate(tiny, vigs, batch_size=3, prefix_cache=True)
+    for ra, rb in zip(a["rows"], b["rows"]):
+        assert ra["pmass"] == pytest.approx(rb["pmass"], abs=1e-4)
+        for f in FOUNDATIONS:
+            assert ra["p"][f] == pytest.approx(rb["p"][f], abs=1e-4)
+    assert max(abs(ra["pmass"] - rp["pmass"]) for ra, rp in zip(a["rows"], plain["rows"])) > 1e-4
 
 
 def test_cpu_grouped_attention_gives_the_same_scores(tiny, monkeypatch):

@@ -314,3 +314,30 @@ def test_heal_with_a_top_k_reference_cache(tiny_model_dir, tmp_path):
         )
     assert s[16]["ref_cache_gb"] < s[0]["ref_cache_gb"] / 10
     assert 0 < s[16]["val_D_mean"] <= s[0]["val_D_mean"] * 1.05
+
+
+def test_cached_reference_equals_the_reference_recomputed_through_peft(tiny_model_dir):
+    """The reference cached before the LoRA is attached is what the student's own model gives with its
+    adapter disabled, after training has moved the adapter: both paths of Reference agree."""
+    from steerheal.heal import Reference, reference_logprobs
+
+    lm = load_model(str(tiny_model_dir))
+    rows = encode_rows(lm.tokenizer, recs(6), 256)
+    pad = lm.tokenizer.pad_token_id
+    cache = reference_logprobs(lm.model, rows, pad, top_k=0)
+    pm, _ = attach_lora(lm.model, tiny_cfg())
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a trained adapter: the student now differs from the reference
+    pm.train()
+    cached, fly = Reference(cache, 0.0), Reference(None, 0.0)
+    fly.peft_model = pm
+    b = make_batch(rows, [4, 0, 2], pad, torch.device("cpu"))
+    want = fly.for_batch(b)()  # type: ignore[operator]
+    got = cached.for_batch(b)
+    assert torch.allclose(got, want, atol=1e-5)  # type: ignore[arg-type]
+    assert pm.training  # recomputing left the student in train mode
+    with torch.no_grad():
+        student = completion_logp(pm, b)
+    assert (student - want).abs().max() > 1e-3  # and the adapter is really on for the student

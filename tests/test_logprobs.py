@@ -106,3 +106,89 @@ def test_reference_cache_size_does_not_grow_with_the_vocabulary():
     rows = [Span(list(range(30)), 10)] * 4
     assert ref_cache_bytes(rows, 151_936, 256) == ref_cache_bytes(rows, 49_152, 256) == 80 * 256 * 12
     assert ref_cache_bytes(rows, 151_936, 0) == 80 * 151_936 * 4  # full vocabulary: 4 bytes per entry
+
+
+# ---------------------------------------------------------------- chunks of positions (memory not growing with V)
+
+
+def _spans(lm):
+    tok = lm.tokenizer
+    return [Span(tok(p + " and then some more words", add_special_tokens=False)["input_ids"], 2) for p in PROMPTS]
+
+
+def test_chunked_positions_equal_one_head_pass_and_build_no_logits(lm, monkeypatch):
+    """Chunks of 3 positions give the same log-probs, NLLs and top-k as one pass over all of them,
+    and the model's own forward never builds a logits tensor."""
+    import steerheal.logprobs as L
+    from steerheal.logprobs import output_head, right_padded, span_logprobs, span_token_nll
+
+    spans, pad = _spans(lm), lm.tokenizer.pad_token_id
+    b = right_padded(spans, range(len(spans)), pad, torch.device("cpu"))
+    head = output_head(lm.model)
+    assert head is not None
+    want = span_logprobs(lm.model, b)  # the plain path: logits for every kept position
+    vocab = want.shape[-1]
+    monkeypatch.setattr(L, "CHUNK_ELEMS", 3 * vocab)
+    shapes = []
+    handle = head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    try:
+        got = L.per_position(lm.model, b, lambda lp, sl: (lp,))[0]
+        nll = span_token_nll(lm.model, b)
+    finally:
+        handle.remove()
+    assert torch.allclose(got, want, atol=1e-5)
+    labels = b.labels[b.mask]
+    assert torch.allclose(nll, -want.gather(-1, labels[:, None]).squeeze(-1), atol=1e-5)
+    forward_calls = [s for s in shapes if len(s) == 3]  # [B, T, V] from the model's own forward
+    chunk_calls = [s for s in shapes if len(s) == 2]  # [positions, V] from per_position
+    assert len(forward_calls) == 2 and all(s[1] == 0 for s in forward_calls)  # handed an empty slice
+    assert max(s[0] for s in chunk_calls) == 3 and sum(s[0] for s in chunk_calls) == 2 * want.shape[0]
+    top = score_spans(lm.model, spans, pad, 4, full=True, top_k=5)
+    full = score_spans(lm.model, spans, pad, 4, full=True)
+    for t, f in zip(top, full):
+        assert torch.allclose(t.values, f.topk(5, -1).values, atol=1e-5)
+
+
+def test_checkpointed_chunks_give_the_same_heal_gradients(tiny, monkeypatch):
+    """Under autograd the chunks are checkpointed (recomputed in backward): the loss and the LoRA
+    gradients equal those of one unchunked pass."""
+    import copy
+
+    import steerheal.logprobs as L
+    from steerheal.config import HealConfig
+    from steerheal.heal import attach_lora, batch_terms
+    from steerheal.logprobs import right_padded
+
+    spans = _spans(tiny)
+    pm, _ = attach_lora(copy.deepcopy(tiny.model), HealConfig(rank=4, alpha=8, layers="0:1"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    b = right_padded(spans, range(len(spans)), tiny.tokenizer.pad_token_id, torch.device("cpu"))
+    ref = score_spans(tiny.model, spans, tiny.tokenizer.pad_token_id, 4, full=True)
+    ref_b = torch.cat(ref)
+    cfg = HealConfig(reg="kl_rev", agg="rmse", tau=0.0, lam=0.5)
+
+    def grads():
+        pm.zero_grad()
+        loss, _, d = batch_terms(pm, b, ref_b, cfg)
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+    loss1, g1 = grads()
+    monkeypatch.setattr(L, "CHUNK_ELEMS", 4 * ref_b.shape[-1])
+    loss2, g2 = grads()
+    assert loss2 == pytest.approx(loss1, rel=1e-5) and loss1 > 0
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6), n
+
+
+def test_models_that_post_process_logits_keep_the_plain_path(tiny):
+    import copy
+
+    from steerheal.logprobs import output_head
+
+    m = copy.deepcopy(tiny.model)
+    m.config.final_logit_softcapping = 30.0  # Gemma 2: logits = 30 · tanh(head(h) / 30)
+    assert output_head(tiny.model) is not None and output_head(m) is None
