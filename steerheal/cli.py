@@ -16,10 +16,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import SteerhealError, __version__
-from .config import EvalConfig, FilterConfig, GenerateConfig, HealConfig, VectorConfig
+from .config import EvalConfig, FilterConfig, GenerateConfig, HealConfig, SteerConfig, VectorConfig
 
 # The dataclasses are the one source of defaults; every option below reads its default from these.
 _V, _G, _F, _H, _E = VectorConfig(), GenerateConfig(), FilterConfig(), HealConfig(), EvalConfig()
+_S = _G.steer
 
 app = typer.Typer(
     add_completion=False,
@@ -163,6 +164,19 @@ def generate(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Completions per batch.")] = _G.batch_size,
     system: Annotated[Optional[str], typer.Option(help="A system prompt (the prompting baseline).")] = None,
+    schedule: Annotated[
+        str, typer.Option(help="C along the completion: constant, linear (to the floor) or exp (halving).")
+    ] = _S.method,
+    decay_tokens: Annotated[
+        int, typer.Option(help="linear: the token where C reaches the floor; exp: the half-life in tokens.")
+    ] = _S.tokens,
+    floor: Annotated[float, typer.Option(help="The smallest share of C a decay goes down to.")] = _S.floor,
+    gate: Annotated[
+        Optional[float], typer.Option(help="Cosine gate: add C·v only where cos(h, v) is below this.")
+    ] = _S.gate,
+    gate_mode: Annotated[
+        str, typer.Option(help="hard (all or nothing) or soft (scale by gate − cos, clipped at 0).")
+    ] = _S.gate_mode,
     output: OutOpt = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -177,6 +191,8 @@ def generate(
     from .records import write_records
     from .vector import SteeringVector
 
+    steer = SteerConfig(method=schedule, tokens=decay_tokens, floor=floor, gate=gate, gate_mode=gate_mode)
+    steer.check()
     p = load_persona(persona)
     vec = SteeringVector.load(vector_path) if vector_path else None
     if vec is None and coeff != 0:
@@ -185,7 +201,7 @@ def generate(
     if vec is not None:
         vec.check_compatible(lm)
     cfg = GenerateConfig(
-        n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size
+        n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, steer=steer
     )
     recs = generate_records(lm, p.name, p.generation, cfg, vector=vec, coeff=coeff, system=system, seed=seed)
     write_records(recs, output)

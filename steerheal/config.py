@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,6 +32,8 @@ PROTOCOLS = ("kshot", "zero-shot")
 # Where each arm's training rows and target come from (see loop.py and the README's Arms section).
 ARMS = ("steer", "prompt", "prompt-kl", "random", "nll")
 STEERED_MEASURES = ("all", "first")
+SCHEDULES = ("constant", "linear", "exp")
+GATE_MODES = ("hard", "soft")
 
 
 @dataclass
@@ -44,12 +47,49 @@ class VectorConfig:
 
 
 @dataclass
+class SteerConfig:
+    """How C·v is added along a completion while sampling. Only sampling follows it (the loop's
+    completions, keep-rate dose probes); the iso-KL probes, raw-steered eval and measures steer at C."""
+
+    method: str = "constant"  # constant | linear | exp: C's share along the completion (see vector.py)
+    tokens: int = 32  # linear: the token where C reaches its floor; exp: the half-life in tokens
+    floor: float = 0.0  # the smallest share of C a decay goes down to
+    gate: float | None = None  # cosine gate: add C·v only where cos(h, v) < gate (None: no gate)
+    gate_mode: str = "hard"  # hard: all or nothing; soft: scale by (gate − cos), clipped at 0
+
+    def check(self) -> None:
+        _choice("generate.steer.method", self.method, SCHEDULES)
+        _choice("generate.steer.gate_mode", self.gate_mode, GATE_MODES)
+        if self.tokens < 1 or not 0 <= self.floor <= 1:
+            raise SteerhealError(
+                f"generate.steer: tokens {self.tokens} must be at least 1 and floor {self.floor} within [0, 1]"
+            )
+
+    def factor(self, t: int) -> float:
+        """C's share for completion token t (0 = the first): 1 at t = 0, never below the floor."""
+        if self.method == "linear":
+            return 1.0 - (1.0 - self.floor) * min(t / self.tokens, 1.0)
+        if self.method == "exp":
+            return max(self.floor, 0.5 ** (t / self.tokens))
+        return 1.0
+
+    def floor_at(self) -> int | None:
+        """The first token at the floor (None: constant, or an exp decay to 0 never gets there)."""
+        if self.method == "linear":
+            return self.tokens
+        if self.method == "exp" and self.floor > 0:
+            return math.ceil(self.tokens * math.log2(1 / self.floor))
+        return None
+
+
+@dataclass
 class GenerateConfig:
     n: int = 32
     max_new_tokens: int = 64
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 0.95
     batch_size: int = 32
+    steer: SteerConfig = field(default_factory=SteerConfig)
 
 
 @dataclass
@@ -171,6 +211,7 @@ class RunConfig:
         _choice("dose.method", self.dose.method, DOSES)
         if self.dose.method == "fixed" and self.dose.coeff is None:
             raise SteerhealError("dose.method fixed needs dose.coeff (--coeff C)")
+        self.generate.steer.check()
         self.heal.check()
         self.eval.check()
 

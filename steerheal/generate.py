@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable
 
 import torch
 
 from .chat import messages_for, render_prompt
-from .config import GenerateConfig
+from .config import GenerateConfig, SteerConfig
 from .models import LoadedModel
 from .progress import progress
 from .records import Record
@@ -29,10 +30,14 @@ def complete(
     seed: int | None = 0,
     desc: str = "generating",
     min_new_tokens: int = 0,
+    steer: SteerConfig | None = None,
+    gate_open: list[float | None] | None = None,
 ) -> list[str]:
     """Complete each chat (left padding, KV cache), optionally with coeff · v added; texts in input order.
 
     temperature 0 means greedy. Prompts are batched in order of length to waste little on padding.
+    `steer`: C's schedule along the completion and its cosine gate; with a gate, `gate_open` (one
+    slot per chat) receives each row's mean gate weight over its tokens.
     """
     tok = lm.tokenizer
     texts = [render_prompt(tok, m) for m in chats]
@@ -48,8 +53,8 @@ def complete(
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    steer = vector.apply(lm.model, coeff) if vector is not None else contextlib.nullcontext()
-    with steer, progress(desc, total=len(texts)) as bar:
+    steering = vector.apply(lm.model, coeff, steer) if vector is not None else contextlib.nullcontext()
+    with steering as state, progress(desc, total=len(texts)) as bar:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
@@ -59,6 +64,9 @@ def complete(
             new = gen[:, enc["input_ids"].shape[1] :]
             for i, row in zip(idx, new):
                 out[i] = tok.decode(row, skip_special_tokens=True).strip()
+            if gate_open is not None and state is not None and (rows := state.gate_open()) is not None:
+                for i, g in zip(idx, rows):
+                    gate_open[i] = round(g, 4)
             bar(len(idx))
     return out
 
@@ -78,6 +86,8 @@ def generate_records(
     """cfg.n completions cycling over the user prompts, each a Record ready for JSONL."""
     prompts = list(prompts)
     chats = [messages_for(prompts[i % len(prompts)], system) for i in range(cfg.n)]
+    steered = vector is not None and coeff != 0
+    gate_open: list[float | None] = [None] * cfg.n
     texts = complete(
         lm,
         chats,
@@ -88,8 +98,12 @@ def generate_records(
         top_p=cfg.top_p,
         seed=seed,
         batch_size=cfg.batch_size,
+        steer=cfg.steer,
+        gate_open=gate_open,
     )
     layers = vector.layers if vector is not None and coeff != 0 else []
+    # How the row was made, for filter, heal and the report: the schedule, where it reached its floor, the gate
+    how = {**dataclasses.asdict(cfg.steer), "floor_at": cfg.steer.floor_at()} if steered else {}
     prefix = id_prefix or f"{persona_name}-s{seed}"
     return [
         Record(
@@ -101,6 +115,7 @@ def generate_records(
             layers=layers,
             seed=seed,
             model=lm.name,
+            steer={**how, "gate_open": gate_open[i]} if how and cfg.steer.gate is not None else how,
         )
         for i in range(cfg.n)
     ]

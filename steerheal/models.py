@@ -61,6 +61,12 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def spread_over_gpus(device: str | None) -> bool:
+    """--device auto on a machine with several GPUs: let accelerate place the layers (device_map="auto"),
+    so a model larger than one GPU loads. An explicit --device (cuda:1, cpu) keeps everything there."""
+    return (device in (None, "auto")) and torch.cuda.is_available() and torch.cuda.device_count() > 1
+
+
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     if dtype and dtype != "auto":
         try:
@@ -143,7 +149,10 @@ def load_model(
         cpu_grouped_attention()
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code)
+        spread = spread_over_gpus(device)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dt, trust_remote_code=trust_remote_code, device_map="auto" if spread else None
+        )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SteerhealError(
@@ -153,7 +162,9 @@ def load_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    model.to(dev).eval()
+    if not spread:
+        model.to(dev)
+    model.eval()
     return LoadedModel(merge_adapters(model, adapters), tok, name or BUNDLED, [str(a) for a in adapters])
 
 

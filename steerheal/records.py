@@ -29,6 +29,7 @@ class Record:
     layers: list[int] = field(default_factory=list)
     seed: int | None = None
     model: str = ""
+    steer: dict[str, Any] = field(default_factory=dict)  # C's schedule and gate while sampling (generate.steer)
     scores: dict[str, float] = field(default_factory=dict)
     drop_reasons: list[str] = field(default_factory=list)
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import SteerhealError
 from .chat import messages_for, render_prompt, supports_system
+from .config import SteerConfig
 from .logprobs import left_padded
 from .models import LoadedModel, decoder_layers
 from .persona import Persona
@@ -106,29 +107,83 @@ class SteeringVector:
         return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module, coeff: float) -> Iterator[None]:
-        """Add coeff · v_L to the output of each layer L, at every position; hooks always removed."""
+    def apply(self, model: nn.Module, coeff: float, steer: SteerConfig | None = None) -> Iterator[SteerState]:
+        """Add coeff · v_L to the output of each layer L, at every position; hooks always removed.
+
+        With `steer`, C follows its schedule over the completion's tokens and its cosine gate (see
+        SteerState); the state it yields holds each row's gate statistics."""
         blocks = decoder_layers(model)
+        state = SteerState(steer or SteerConfig())
         handles = []
         try:
             if coeff != 0:
+                first = min(self.directions)
                 for i, v in self.directions.items():
-                    handles.append(blocks[i].register_forward_hook(_add_hook(coeff * v)))
-            yield
+                    handles.append(blocks[i].register_forward_hook(_add_hook(coeff, v, state, i == first)))
+            yield state
         finally:
             for h in handles:
                 h.remove()
 
 
-def _add_hook(delta: torch.Tensor):
+class SteerState:
+    """Where sampling is along the completion, for schedules and the gate.
+
+    A forward over more than one position is a prefill (a new batch of prompts): its positions
+    steer at C's share for token 0, since the prefill's last position predicts completion token 0.
+    Each later one-position forward (the KV-cached decode) predicts the next token t = 1, 2, ...
+    The first steered layer advances the count; every layer reads it.
+    """
+
+    def __init__(self, steer: SteerConfig):
+        self.steer = steer
+        self.step = 0
+        self.open: torch.Tensor | None = None  # [B] summed gate weights over predicted tokens
+        self.seen = 0
+
+    @property
+    def plain(self) -> bool:
+        return self.steer.method == "constant" and self.steer.gate is None
+
+    def advance(self, positions: int) -> None:
+        self.step = 0 if positions > 1 else self.step + 1
+
+    def gate(self, hs: torch.Tensor, v: torch.Tensor, record: bool) -> torch.Tensor:
+        """[B, T] weight of C·v per position: 1 below the gate (hard) or (gate − cos)⁺ (soft)."""
+        s = self.steer
+        cos = torch.nn.functional.cosine_similarity(hs.float(), v.float(), dim=-1)
+        w = (cos < s.gate).float() if s.gate_mode == "hard" else (s.gate - cos).clamp_min(0)  # type: ignore[operator]
+        if record:  # the weight at each position that predicts a completion token
+            last = w[:, -1].detach().cpu()
+            self.open, self.seen = (last, 1) if self.step == 0 else (self.open + last, self.seen + 1)  # type: ignore[operator]
+        return w
+
+    def gate_open(self) -> list[float] | None:
+        """Per row of the last batch: the mean gate weight over its predicted tokens (1 = always steered)."""
+        return None if self.open is None else (self.open / max(self.seen, 1)).tolist()
+
+
+def _add_hook(coeff: float, v: torch.Tensor, state: SteerState, first: bool):
     cache: dict[tuple, torch.Tensor] = {}
 
     def hook(_mod, _inp, out):
         hs = out[0] if isinstance(out, tuple) else out
         key = (hs.device, hs.dtype)
         if key not in cache:
-            cache[key] = delta.to(device=hs.device, dtype=hs.dtype)
-        hs = hs + cache[key]
+            cache[key] = v.to(device=hs.device, dtype=hs.dtype)
+        if state.plain:  # today's constant C: one cached add
+            if (key, "delta") not in cache:
+                cache[(key, "delta")] = coeff * cache[key]
+            hs = hs + cache[(key, "delta")]
+        else:
+            if first:
+                state.advance(hs.shape[1])
+            delta = (coeff * state.steer.factor(state.step)) * cache[key]
+            if state.steer.gate is not None:
+                w = state.gate(hs, cache[key], record=first)
+                hs = hs + w.unsqueeze(-1).to(hs.dtype) * delta
+            else:
+                hs = hs + delta
         return (hs, *out[1:]) if isinstance(out, tuple) else hs
 
     return hook

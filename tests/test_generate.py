@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from steerheal.config import GenerateConfig
@@ -39,3 +40,107 @@ def test_batched_greedy_matches_one_at_a_time(tiny):
 def test_system_prompt_is_recorded(tiny):
     recs = generate_records(tiny, "p", PROMPTS, G(2, max_new_tokens=4), system="Be principled.")
     assert recs[0].messages[0] == {"role": "system", "content": "Be principled."}
+
+
+# ---------------------------------------------------------------- C along the completion: schedules and the gate
+
+
+def _spy(tiny, vec, layer, coeff, steer, **gen):
+    """Run generation with spies before and after the steering hook on `layer`: what it added, per forward."""
+    from steerheal.generate import complete
+    from steerheal.models import decoder_layers
+
+    block, pre, post = decoder_layers(tiny.model)[layer], [], []
+
+    def out_of(o):
+        return (o[0] if isinstance(o, tuple) else o).detach().clone()
+
+    h1 = block.register_forward_hook(lambda m, i, o: pre.append(out_of(o)))  # runs before steering's hook
+    try:
+        orig = vec.apply
+
+        def apply_then_spy(model, c, s=None):  # steering's hook, then a spy hook after it
+            import contextlib
+
+            @contextlib.contextmanager
+            def ctx():
+                with orig(model, c, s) as state:
+                    h2 = block.register_forward_hook(lambda m, i, o: post.append(out_of(o)))
+                    try:
+                        yield state
+                    finally:
+                        h2.remove()
+
+            return ctx()
+
+        vec.apply = apply_then_spy
+        complete(tiny, [[{"role": "user", "content": p}] for p in PROMPTS], vector=vec, coeff=coeff, steer=steer, **gen)
+    finally:
+        h1.remove()
+        del vec.apply
+    return pre, post
+
+
+def test_decay_reaches_the_floor_at_the_stated_token():
+    from steerheal.config import SteerConfig
+
+    lin = SteerConfig(method="linear", tokens=8, floor=0.25)
+    assert lin.factor(0) == 1.0 and lin.factor(4) == 0.625 and lin.floor_at() == 8
+    assert lin.factor(7) > 0.25 and lin.factor(8) == lin.factor(50) == 0.25
+    exp = SteerConfig(method="exp", tokens=4, floor=0.25)  # halves every 4 tokens: at 0.25 from token 8
+    assert exp.factor(4) == 0.5 and exp.floor_at() == 8 and exp.factor(7) > 0.25 and exp.factor(8) == 0.25
+    assert SteerConfig(method="exp", tokens=4).floor_at() is None and SteerConfig().factor(99) == 1.0
+
+
+def test_generation_applies_the_schedule_token_by_token(tiny):
+    """What the hook adds at each forward, read back through spies around it: C at the prefill (it
+    predicts token 0), then C · factor(t) for the forward that predicts token t."""
+    from steerheal.config import SteerConfig
+
+    torch.manual_seed(0)
+    v = torch.randn(tiny.hidden_size)
+    vec = SteeringVector({1: v})
+    steer = SteerConfig(method="linear", tokens=4, floor=0.25)
+    pre, post = _spy(
+        tiny, vec, 1, 2.0, steer, max_new_tokens=7, min_new_tokens=7, temperature=0.0, top_p=1.0, batch_size=3
+    )
+    applied = [float(((b - a) @ v / (v @ v)).mean()) for a, b in zip(pre, post)]
+    want = [2.0 * steer.factor(t) for t in range(7)]
+    assert applied == pytest.approx(want, abs=1e-4)
+    assert applied.index(min(applied)) == steer.floor_at()
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_the_gate_adds_nothing_where_the_state_already_points_along_v(tiny, mode):
+    from steerheal.config import SteerConfig
+
+    torch.manual_seed(1)
+    v = torch.randn(tiny.hidden_size)
+    vec = SteeringVector({1: v})
+    steer = SteerConfig(gate=0.0, gate_mode=mode)  # about half the positions have cos(h, v) >= 0
+    pre, post = _spy(tiny, vec, 1, 3.0, steer, max_new_tokens=4, temperature=0.0, top_p=1.0, batch_size=3)
+    h, d = torch.cat([x.flatten(0, 1) for x in pre]), torch.cat([(b - a).flatten(0, 1) for a, b in zip(pre, post)])
+    cos = torch.nn.functional.cosine_similarity(h, v[None], dim=-1)
+    shut = cos >= 0.0
+    assert 0 < int(shut.sum()) < len(cos)  # both cases occur
+    assert d[shut].abs().max() == 0  # nothing added where the state already points along v
+    w = torch.ones_like(cos) if mode == "hard" else (0.0 - cos).clamp_min(0)
+    assert torch.allclose(d[~shut], 3.0 * w[~shut, None] * v, atol=1e-4)
+
+
+def test_scheduled_and_gated_generation_batched_equals_one_by_one_and_is_recorded(tiny):
+    from steerheal.config import SteerConfig
+
+    torch.manual_seed(2)
+    vec = SteeringVector({1: torch.randn(tiny.hidden_size) * 20})
+    steer = SteerConfig(method="exp", tokens=2, floor=0.1, gate=0.2)
+    kw = dict(max_new_tokens=6, temperature=0, steer=steer)
+    one = generate_records(tiny, "p", PROMPTS, G(3, batch_size=1, **kw), vector=vec, coeff=4.0)
+    many = generate_records(tiny, "p", PROMPTS, G(3, batch_size=3, **kw), vector=vec, coeff=4.0)
+    assert [r.completion for r in one] == [r.completion for r in many]
+    assert [r.steer["gate_open"] for r in one] == pytest.approx([r.steer["gate_open"] for r in many], abs=1e-4)
+    r = many[0]
+    assert r.steer["method"] == "exp" and r.steer["floor_at"] == steer.floor_at() == 7 and r.steer["gate"] == 0.2
+    assert all(0.0 <= x.steer["gate_open"] <= 1.0 for x in many)
+    plain = generate_records(tiny, "p", PROMPTS, G(3, max_new_tokens=6, temperature=0))
+    assert all(x.steer == {} for x in plain)

@@ -99,3 +99,36 @@ def test_the_loop_model_a_reload_and_the_bake_are_one_function_in_bf16(tiny_mode
         for j in range(i + 1, 3):
             kl = (lp[i].exp() * (lp[i] - lp[j])).sum(-1)[mask]
             assert float(kl.max()) <= 1e-3, (i, j, float(kl.max()))
+
+
+def test_device_auto_spreads_over_several_gpus_only(monkeypatch):
+    from steerheal import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert models.spread_over_gpus(None) and models.spread_over_gpus("auto")
+    assert not models.spread_over_gpus("cuda:1") and not models.spread_over_gpus("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert not models.spread_over_gpus("auto")
+
+
+def test_a_model_placed_by_accelerate_loads_and_runs(tiny_model_dir, monkeypatch):
+    """The device_map="auto" path (here accelerate places every layer on the CPU) gives the same model."""
+    import transformers
+
+    from steerheal import models
+
+    plain = models.load_model(str(tiny_model_dir))
+    orig, asked = transformers.AutoModelForCausalLM.from_pretrained, []
+
+    def spy(*a, **k):
+        asked.append(k.get("device_map"))
+        return orig(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    monkeypatch.setattr(models, "spread_over_gpus", lambda device: True)
+    placed = models.load_model(str(tiny_model_dir))
+    assert asked == ["auto"]
+    ids = torch.tensor([[1, 5, 9, 20]])
+    with torch.no_grad():
+        assert torch.allclose(placed.model(ids).logits, plain.model(ids).logits, atol=1e-6)
