@@ -177,6 +177,14 @@ def generate(
     gate_mode: Annotated[
         str, typer.Option(help="hard (all or nothing) or soft (scale by gate − cos, clipped at 0).")
     ] = _S.gate_mode,
+    backtrack: Annotated[
+        int, typer.Option(help="Backtrack-and-replay: the window (tokens) of unsteered NLL to watch; 0 = off.")
+    ] = _S.backtrack,
+    backtrack_nll: Annotated[
+        float, typer.Option(help="Rewind when the window's mean NLL under the unsteered model exceeds this.")
+    ] = _S.backtrack_nll,
+    backtrack_tokens: Annotated[int, typer.Option(help="Tokens rewound and replayed.")] = _S.backtrack_tokens,
+    backtrack_scale: Annotated[float, typer.Option(help="C's share while replaying.")] = _S.backtrack_scale,
     output: OutOpt = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -191,7 +199,17 @@ def generate(
     from .records import write_records
     from .vector import SteeringVector
 
-    steer = SteerConfig(method=schedule, tokens=decay_tokens, floor=floor, gate=gate, gate_mode=gate_mode)
+    steer = SteerConfig(
+        method=schedule,
+        tokens=decay_tokens,
+        floor=floor,
+        gate=gate,
+        gate_mode=gate_mode,
+        backtrack=backtrack,
+        backtrack_nll=backtrack_nll,
+        backtrack_tokens=backtrack_tokens,
+        backtrack_scale=backtrack_scale,
+    )
     steer.check()
     p = load_persona(persona)
     vec = SteeringVector.load(vector_path) if vector_path else None

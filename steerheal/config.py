@@ -56,6 +56,13 @@ class SteerConfig:
     floor: float = 0.0  # the smallest share of C a decay goes down to
     gate: float | None = None  # cosine gate: add C·v only where cos(h, v) < gate (None: no gate)
     gate_mode: str = "hard"  # hard: all or nothing; soft: scale by (gate − cos), clipped at 0
+    # Backtrack-and-replay (backtrack.py): watch the unsteered model's NLL of the sampled tokens over a
+    # window; when its mean crosses backtrack_nll, rewind backtrack_tokens and resample them at a lower C.
+    backtrack: int = 0  # the window in tokens; 0 = never backtrack
+    backtrack_nll: float = 4.0  # nats per token: about the filter's max_ppl 50 (ln 50 = 3.9)
+    backtrack_tokens: int = 8  # k, the tokens rewound and replayed
+    backtrack_scale: float = 0.5  # C's share while replaying them
+    backtrack_max: int = 4  # rewinds per completion at most
 
     def check(self) -> None:
         _choice("generate.steer.method", self.method, SCHEDULES)
@@ -64,6 +71,10 @@ class SteerConfig:
             raise SteerhealError(
                 f"generate.steer: tokens {self.tokens} must be at least 1 and floor {self.floor} within [0, 1]"
             )
+        if self.backtrack < 0 or self.backtrack_tokens < 1 or self.backtrack_max < 0:
+            raise SteerhealError("generate.steer: backtrack must be >= 0, backtrack_tokens >= 1, backtrack_max >= 0")
+        if not 0 <= self.backtrack_scale <= 1:
+            raise SteerhealError(f"generate.steer.backtrack_scale {self.backtrack_scale}: must be within [0, 1]")
 
     def factor(self, t: int) -> float:
         """C's share for completion token t (0 = the first): 1 at t = 0, never below the floor."""

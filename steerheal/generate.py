@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
+from . import backtrack
 from .chat import messages_for, render_prompt
 from .config import GenerateConfig, SteerConfig
 from .models import LoadedModel
@@ -31,13 +33,13 @@ def complete(
     desc: str = "generating",
     min_new_tokens: int = 0,
     steer: SteerConfig | None = None,
-    gate_open: list[float | None] | None = None,
+    row_info: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """Complete each chat (left padding, KV cache), optionally with coeff · v added; texts in input order.
 
     temperature 0 means greedy. Prompts are batched in order of length to waste little on padding.
-    `steer`: C's schedule along the completion and its cosine gate; with a gate, `gate_open` (one
-    slot per chat) receives each row's mean gate weight over its tokens.
+    `steer`: C's schedule along the completion, its cosine gate and backtracking (backtrack.py);
+    `row_info` (one dict per chat) receives each row's gate-open share and rewinds.
     """
     tok = lm.tokenizer
     texts = [render_prompt(tok, m) for m in chats]
@@ -54,19 +56,35 @@ def complete(
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     steering = vector.apply(lm.model, coeff, steer) if vector is not None else contextlib.nullcontext()
+    backtracking = steer is not None and steer.backtrack > 0 and vector is not None and coeff != 0
     with steering as state, progress(desc, total=len(texts)) as bar:
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
-            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
-                lm.device
-            )
-            gen = lm.model.generate(**enc, **kwargs)
-            new = gen[:, enc["input_ids"].shape[1] :]
+            if backtracking:  # our own decode loop: rows rewind on their own
+                assert state is not None and steer is not None
+                rows = backtrack.decode(
+                    lm,
+                    [tok(texts[i], add_special_tokens=False)["input_ids"] for i in idx],
+                    state,
+                    steer,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                )
+                new: Any = [r.tokens for r in rows]
+                infos: list[dict[str, Any]] = [{"backtracks": r.backtracks} for r in rows]
+            else:
+                enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+                gen = lm.model.generate(**enc.to(lm.device), **kwargs)
+                new, infos = gen[:, enc["input_ids"].shape[1] :], [{} for _ in idx]
             for i, row in zip(idx, new):
                 out[i] = tok.decode(row, skip_special_tokens=True).strip()
-            if gate_open is not None and state is not None and (rows := state.gate_open()) is not None:
-                for i, g in zip(idx, rows):
-                    gate_open[i] = round(g, 4)
+            if state is not None and (opened := state.gate_open()) is not None:
+                for info, g in zip(infos, opened):
+                    info["gate_open"] = round(g, 4)
+            if row_info is not None:
+                for i, info in zip(idx, infos):
+                    row_info[i] = info
             bar(len(idx))
     return out
 
@@ -87,7 +105,7 @@ def generate_records(
     prompts = list(prompts)
     chats = [messages_for(prompts[i % len(prompts)], system) for i in range(cfg.n)]
     steered = vector is not None and coeff != 0
-    gate_open: list[float | None] = [None] * cfg.n
+    info: list[dict[str, Any]] = [{} for _ in range(cfg.n)]
     texts = complete(
         lm,
         chats,
@@ -99,7 +117,7 @@ def generate_records(
         seed=seed,
         batch_size=cfg.batch_size,
         steer=cfg.steer,
-        gate_open=gate_open,
+        row_info=info,
     )
     layers = vector.layers if vector is not None and coeff != 0 else []
     # How the row was made, for filter, heal and the report: the schedule, where it reached its floor, the gate
@@ -115,7 +133,7 @@ def generate_records(
             layers=layers,
             seed=seed,
             model=lm.name,
-            steer={**how, "gate_open": gate_open[i]} if how and cfg.steer.gate is not None else how,
+            steer={**how, **info[i]} if how else {},
         )
         for i in range(cfg.n)
     ]

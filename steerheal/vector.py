@@ -140,10 +140,11 @@ class SteerState:
         self.step = 0
         self.open: torch.Tensor | None = None  # [B] summed gate weights over predicted tokens
         self.seen = 0
+        self.row_share: torch.Tensor | None = None  # [B] C's share per row, set by a custom decode loop
 
     @property
     def plain(self) -> bool:
-        return self.steer.method == "constant" and self.steer.gate is None
+        return self.steer.method == "constant" and self.steer.gate is None and self.row_share is None
 
     def advance(self, positions: int) -> None:
         self.step = 0 if positions > 1 else self.step + 1
@@ -178,7 +179,10 @@ def _add_hook(coeff: float, v: torch.Tensor, state: SteerState, first: bool):
         else:
             if first:
                 state.advance(hs.shape[1])
-            delta = (coeff * state.steer.factor(state.step)) * cache[key]
+            if state.row_share is not None:  # per row (backtracking decodes rows at different tokens)
+                delta = coeff * state.row_share.to(hs)[:, None, None] * cache[key]
+            else:
+                delta = (coeff * state.steer.factor(state.step)) * cache[key]
             if state.steer.gate is not None:
                 w = state.gate(hs, cache[key], record=first)
                 hs = hs + w.unsqueeze(-1).to(hs.dtype) * delta

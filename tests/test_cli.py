@@ -109,3 +109,19 @@ def test_errors_are_one_line_exit_2(tiny_model_dir, tiny_model_dir_wide, persona
         "Re-extract",
     )
     assert not out.exists()
+
+
+def test_generate_schedule_gate_and_backtrack_flags(tiny_model_dir, persona_file, tmp_path):
+    vec = tmp_path / "v.safetensors"
+    m = ["--model", str(tiny_model_dir)]
+    assert runner.invoke(app, ["vector", str(persona_file), "-o", str(vec), "--layers", "1", *m]).exit_code == 0
+    out = tmp_path / "c.jsonl"
+    args = ["generate", str(persona_file), "--vector", str(vec), "--coeff", "2", "-n", "2", "--max-new-tokens", "6"]
+    flags = ["--schedule", "exp", "--decay-tokens", "2", "--floor", "0.5", "--gate", "0.1", "--backtrack", "2"]
+    r = runner.invoke(app, [*args, *flags, "-o", str(out), *m])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text().splitlines()[0])["steer"]
+    assert rec["method"] == "exp" and rec["floor_at"] == 2 and rec["gate"] == 0.1 and rec["backtrack"] == 2
+    assert "backtracks" in rec and 0 <= rec["gate_open"] <= 1
+    bad = runner.invoke(app, [*args, "--schedule", "cosine", *m])
+    assert bad.exit_code != 0 and "generate.steer.method 'cosine'" in bad.output and "Traceback" not in bad.output

@@ -144,3 +144,76 @@ def test_scheduled_and_gated_generation_batched_equals_one_by_one_and_is_recorde
     assert all(0.0 <= x.steer["gate_open"] <= 1.0 for x in many)
     plain = generate_records(tiny, "p", PROMPTS, G(3, max_new_tokens=6, temperature=0))
     assert all(x.steer == {} for x in plain)
+
+
+# ---------------------------------------------------------------- backtrack-and-replay
+
+
+def _bt(**kw):
+    from steerheal.config import SteerConfig
+
+    return SteerConfig(**{"backtrack": 2, "backtrack_nll": -1.0, "backtrack_tokens": 3, "backtrack_max": 1, **kw})
+
+
+def test_without_a_trigger_backtracking_decodes_like_generate(tiny):
+    """Our decode loop, never rewinding, samples what transformers' generate samples (greedy)."""
+    torch.manual_seed(3)
+    vec = SteeringVector({1: torch.randn(tiny.hidden_size) * 10})
+    kw = dict(max_new_tokens=8, temperature=0)
+    plain = generate_records(tiny, "p", PROMPTS, G(3, **kw), vector=vec, coeff=3.0)
+    never = generate_records(tiny, "p", PROMPTS, G(3, steer=_bt(backtrack_nll=1e9), **kw), vector=vec, coeff=3.0)
+    assert [r.completion for r in never] == [r.completion for r in plain]
+    assert all(r.steer["backtracks"] == [] for r in never)
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_a_forced_backtrack_replays_k_tokens_at_the_reduced_coefficient(tiny, tiny_gpt2_dir, model):
+    """backtrack_nll -1 rewinds as soon as the window is full and k + 1 tokens exist: exactly k tokens
+    are dropped and resampled at backtrack_scale · C, and the batch gives what each row gives alone."""
+    from steerheal.generate import complete
+    from steerheal.models import load_model
+    from steerheal.vector import SteerState
+
+    lm = tiny if model == "llama" else load_model(str(tiny_gpt2_dir))
+    torch.manual_seed(4)
+    vec = SteeringVector({1: torch.randn(lm.hidden_size) * 10})
+    steer = _bt(backtrack_scale=0.25)
+    shares: list[list[float]] = []
+    orig = SteerState.__setattr__
+
+    def spy(self, name, value):  # every per-row share the decode loop hands the hooks
+        if name == "row_share" and value is not None:
+            shares.append(value.tolist())
+        orig(self, name, value)
+
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+    SteerState.__setattr__ = spy  # type: ignore[method-assign]
+    try:
+        info: list = [{} for _ in chats]
+        many = complete(
+            lm,
+            chats,
+            max_new_tokens=8,
+            temperature=0,
+            top_p=1.0,
+            batch_size=3,
+            vector=vec,
+            coeff=2.0,
+            steer=steer,
+            row_info=info,
+        )
+    finally:
+        SteerState.__setattr__ = orig  # type: ignore[method-assign]
+    one = [
+        complete(lm, [c], max_new_tokens=8, temperature=0, top_p=1.0, batch_size=1, vector=vec, coeff=2.0, steer=steer)[
+            0
+        ]
+        for c in chats
+    ]
+    assert many == one
+    n = len(chats)
+    for b, x in enumerate(info):
+        assert x["backtracks"] == [{"at": 4, "k": 3}]  # window 2 full and 4 > k tokens: rewind at token 4
+        row = [s[b] for s in shares]
+        assert row.count(0.25) == 3 and set(row) == {1.0, 0.25}  # k tokens replayed at 0.25 · C
+        assert all(s[n + b] == 0.0 for s in shares)  # the unsteered mirror never steers
