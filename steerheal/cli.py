@@ -505,6 +505,13 @@ def compare(
         str, typer.Option(help="Comma-separated arms to run and compare.")
     ] = "steer,prompt,prompt-kl,random,nll",
     null_k: Annotated[int, typer.Option(help="Random directions in the raw-steering null (0 = none).")] = 8,
+    variant: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="An extra arm: NAME:KEY=VALUE[;KEY=VALUE], the steer arm with those settings "
+            "(e.g. decay:generate.steer=exp;generate.steer.tokens=16). Repeatable."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     rounds: RoundsOpt = None,
     seeds: SeedsOpt = None,
@@ -518,8 +525,9 @@ def compare(
     quiet: QuietOpt = False,
 ) -> None:
     """Run several arms (each a full, resumable loop) and write one report: compare.md, compare.png, compare.json."""
-    from .compare import run_compare
+    from .compare import parse_variant, run_compare
 
+    variants = dict(parse_variant(v) for v in variant or [])
     cfg = _run_config(
         config,
         set_,
@@ -531,7 +539,7 @@ def compare(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
     )
-    run_compare(persona, output, cfg, [a.strip() for a in arms.split(",") if a.strip()], null_k, force)
+    run_compare(persona, output, cfg, [a.strip() for a in arms.split(",") if a.strip()], null_k, force, variants)
 
 
 @command

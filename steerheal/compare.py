@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import SteerhealError
-from .config import ARMS, RunConfig
+from .config import ARMS, RunConfig, parse_set, with_overrides
 from .evaluate import score_vignettes
 from .loop import BASELINE_STEPS, run_seeds
 from .models import load_model
@@ -30,6 +30,34 @@ from .stats import EvalRows, beats, compare, difference
 from .vector import SteeringVector
 from .vignettes import load_vignettes
 
+# A variant changes how a round runs, never what the shared baselines measure.
+VARIANT_SECTIONS = ("arm", "vector", "dose", "generate", "filter", "heal")
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """'decay:generate.steer=exp;generate.steer.tokens=16' → ('decay', its overrides). A variant is an arm
+    of its own (its own directory and rows in the report), the steer arm unless it sets arm=..."""
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    if not sep or not name or not rest.strip():
+        raise SteerhealError(f"--variant {spec}: use NAME:KEY=VALUE[;KEY=VALUE], e.g. decay:generate.steer=exp")
+    if name in ARMS or "/" in name:
+        raise SteerhealError(f"--variant {spec}: name it something other than an arm ({', '.join(ARMS)}) or a path")
+    over = parse_set([x.strip() for x in rest.split(";") if x.strip()])
+    bad = [k for k in over if k not in VARIANT_SECTIONS]
+    if bad:
+        raise SteerhealError(
+            f"--variant {name}: {', '.join(bad)} would change what the shared baselines measure; "
+            f"a variant may set {', '.join(VARIANT_SECTIONS)}"
+        )
+    return name, over
+
+
+def arm_config(cfg: RunConfig, arm: str, variants: dict[str, dict[str, Any]]) -> RunConfig:
+    if arm in variants:
+        return with_overrides(dataclasses.replace(cfg, arm="steer"), variants[arm])
+    return dataclasses.replace(cfg, arm=arm)
+
 
 def arm_dirs(out: Path, arm: str, cfg: RunConfig) -> list[Path]:
     root = out / arm
@@ -37,12 +65,20 @@ def arm_dirs(out: Path, arm: str, cfg: RunConfig) -> list[Path]:
 
 
 def run_compare(
-    persona_path: str | Path, out: str | Path, cfg: RunConfig, arms: list[str], null_k: int = 8, force: bool = False
+    persona_path: str | Path,
+    out: str | Path,
+    cfg: RunConfig,
+    arms: list[str],
+    null_k: int = 8,
+    force: bool = False,
+    variants: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Run every arm (resumably), the random null, and write compare.md, compare.png, compare.json."""
-    bad = [a for a in arms if a not in ARMS]
+    """Run every arm and variant (resumably), the random null, and write compare.md, compare.png, compare.json."""
+    variants = variants or {}
+    arms = arms + [v for v in variants if v not in arms]
+    bad = [a for a in arms if a not in ARMS and a not in variants]
     if bad:
-        raise SteerhealError(f"--arms {','.join(bad)}: unknown; arms are {', '.join(ARMS)}")
+        raise SteerhealError(f"--arms {','.join(bad)}: unknown; arms are {', '.join(ARMS)} (or a --variant)")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     # The baselines are computed once (by the first run to get there) and reused by every arm and seed,
@@ -52,7 +88,7 @@ def run_compare(
     )
     for arm in arms:
         log(f"[arm {arm}]")
-        runs = run_seeds(persona_path, root / arm, dataclasses.replace(cfg, arm=arm), force, shared)
+        runs = run_seeds(persona_path, root / arm, arm_config(cfg, arm, variants), force, shared)
         shared = shared or runs[0].root
     run = Run(root)
     if "steer" in arms and null_k > 0:

@@ -339,6 +339,13 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def with_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
+    """cfg with nested overrides applied (as --set gives them), validated."""
+    new: RunConfig = from_dict(RunConfig, deep_merge(cfg.to_dict(), overrides))
+    new.check()
+    return new
+
+
 def resolve_config(config: str | None, overrides: dict) -> RunConfig:
     """Dataclass defaults, then the demo preset, then a preset name or run YAML, then overrides; validated."""
     data = preset("demo")

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from conftest import tiny_cli
+import pytest
+from conftest import TINY_RUN, tiny_cli
 
 from steerheal.compare import place
 
@@ -67,3 +68,44 @@ def test_compare_runs_arms_resumes_after_sigkill_and_reports(tiny_model_dir, per
     assert "null_raw" in summary["arms"]["steer"] and "steer_minus_arm" in summary["arms"]["random"]
     md = (out / "compare.md").read_text()
     assert "| random | 0 | healed |" in md and "random null" in md.lower() and (out / "compare.png").is_file()
+
+
+def test_a_variant_is_an_arm_with_its_own_settings(tiny_model_dir, persona_file, tmp_path):
+    """--variant NAME:KEY=VALUE runs the steer arm with those settings in its own directory, shares the
+    baselines, and is compared against steer in the report."""
+    from steerheal.compare import parse_variant, run_compare
+    from steerheal.config import parse_set, resolve_config
+    from steerheal.records import read_records
+
+    name, over = parse_variant("decay:generate.steer=linear;generate.steer.tokens=2;generate.steer.floor=0.5")
+    assert name == "decay" and over == {"generate": {"steer": {"method": "linear", "tokens": 2, "floor": 0.5}}}
+    cfg = resolve_config(None, parse_set([*TINY_RUN, "rounds=1", f"model={tiny_model_dir}"]))
+    out = tmp_path / "cmp"
+    run_compare(persona_file, out, cfg, ["steer"], null_k=0, variants={name: over})
+    recs = read_records(out / "decay" / "round_00" / "completions.jsonl")
+    assert {r.steer["method"] for r in recs} == {"linear"} and recs[0].steer["floor_at"] == 2
+    assert all(
+        r.steer == {} or r.steer["method"] == "constant"
+        for r in read_records(out / "steer" / "round_00" / "completions.jsonl")
+    )
+    base = json.loads((out / "decay" / "manifest.json").read_text())["steps"]["baselines/base"]
+    assert base["shared_from"] == str(out / "steer")
+    summary = json.loads((out / "compare.json").read_text())
+    assert "steer_minus_arm" in summary["arms"]["decay"]
+    assert "| decay | 0 | healed |" in (out / "compare.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("decay", "use NAME:KEY=VALUE"),
+        ("steer:generate.steer=exp", "other than an arm"),
+        ("late:eval.limit=3", "shared baselines"),
+    ],
+)
+def test_bad_variants_are_refused_in_one_line(spec, msg):
+    from steerheal import SteerhealError
+    from steerheal.compare import parse_variant
+
+    with pytest.raises(SteerhealError, match=msg):
+        parse_variant(spec)
