@@ -292,3 +292,27 @@ def test_kshot_scores_differ_from_zero_shot_and_prefix_cache_still_holds(tiny):
     for ra, rb in zip(a["rows"], b["rows"]):
         assert ra["pmass"] == pytest.approx(rb["pmass"], abs=1e-4)
     assert a["pmass"] != pytest.approx(z["pmass"], abs=1e-6)
+
+
+def test_the_prefix_cache_is_shared_not_copied_per_row(tiny, monkeypatch):
+    """Every batch reads one stored prefix (broadcast), and scoring stores nothing in it: its length stays
+    the prefix's, and scores equal the plain forward's."""
+    import steerheal.evaluate as E
+
+    caches = []
+    real = E.share_prefix
+
+    def spy(cache):
+        caches.append(cache)
+        return real(cache)
+
+    monkeypatch.setattr(E, "share_prefix", spy)
+    vigs = load_vignettes(None, limit=7)
+    a = evaluate(tiny, vigs, batch_size=3, prefix_cache=True)
+    b = evaluate(tiny, vigs, batch_size=3, prefix_cache=False)
+    assert len(caches) == 2  # one per frame
+    for c in caches:
+        assert all(type(layer).__name__ == "SharedPrefixLayer" and layer.keys.shape[0] == 1 for layer in c.layers)
+        assert len({layer.get_seq_length() for layer in c.layers}) == 1
+    for ra, rb in zip(a["rows"], b["rows"]):
+        assert ra["pmass"] == pytest.approx(rb["pmass"], abs=1e-4)
