@@ -320,6 +320,9 @@ def heal(
         float, typer.Option(help="Clip the gradient norm at this; 0 = no clipping.")
     ] = _H.max_grad_norm,
     min_rows: Annotated[int, typer.Option(help="Refuse to heal on fewer rows than this.")] = _H.min_rows,
+    checkpoint: Annotated[
+        bool, typer.Option(help="Gradient checkpointing: recompute activations in backward (less memory, more time).")
+    ] = _H.checkpoint,
     ref_cache_gb: Annotated[
         float,
         typer.Option(help="Cache the reference log-probs once if they fit in this many GB; else recompute per step."),
@@ -356,6 +359,7 @@ def heal(
         min_rows=min_rows,
         warmup=warmup,
         max_grad_norm=max_grad_norm,
+        checkpoint=checkpoint,
         ref_cache_gb=ref_cache_gb,
     )
     cfg.check()

@@ -151,6 +151,9 @@ class HealConfig:
     min_rows: int = 8
     warmup: float = 0.1  # a fraction of the steps, at least one step when > 0
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+    # Gradient checkpointing: each block's activations are recomputed in backward instead of kept
+    # (less memory for more time; measured in the README's Performance section).
+    checkpoint: bool = False
     ref_cache_gb: float = 2.0
     # The cached reference keeps each position's top k log-probs (0 = the whole vocabulary): memory
     # independent of V. k = 1024 moves the demo's barrier D by 1.2% on average (bench_refcache.py).

@@ -481,7 +481,13 @@ def heal(
             "val": measure(peft_model, rows, val_idx, ref, cfg, pad_id),
             "train": measure(peft_model, rows, train_idx, ref, cfg, pad_id),
         }
-        log_rows = train(peft_model, rows, train_idx, ref, cfg, pad_id, teacher)
+        if cfg.checkpoint:
+            lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            log_rows = train(peft_model, rows, train_idx, ref, cfg, pad_id, teacher)
+        finally:
+            if cfg.checkpoint:
+                lm.model.gradient_checkpointing_disable()
         after = {
             "val": measure(peft_model, rows, val_idx, ref, cfg, pad_id),
             "train": measure(peft_model, rows, train_idx, ref, cfg, pad_id),

@@ -341,3 +341,24 @@ def test_cached_reference_equals_the_reference_recomputed_through_peft(tiny_mode
     with torch.no_grad():
         student = completion_logp(pm, b)
     assert (student - want).abs().max() > 1e-3  # and the adapter is really on for the student
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_model_dir, tmp_path):
+    """heal.checkpoint recomputes activations in backward: the same losses and the same adapter."""
+    from steerheal.models import decoder_layers
+
+    calls = {}
+
+    def counted(lm, key):  # forward calls of block 0's MLP (inside the checkpointed forward: recomputed)
+        calls[key] = 0
+        decoder_layers(lm.model)[0].mlp.register_forward_pre_hook(lambda m, a: calls.__setitem__(key, calls[key] + 1))
+        return lm
+
+    a = heal(counted(load_model(str(tiny_model_dir)), "plain"), recs(8), tiny_cfg(epochs=1), tmp_path / "a")
+    lm = counted(load_model(str(tiny_model_dir)), "checkpoint")
+    b = heal(lm, recs(8), tiny_cfg(epochs=1, checkpoint=True), tmp_path / "b")
+    assert calls["checkpoint"] == calls["plain"] + a["steps"]  # one micro-batch a step, recomputed in backward
+    assert b["train_nll"] == pytest.approx(a["train_nll"], rel=1e-5) and b["val_D_rmse"] == pytest.approx(
+        a["val_D_rmse"], rel=1e-4, abs=1e-7
+    )
+    assert not lm.model.is_gradient_checkpointing  # switched off again afterwards
