@@ -516,6 +516,9 @@ def compare(
             "(e.g. decay:generate.steer=exp;generate.steer.tokens=16). Repeatable."
         ),
     ] = None,
+    report_only: Annotated[
+        bool, typer.Option(help="Run nothing: report what the arms have so far (others may still be running).")
+    ] = False,
     config: ConfigOpt = None,
     rounds: RoundsOpt = None,
     seeds: SeedsOpt = None,
@@ -543,7 +546,8 @@ def compare(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
     )
-    run_compare(persona, output, cfg, [a.strip() for a in arms.split(",") if a.strip()], null_k, force, variants)
+    arm_list = [a.strip() for a in arms.split(",") if a.strip()]
+    run_compare(persona, output, cfg, arm_list, null_k, force, variants, report_only)
 
 
 @command

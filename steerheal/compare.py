@@ -72,8 +72,12 @@ def run_compare(
     null_k: int = 8,
     force: bool = False,
     variants: dict[str, dict[str, Any]] | None = None,
+    report_only: bool = False,
 ) -> Path:
-    """Run every arm and variant (resumably), the random null, and write compare.md, compare.png, compare.json."""
+    """Run every arm and variant (resumably), the random null, and write compare.md, compare.png, compare.json.
+
+    report_only: run nothing; report what is there (arms and seeds still running elsewhere are
+    pooled over the seeds that have results, and the report lists them)."""
     variants = variants or {}
     arms = arms + [v for v in variants if v not in arms]
     bad = [a for a in arms if a not in ARMS and a not in variants]
@@ -86,14 +90,17 @@ def run_compare(
     shared = next(
         (d for a in ARMS for d in arm_dirs(root, a, cfg) if all(Run(d).done(k) for k in BASELINE_STEPS)), None
     )
-    for arm in arms:
+    for arm in [] if report_only else arms:
         log(f"[arm {arm}]")
         runs = run_seeds(persona_path, root / arm, arm_config(cfg, arm, variants), force, shared)
         shared = shared or runs[0].root
     run = Run(root)
-    if "steer" in arms and null_k > 0:
+    if "steer" in arms and null_k > 0 and not report_only:
         run.step("null", lambda: write_json(root / "null.json", random_null(root, cfg, null_k)))
-    numbers = {arm: collect(arm_dirs(root, arm, cfg)) for arm in arms}
+    started = {arm: [d for d in arm_dirs(root, arm, cfg) if Run(d).done("round_00/done")] for arm in arms}
+    if not any(started.values()):
+        raise SteerhealError(f"{root}: no arm has finished a round yet; nothing to report")
+    numbers = {arm: collect(dirs) for arm, dirs in started.items() if dirs}
     summary = summarize(root, numbers, cfg)
     write_json(root / "compare.json", summary)
     plot_compare(root, numbers)
@@ -208,11 +215,17 @@ def _gen_mean(gens: list[dict], key: str) -> str:
 def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
     first = next(iter(numbers.values()))
     t = first["target"]
+    seeds = {arm: ", ".join(map(str, c["seeds"])) for arm, c in numbers.items()}
+    if len(set(seeds.values())) == 1:
+        seed_text = f"seeds {seeds[next(iter(seeds))]}"
+    else:  # some arms still running: each row pools the seeds that have reached it
+        seed_text = "seeds per arm (unfinished runs pooled as far as they got): " + "; ".join(
+            f"{a} {s}" for a, s in seeds.items()
+        )
     L = [
         "# steerheal compare",
         "",
-        f"Persona `{first['persona']}`, target **{t}**; seeds "
-        f"{', '.join(map(str, first['seeds']))}; vignettes {first['base']['settings']['source']} "
+        f"Persona `{first['persona']}`, target **{t}**; {seed_text}; vignettes {first['base']['settings']['source']} "
         f"({first['base']['n']} rows). Intervals: 95% paired bootstrap over vignettes and seeds.",
         "",
         "| arm | round | model | shift | selectivity | pmass ratio | gen ppl | distinct-2 | KL to base | min/round |",

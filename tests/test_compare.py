@@ -73,6 +73,7 @@ def test_compare_runs_arms_resumes_after_sigkill_and_reports(tiny_model_dir, per
 def test_a_variant_is_an_arm_with_its_own_settings(tiny_model_dir, persona_file, tmp_path):
     """--variant NAME:KEY=VALUE runs the steer arm with those settings in its own directory, shares the
     baselines, and is compared against steer in the report."""
+    from steerheal import SteerhealError
     from steerheal.compare import parse_variant, run_compare
     from steerheal.config import parse_set, resolve_config
     from steerheal.records import read_records
@@ -93,6 +94,13 @@ def test_a_variant_is_an_arm_with_its_own_settings(tiny_model_dir, persona_file,
     summary = json.loads((out / "compare.json").read_text())
     assert "steer_minus_arm" in summary["arms"]["decay"]
     assert "| decay | 0 | healed |" in (out / "compare.md").read_text()
+    # --report-only runs nothing: an arm with no finished round (random) is left out, not started
+    (out / "compare.json").unlink()
+    run_compare(persona_file, out, cfg, ["steer", "random"], null_k=0, variants={name: over}, report_only=True)
+    assert set(json.loads((out / "compare.json").read_text())["arms"]) == {"steer", "decay"}
+    assert not (out / "random").exists()
+    with pytest.raises(SteerhealError, match="nothing to report"):
+        run_compare(persona_file, tmp_path / "empty", cfg, ["steer"], null_k=0, report_only=True)
 
 
 @pytest.mark.parametrize(
