@@ -28,7 +28,7 @@ from .filter import filter_records
 from .filter import summary as filter_summary
 from .generate import generate_records
 from .heal import heal
-from .models import LoadedModel, load_model, parse_layers, resolve
+from .models import BaseView, LoadedModel, keep_base, load_model, merge_adapters, parse_layers, resolve
 from .persona import Persona, load_persona
 from .progress import log
 from .records import Record, read_records, write_json, write_records
@@ -107,10 +107,17 @@ class Loop:
     _judge: LoadedModel | None = None
 
     def judge(self) -> LoadedModel:
-        """The base model, loaded once more: generation coherence is always judged by the unchanged base."""
+        """The unchanged base model, which judges generation coherence: the current model with its residual
+        adapters switched off (no second copy), or with --ref base (its heal trains over the same modules
+        while reading the base) the base loaded once more."""
         if self._judge is None:
             c = self.cfg
-            self._judge = load_model(c.model, [], device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
+            if c.heal.ref == "base":
+                self._judge = load_model(
+                    c.model, [], device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code
+                )
+            else:
+                self._judge = LoadedModel(BaseView(lambda: self.lm.model), self.lm.tokenizer, self.lm.name)
         return self._judge
 
     def coherence(self, path: Path, **kw: Any) -> None:
@@ -366,13 +373,10 @@ def open_loop(
     check_resume(run, cfg_dict, persona, inputs, force)
     write_config(run.root, cfg_dict, persona, persona_path, inputs)
     remove_stale_temps(run.root)
-    lm = load_model(
-        cfg.model,
-        finished_adapters(run, cfg.rounds),
-        device=cfg.device,
-        dtype=cfg.dtype,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    lm = load_model(cfg.model, [], device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    keep_base(lm.model)  # adapters stay residuals over the base weights, so the base can judge (Loop.judge)
+    lm.model = merge_adapters(lm.model, finished_adapters(run, cfg.rounds))
+    lm.adapters = finished_adapters(run, cfg.rounds)
     return Loop(run, persona, cfg, lm, vignettes, baselines_from)
 
 

@@ -6,9 +6,11 @@ with history runs at base speed and is, by construction, the same function `bake
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from . import SteerhealError
+from .logprobs import unwrap
 from .progress import log
 
 BUNDLED = "bundled:smollm2-135m-instruct"
@@ -184,7 +187,7 @@ def merge_adapters(model: nn.Module, adapters: list[str] | tuple[str, ...]) -> n
     for a in adapters:
         if not (Path(a) / "adapter_config.json").is_file():
             raise SteerhealError(f"--adapter {a}: not a peft adapter directory (no adapter_config.json)")
-        if low_precision(model):
+        if keeps_residuals(model):
             add_low_rank(model, a)
         else:
             model = PeftModel.from_pretrained(model, a).merge_and_unload()
@@ -195,9 +198,59 @@ def low_precision(model: nn.Module) -> bool:
     return next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
 
 
+def keeps_residuals(model: nn.Module) -> bool:
+    """Adapters stay fp32 low-rank residuals instead of merging: always in bf16/fp16 (merging rounds
+    them away), and in a model marked with keep_base (the loop's, whose base judges coherence)."""
+    return low_precision(model) or bool(getattr(unwrap(model), "steerheal_keep_base", False))
+
+
+def keep_base(model: nn.Module) -> nn.Module:
+    """Mark a model so that adapters applied to it stay residuals: the base stays one switch away
+    (without_residuals), so no second copy of the weights is needed to judge against the base."""
+    unwrap(model).steerheal_keep_base = True
+    return model
+
+
+@contextlib.contextmanager
+def without_residuals(model: nn.Module) -> Iterator[None]:
+    """The base model: every low-rank residual switched off for the duration."""
+    mods = [m for m in model.modules() if getattr(m, "steerheal_low_rank", None) is not None]
+    for m in mods:
+        m.steerheal_low_rank_off = True  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.steerheal_low_rank_off = False  # type: ignore[assignment]
+
+
+class BaseView(nn.Module):
+    """The base model of whatever `get()` returns now, read with its residual adapters switched off:
+    a judge that needs no second copy of the weights."""
+
+    def __init__(self, get: Callable[[], nn.Module]):
+        super().__init__()
+        self._get = get
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        model = self._get()
+        with without_residuals(model):
+            return model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:  # so logprobs.unwrap finds the real model (head, signature)
+        return self._get()
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return self._get().parameters(recurse)
+
+    @property
+    def config(self) -> Any:
+        return self._get().config
+
+
 def absorb(peft_model: Any, adapter_dir: str | Path) -> nn.Module:
     """The model with a just-trained adapter applied for good, the same way merge_adapters applies it on load."""
-    if low_precision(peft_model):
+    if keeps_residuals(peft_model):
         model = peft_model.unload()
         add_low_rank(model, adapter_dir)
         return model.eval()
@@ -234,6 +287,8 @@ def add_low_rank(model: nn.Module, adapter_dir: str | Path) -> None:
 
 
 def _add_low_rank_residuals(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    if getattr(mod, "steerheal_low_rank_off", False):
+        return out
     x = args[0].float()
     delta = sum(s * (x @ a.T) @ b.T for a, b, s in mod.steerheal_low_rank)  # type: ignore[union-attr]
     return (out.float() + delta).to(out.dtype)  # one rounding, not two

@@ -108,7 +108,7 @@ def test_loop_resumes_after_sigkill_to_the_same_result(tiny_model_dir, tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[round 1/2] vector" not in r.stderr  # finished steps were not redone
 
-    for f in ("round_01/kept.jsonl", "round_01/eval_healed.json", "round_01/eval_steered.json", "baselines/base.json"):
+    for f in ("round_01/kept.jsonl", "round_01/eval_healed.json", "round_00/eval_steered.json", "baselines/base.json"):
         assert _text(killed, f) == _text(full, f), f
     metrics = lambda d: [
         _strip_times(json.loads(x.replace(str(d), "RUN"))) for x in (d / "metrics.jsonl").read_text().splitlines()

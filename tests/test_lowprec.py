@@ -132,3 +132,28 @@ def test_a_model_placed_by_accelerate_loads_and_runs(tiny_model_dir, monkeypatch
     ids = torch.tensor([[1, 5, 9, 20]])
     with torch.no_grad():
         assert torch.allclose(placed.model(ids).logits, plain.model(ids).logits, atol=1e-6)
+
+
+def test_the_loop_judges_by_its_own_weights_with_the_residuals_off(tiny_model_dir, persona_file, tmp_path):
+    """In fp32 too the loop keeps its adapters as residuals, so the base that judges coherence is the same
+    weights with them switched off: equal to a fresh base model, with no second copy in memory."""
+    from conftest import TINY_RUN
+
+    from steerheal.config import parse_set, resolve_config
+    from steerheal.loop import open_loop, run_loop
+    from steerheal.models import BaseView
+
+    cfg = resolve_config(None, parse_set([*TINY_RUN, "rounds=1", f"model={tiny_model_dir}"]))
+    run_loop(persona_file, tmp_path / "run", cfg)
+    loop = open_loop(persona_file, tmp_path / "run", cfg, force=False)  # resumed: round 0's adapter loaded
+    judge = loop.judge()
+    assert isinstance(judge.model, BaseView)
+    assert next(judge.model.parameters()).data_ptr() == next(loop.lm.model.parameters()).data_ptr()
+    adapter = str(tmp_path / "run" / "round_00" / "adapter")
+    ids = torch.tensor([[1, 5, 9, 20, 30, 7]])
+    with torch.no_grad():
+        base = load_model(str(tiny_model_dir)).model(ids).logits
+        merged = load_model(str(tiny_model_dir), [adapter]).model(ids).logits
+        seen_by_judge, current = judge.model(ids).logits, loop.lm.model(ids).logits
+    assert torch.allclose(seen_by_judge, base, atol=1e-5)
+    assert torch.allclose(current, merged, atol=1e-4) and (current - base).abs().max() > 1e-3
