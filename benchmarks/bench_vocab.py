@@ -59,8 +59,11 @@ def child(phase: str, chunked: bool, rows: int, tokens: int, vocab: int) -> None
     else:
         filter_records(lm, recs, FilterConfig(max_len=tokens * 2), narration=[])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{phase:6s} {'chunked' if chunked else 'one chunk':9s} peak RSS {peak:6.0f} MB "
-          f"(model and data {rss0:.0f} MB)  {time.perf_counter() - t:5.1f} s", flush=True)
+    print(
+        f"{phase:6s} {'chunked' if chunked else 'one chunk':9s} peak RSS {peak:6.0f} MB "
+        f"(model and data {rss0:.0f} MB)  {time.perf_counter() - t:5.1f} s",
+        flush=True,
+    )
 
 
 def main() -> None:
