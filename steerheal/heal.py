@@ -280,6 +280,19 @@ def teacher_logprobs(
     return reference_logprobs(lm.model, t_rows, _pad_id(lm.tokenizer), cfg.ref_top_k, desc="teacher log-probs")
 
 
+def _activation_checkpointing(model: Any, on: bool) -> None:
+    """Switch gradient checkpointing on or off (transformers 5 renamed it activation checkpointing)."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kw
+        ) if on else model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=kw
+        ) if on else model.gradient_checkpointing_disable()
+
+
 def _pad_id(tok: Any) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
@@ -482,12 +495,12 @@ def heal(
             "train": measure(peft_model, rows, train_idx, ref, cfg, pad_id),
         }
         if cfg.checkpoint:
-            lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _activation_checkpointing(lm.model, True)
         try:
             log_rows = train(peft_model, rows, train_idx, ref, cfg, pad_id, teacher)
         finally:
             if cfg.checkpoint:
-                lm.model.gradient_checkpointing_disable()
+                _activation_checkpointing(lm.model, False)
         after = {
             "val": measure(peft_model, rows, val_idx, ref, cfg, pad_id),
             "train": measure(peft_model, rows, train_idx, ref, cfg, pad_id),

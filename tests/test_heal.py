@@ -361,4 +361,5 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_model_dir, tmp_path
     assert b["train_nll"] == pytest.approx(a["train_nll"], rel=1e-5) and b["val_D_rmse"] == pytest.approx(
         a["val_D_rmse"], rel=1e-4, abs=1e-7
     )
-    assert not lm.model.is_gradient_checkpointing  # switched off again afterwards
+    new_name = hasattr(type(lm.model), "is_activation_checkpointing")  # transformers 5's name
+    assert not getattr(lm.model, "is_activation_checkpointing" if new_name else "is_gradient_checkpointing")
