@@ -170,7 +170,9 @@ def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig) -> dict[str,
                 )
             }
             entry["vs_prompting"] = healed[-1]["heal_vs_prompt"]
-        if null and c["rounds"]:
+        # The null is directions at the steer arm's round-0 C: only an arm that steered at that C is placed in it
+        # (not the prompt arms, nor the random arm, whose own dose rule picks another C).
+        if null and c["rounds"] and all(abs(x - null["coeff"]) < 1e-3 for x in c["rounds"][0]["coeff"]):
             shifts = [d["target_shift"] for d in null["draws"]]
             entry["null_raw"] = place(c["rounds"][0]["steered"]["target_shift"], shifts)
             if c["rounds"][0]["healed"]:

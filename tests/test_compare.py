@@ -66,6 +66,7 @@ def test_compare_runs_arms_resumes_after_sigkill_and_reports(tiny_model_dir, per
     summary = json.loads((out / "compare.json").read_text())
     assert set(summary["arms"]) == {"steer", "random", "prompt"} and len(summary["null"]["draws"]) == 3
     assert "null_raw" in summary["arms"]["steer"] and "steer_minus_arm" in summary["arms"]["random"]
+    assert "null_raw" not in summary["arms"]["prompt"]  # prompted, not steered at the null's C
     md = (out / "compare.md").read_text()
     assert "| random | 0 | healed |" in md and "random null" in md.lower() and (out / "compare.png").is_file()
 
