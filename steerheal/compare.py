@@ -186,12 +186,13 @@ def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig) -> dict[str,
 
 
 def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[str, dict]) -> dict | None:
-    """Selectivity of arm a's last healed round minus arm b's, paired over vignettes (and pooled over seeds)."""
-    ra, rb = numbers[a]["rounds"], numbers[b]["rounds"]
-    la = [r["round"] for r in ra if r["healed"]]
-    lb = [r["round"] for r in rb if r["healed"]]
-    if not la or not lb:
+    """Selectivity of arm a minus arm b at the last healed round both reached (a partial run is not set
+    against a finished one's later round), paired over vignettes and pooled over seeds."""
+    both = {r["round"] for r in numbers[a]["rounds"] if r["healed"]}
+    both &= {r["round"] for r in numbers[b]["rounds"] if r["healed"]}
+    if not both:
         return None
+    last = max(both)
     base = EvalRows.from_report(numbers[a]["base"])
     rows = lambda arm, r: [
         EvalRows.from_report(Run(d).json(f"round_{r:02d}/eval_healed.json"))  # noqa: E731
@@ -199,7 +200,7 @@ def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[st
         if (d / f"round_{r:02d}" / "eval_healed.json").is_file()
     ]
     c = numbers[a]
-    return difference(base, rows(a, la[-1]), rows(b, lb[-1]), c["target"], c["direction"], "selectivity")
+    return {"round": last} | difference(base, rows(a, last), rows(b, last), c["target"], c["direction"], "selectivity")
 
 
 def _ci(m: dict | None, k: str, sign: bool = True) -> str:
@@ -280,7 +281,7 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
         d = e.get("steer_minus_arm")
         if d:
             parts.append(
-                f"steer minus {arm} (selectivity): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
+                f"steer minus {arm} (selectivity, round {d['round']}): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
                 f"{d['difference_ci'][1]:+.2f}], steer better: {d['verdict']}"
             )
         out.append("- " + "; ".join(parts) + ".")

@@ -30,7 +30,17 @@ from torch import nn
 from . import SteerhealError
 from .chat import encode_completion
 from .config import HealConfig
-from .logprobs import Batch, Span, TopK, cat_logprobs, per_position, right_padded, score_spans, span_logprobs
+from .logprobs import (
+    Batch,
+    Span,
+    TopK,
+    cat_logprobs,
+    per_position,
+    right_padded,
+    score_spans,
+    span_logprobs,
+    vocab_size,
+)
 from .models import LoadedModel, absorb, decoder_layers, merge_adapters, parse_layers
 from .progress import log, progress
 from .records import Record, atomic_path
@@ -234,7 +244,7 @@ def prepare_reference(
     then the base model's and the student trains on top of the merged history: one copy of the
     weights), or `reference_model` is the base model itself (the loop, which keeps one anyway).
     """
-    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    vocab = vocab_size(lm.model)
     cache_gb = ref_cache_bytes(rows, vocab, cfg.ref_top_k) / 2**30
     ref = None
     if cfg.reg != "nll":

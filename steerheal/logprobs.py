@@ -252,7 +252,7 @@ def score_spans(
         sizes = [spans[i].n_scored for i in idx]
         if not full:
             return [v.cpu() for v in span_token_nll(model, b).split(sizes)]
-        vocab = _vocab(model)
+        vocab = vocab_size(model)
         if 0 < top_k < vocab:
             vals, ids = per_position(model, b, lambda lp, sl: tuple(lp.topk(top_k, dim=-1)))
             return [TopK(v.cpu(), i.cpu()) for v, i in zip(vals.split(sizes), ids.split(sizes))]
@@ -261,7 +261,8 @@ def score_spans(
     return map_batches(spans, [len(s.ids) for s in spans], batch_size, run, bar)
 
 
-def _vocab(model: nn.Module) -> int:
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the output layer (can exceed the tokenizer's vocabulary: padded embeddings)."""
     return int(unwrap(model).get_output_embeddings().weight.shape[0])
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import TINY_RUN, tiny_cli
 
@@ -118,3 +119,44 @@ def test_bad_variants_are_refused_in_one_line(spec, msg):
 
     with pytest.raises(SteerhealError, match=msg):
         parse_variant(spec)
+
+
+def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
+    """A partial run (nll healed only rounds 0-1) is compared with steer at round 1, not at steer's last round 2."""
+    from steerheal.compare import _arm_difference
+    from steerheal.config import FOUNDATIONS, RunConfig
+    from steerheal.stats import EvalRows, difference
+
+    rng = np.random.default_rng(0)
+
+    def report(shift: float) -> dict:
+        rows = []
+        for i in range(28):
+            logp = rng.normal(-2.0, 0.3, len(FOUNDATIONS))
+            logp[FOUNDATIONS.index("authority")] += shift
+            rows.append(
+                {"id": str(i), "foundation": FOUNDATIONS[i % 7], "pmass": 0.5, "logp": dict(zip(FOUNDATIONS, logp))}
+            )
+        return {"rows": rows}
+
+    base = report(0.0)
+    evals = {("steer", 0): report(-0.5), ("steer", 1): report(-1.0), ("steer", 2): report(-3.0)}
+    evals |= {("nll", 0): report(-0.4), ("nll", 1): report(-0.8)}
+    numbers = {}
+    for arm in ("steer", "nll"):
+        rounds = sorted(r for a, r in evals if a == arm)
+        for r in rounds:
+            d = tmp_path / arm / f"round_{r:02d}"
+            d.mkdir(parents=True)
+            (d / "eval_healed.json").write_text(json.dumps(evals[arm, r]))
+        numbers[arm] = {
+            "rounds": [{"round": r, "healed": {"target_shift": 0.0}} for r in rounds],
+            "base": base,
+            "target": "authority",
+            "direction": -1,
+        }
+    got = _arm_difference(tmp_path, RunConfig(), "steer", "nll", numbers)
+    rows = lambda arm: [EvalRows.from_report(evals[arm, 1])]  # noqa: E731
+    want = difference(EvalRows.from_report(base), rows("steer"), rows("nll"), "authority", -1, "selectivity")
+    assert got["round"] == 1 and got["difference"] == pytest.approx(want["difference"])
+    assert got["difference_ci"] == pytest.approx(want["difference_ci"])
