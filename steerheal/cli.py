@@ -417,7 +417,10 @@ def _run_config(config: str | None, set_: list[str] | None, **flags: Any) -> Any
     from .config import deep_merge, parse_set, resolve_config
 
     coeff, vignettes = flags.pop("coeff", None), flags.pop("vignettes", None)
+    online = flags.pop("online", False)
     over: dict = {k: v for k, v in flags.items() if v is not None and v != "auto" and v is not False}
+    if online:
+        over["online"] = {"enabled": True}
     if coeff is not None:
         over["dose"] = {"method": "fixed", "coeff": coeff}
     if vignettes is not None:
@@ -465,6 +468,13 @@ def loop(
     arm: Annotated[
         Optional[str], typer.Option(help="steer (default), prompt, prompt-kl, random or nll: see the README's Arms.")
     ] = None,
+    online: Annotated[
+        bool,
+        typer.Option(
+            help="Online mode: each round is a segment of steps that sample, filter and take one heal step each "
+            "(online.steps, online.batch, online.ref_every via --set)."
+        ),
+    ] = False,
     config: ConfigOpt = None,
     rounds: RoundsOpt = None,
     seed: SeedOpt = None,
@@ -487,6 +497,7 @@ def loop(
         config,
         set_,
         arm=arm,
+        online=online,
         rounds=rounds,
         seed=seed,
         seeds=seeds,

@@ -31,7 +31,7 @@ from .vector import SteeringVector
 from .vignettes import load_vignettes
 
 # A variant changes how a round runs, never what the shared baselines measure.
-VARIANT_SECTIONS = ("arm", "vector", "dose", "generate", "filter", "heal")
+VARIANT_SECTIONS = ("arm", "vector", "dose", "generate", "filter", "heal", "online")
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
@@ -231,12 +231,19 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
         f"Persona `{first['persona']}`, target **{t}**; {seed_text}; vignettes {first['base']['settings']['source']} "
         f"({first['base']['n']} rows). Intervals: 95% paired bootstrap over vignettes and seeds.",
         "",
-        "| arm | round | model | shift | selectivity | pmass ratio | gen ppl | distinct-2 | KL to base | min/round |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | round | model | shift | selectivity | pmass ratio | gen ppl | distinct-2 | KL to base | min/round "
+        "| k token passes/round (trained) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, c in numbers.items():
         for r in c["rounds"]:
             mins = sum(x["total"] for x in r["time_s"]) / max(1, len(r["time_s"])) / 60
+            tok = r.get("tokens") or []
+            passes = (
+                f"{sum(t['forward'] for t in tok) / len(tok) / 1e3:.0f} ({sum(t['trained'] for t in tok) / len(tok) / 1e3:.0f})"
+                if tok
+                else "–"
+            )
             for kind in ("steered", "healed"):
                 m, g = r[kind], [x for x in r[f"gen_{kind}"] if x]
                 if m is None:
@@ -244,7 +251,7 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
                 L.append(
                     f"| {arm} | {r['round']} | {'raw' if kind == 'steered' else 'healed'} | {_ci(m, 'target_shift')} | "
                     f"{_ci(m, 'selectivity')} | {_ci(m, 'pmass_ratio', False)} | {_gen_mean(g, 'ppl')} | {_gen_mean(g, 'distinct2')} | "
-                    f"{_gen_mean(g, 'kl_to_base')} | {mins:.1f} |"
+                    f"{_gen_mean(g, 'kl_to_base')} | {mins:.1f} | {passes} |"
                 )
     L += ["", "![compare](compare.png)", "", "## Verdict (computed from the intervals)", ""]
     L += verdict_lines(summary, t)

@@ -173,6 +173,30 @@ class HealConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """`loop --online`: each step samples a small steered batch from the current model, filters it and takes
+    one heal step; a segment of `steps` steps is one round (vector, dose and evals as in the iterative loop)."""
+
+    enabled: bool = False
+    steps: int = 8  # heal steps per segment
+    batch: int = 8  # completions sampled per step (prompts cycle on from step to step)
+    # The barrier's reference is the student as it was at the last multiple of ref_every steps (it trails
+    # by 0 to ref_every - 1 steps); 0 = the segment's start model throughout, as in the iterative heal.
+    ref_every: int = 4
+
+    def check(self) -> None:
+        for name in ("steps", "batch"):
+            if getattr(self, name) < 1:
+                raise SteerhealError(f"online.{name} must be at least 1")
+        if self.ref_every < 0:
+            raise SteerhealError("online.ref_every must be 0 (the segment's start model) or more")
+
+    def ref_step(self, step: int) -> int:
+        """The step whose start weights the reference holds during `step`."""
+        return 0 if self.ref_every == 0 else step - step % self.ref_every
+
+
+@dataclass
 class EvalConfig:
     vignettes: str | None = None  # a tinymfv JSONL path, tinymfv:<set>, or None for the demo set
     condition: str = "other_violate"
@@ -213,6 +237,7 @@ class RunConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     heal: HealConfig = field(default_factory=HealConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self) -> None:
@@ -227,6 +252,11 @@ class RunConfig:
             raise SteerhealError("dose.method fixed needs dose.coeff (--coeff C)")
         self.generate.steer.check()
         self.heal.check()
+        self.online.check()
+        if self.online.enabled and self.heal.ref == "base":
+            raise SteerhealError(
+                "online mode's reference is the trailing student (online.ref_every): drop heal.ref base"
+            )
         self.eval.check()
 
     def to_dict(self) -> dict[str, Any]:

@@ -250,7 +250,7 @@ def prepare_reference(
     if cfg.reg != "nll":
         cache: list[torch.Tensor] | list[TopK] | None = None
         if cache_gb <= cfg.ref_cache_gb:
-            cache = reference_logprobs(reference_model or lm.model, rows, _pad_id(lm.tokenizer), cfg.ref_top_k)
+            cache = reference_logprobs(reference_model or lm.model, rows, pad_token_id(lm.tokenizer), cfg.ref_top_k)
         elif cfg.ref == "base" and history and reference_model is None:
             raise SteerhealError(
                 f"--ref base with a history needs the base log-probs cached: {cache_gb:.2f} GB "
@@ -287,7 +287,7 @@ def teacher_logprobs(
                 f"record {rec.id}: its completion is cut by --max-len {cfg.max_len} in the "
                 "teacher's longer context; raise --max-len"
             )
-    return reference_logprobs(lm.model, t_rows, _pad_id(lm.tokenizer), cfg.ref_top_k, desc="teacher log-probs")
+    return reference_logprobs(lm.model, t_rows, pad_token_id(lm.tokenizer), cfg.ref_top_k, desc="teacher log-probs")
 
 
 def _activation_checkpointing(model: Any, on: bool) -> None:
@@ -303,7 +303,7 @@ def _activation_checkpointing(model: Any, on: bool) -> None:
         ) if on else model.gradient_checkpointing_disable()
 
 
-def _pad_id(tok: Any) -> int:
+def pad_token_id(tok: Any) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
 
@@ -490,7 +490,7 @@ def heal(
             "(the CLI does this) so the base reference is taken before they are merged"
         )
     rows = encode_rows(lm.tokenizer, records, cfg.max_len)
-    pad_id = _pad_id(lm.tokenizer)
+    pad_id = pad_token_id(lm.tokenizer)
     train_idx, val_idx = split(len(rows), cfg.val_frac, cfg.seed)
     torch.manual_seed(cfg.seed)
     ref = prepare_reference(lm, rows, cfg, history, reference_model)

@@ -28,10 +28,11 @@ from .filter import filter_records
 from .filter import summary as filter_summary
 from .generate import generate_records
 from .heal import heal
-from .models import BaseView, LoadedModel, keep_base, load_model, merge_adapters, parse_layers, resolve
+from .models import BaseView, LoadedModel, TokenMeter, keep_base, load_model, merge_adapters, parse_layers, resolve
+from .online import Segment, run_segment
 from .persona import Persona, load_persona
 from .progress import log
-from .records import Record, read_records, write_json, write_records
+from .records import Record, read_records, with_system, without_system, write_json, write_records
 from .rundir import (
     Run,
     check_resume,
@@ -104,6 +105,7 @@ class Loop:
     lm: LoadedModel
     vignettes: list[Vignette]
     baselines_from: Path | None = None  # a finished run of the same config whose baselines to reuse
+    meter: TokenMeter | None = None  # token passes per step (the unit of equal compute)
     _judge: LoadedModel | None = None
 
     def judge(self) -> LoadedModel:
@@ -154,8 +156,9 @@ class Loop:
             log(f"[baselines] shared from {self.baselines_from}")
         if not all(run.done(k) for k in BASELINE_STEPS):
             log("[baselines] base model and the prompting baseline (persona as system prompt)")
-        run.step("baselines/base", lambda: write_json(d / "base.json", self.eval()))
-        run.step("baselines/prompt", lambda: write_json(d / "prompt.json", self.eval(system=system)))
+        m = self.meter
+        run.step("baselines/base", lambda: write_json(d / "base.json", self.eval()), m)
+        run.step("baselines/prompt", lambda: write_json(d / "prompt.json", self.eval(system=system)), m)
         run.step(
             "baselines/demo",
             lambda: write_records(
@@ -163,9 +166,10 @@ class Loop:
                 + demo_records(self.lm, self.persona, self.cfg, "prompt", system=system),
                 d / "demo.jsonl",
             ),
+            m,
         )
-        run.step("baselines/gen_base", lambda: self.coherence(d / "gen_base.json"))
-        run.step("baselines/gen_prompt", lambda: self.coherence(d / "gen_prompt.json", system=system))
+        run.step("baselines/gen_base", lambda: self.coherence(d / "gen_base.json"), m)
+        run.step("baselines/gen_prompt", lambda: self.coherence(d / "gen_prompt.json", system=system), m)
 
     def round(self, r: int) -> str | None:
         """Run (or resume) round r; the stop reason, if the loop should stop after it."""
@@ -178,7 +182,7 @@ class Loop:
         def step(name: str, fn: Callable[[], None]) -> None:
             if not run.done(f"{key}/{name}"):
                 log(f"[round {r + 1}/{cfg.rounds}] {name}")
-            run.step(f"{key}/{name}", fn)
+            run.step(f"{key}/{name}", fn, self.meter)
 
         layers = parse_layers(cfg.vector.layers, self.lm.n_layers)
         v = cfg.vector
@@ -196,58 +200,64 @@ class Loop:
         step("dose", lambda: write_json(d / "dose.json", self._dose(vec, seed + 500)))
         coeff = float(run.json(f"{key}/dose.json")["coeff"])
         act: dict[str, Any] = {"system": self.system} if self.prompted else {"vector": vec, "coeff": coeff}
-        step(
-            "generate",
-            lambda: write_records(
-                generate_records(
-                    self.lm,
-                    persona.name,
-                    persona.generation,
-                    cfg.generate,
-                    seed=seed,
-                    id_prefix=f"{persona.name}-r{r}",
-                    **act,
-                ),
-                d / "completions.jsonl",
-            ),
-        )
-
-        def do_filter() -> None:
-            # Prompt arms train WITHOUT the persona prompt (context distillation): drop the system turn first.
-            rows = [_without_system(x) for x in read_records(d / "completions.jsonl")]
-            kept, rejected = filter_records(self.lm, rows, cfg.filter, persona.narration)
-            write_records(rejected, d / "rejected.jsonl")
-            write_records(kept, d / "kept.jsonl")
-
-        step("filter", do_filter)
-        if r == 0 or cfg.steered_measures == "all":
-            step("eval_steered", lambda: write_json(d / "eval_steered.json", self.eval(**act)))
+        reg = "nll" if cfg.arm == "nll" else cfg.heal.reg  # the nll arm: no barrier (what the barrier adds)
+        hcfg = dataclasses.replace(cfg.heal, seed=cfg.heal.seed + r, reg=reg)
+        if cfg.online.enabled:
+            # One segment of online steps is the round's generate, filter and heal (online.py).
+            self.steered_measures(r, act)
+            seg = Segment(d, persona, cfg, hcfg, act, seed, f"{persona.name}-r{r}", self.teacher_system)
+            step("heal", lambda: _ignore(run_segment(self.lm, seg)))  # lm is now healed
+        else:
             step(
-                "demo_steered",
+                "generate",
                 lambda: write_records(
-                    demo_records(self.lm, persona, cfg, f"r{r}-steered", **act), d / "demo_steered.jsonl"
+                    generate_records(
+                        self.lm,
+                        persona.name,
+                        persona.generation,
+                        cfg.generate,
+                        seed=seed,
+                        id_prefix=f"{persona.name}-r{r}",
+                        **act,
+                    ),
+                    d / "completions.jsonl",
                 ),
             )
-            step("gen_steered", lambda: self.coherence(d / "gen_steered.json", **act))
-        kept = read_records(d / "kept.jsonl")
-        # The nll arm: the same steered rows, no barrier (isolates what the barrier adds).
-        reg = "nll" if cfg.arm == "nll" else cfg.heal.reg
-        hcfg = dataclasses.replace(cfg.heal, seed=cfg.heal.seed + r, reg=reg)
-        if len(kept) < hcfg.min_rows:
-            stop = f"round {r}: only {len(kept)} rows kept, fewer than heal.min_rows {hcfg.min_rows}"
-            self.finish_round(r, stop, healed=False)
-            return stop
-        if not run.done(f"{key}/heal"):
-            log(f"[round {r + 1}/{cfg.rounds}] heal on {len(kept)} kept rows")
-        teacher = [_with_system(x, self.system) for x in kept] if cfg.arm == "prompt-kl" else None
-        # --ref base: the barrier holds every round to the unchanged base model (the judge is that model)
-        base_ref = self.judge().model if hcfg.ref == "base" and hcfg.reg != "nll" and self.lm.adapters else None
-        run.step(
-            f"{key}/heal",
-            lambda: _ignore(
-                heal(self.lm, kept, hcfg, d / "adapter", merge=True, teacher_records=teacher, reference_model=base_ref)
-            ),
-        )  # lm is now healed
+
+            def do_filter() -> None:
+                # Prompt arms train WITHOUT the persona prompt (context distillation): drop the system turn first.
+                rows = [without_system(x) for x in read_records(d / "completions.jsonl")]
+                kept, rejected = filter_records(self.lm, rows, cfg.filter, persona.narration)
+                write_records(rejected, d / "rejected.jsonl")
+                write_records(kept, d / "kept.jsonl")
+
+            step("filter", do_filter)
+            self.steered_measures(r, act)
+            kept = read_records(d / "kept.jsonl")
+            if len(kept) < hcfg.min_rows:
+                stop = f"round {r}: only {len(kept)} rows kept, fewer than heal.min_rows {hcfg.min_rows}"
+                self.finish_round(r, stop, healed=False)
+                return stop
+            if not run.done(f"{key}/heal"):
+                log(f"[round {r + 1}/{cfg.rounds}] heal on {len(kept)} kept rows")
+            system = self.teacher_system
+            teacher = [with_system(x, system) for x in kept] if system is not None else None
+            # --ref base: the barrier holds every round to the unchanged base model (the judge is that model)
+            base_ref = self.judge().model if hcfg.ref == "base" and hcfg.reg != "nll" and self.lm.adapters else None
+            step(
+                "heal",
+                lambda: _ignore(
+                    heal(
+                        self.lm,
+                        kept,
+                        hcfg,
+                        d / "adapter",
+                        merge=True,
+                        teacher_records=teacher,
+                        reference_model=base_ref,
+                    )
+                ),
+            )  # lm is now healed
         step("eval_healed", lambda: write_json(d / "eval_healed.json", self.eval()))
         step(
             "demo_healed",
@@ -257,6 +267,30 @@ class Loop:
         floor_stop = self._coherence_stop(r)
         self.finish_round(r, floor_stop, healed=True)
         return floor_stop
+
+    def steered_measures(self, r: int, act: dict[str, Any]) -> None:
+        """The raw-steered (or prompted) model's eval, demo and generation coherence: round 0, or every round."""
+        if r > 0 and self.cfg.steered_measures != "all":
+            return
+        d, key = self.rdir(r), f"round_{r:02d}"
+        for name, fn in (
+            ("eval_steered", lambda: write_json(d / "eval_steered.json", self.eval(**act))),
+            (
+                "demo_steered",
+                lambda: write_records(
+                    demo_records(self.lm, self.persona, self.cfg, f"r{r}-steered", **act), d / "demo_steered.jsonl"
+                ),
+            ),
+            ("gen_steered", lambda: self.coherence(d / "gen_steered.json", **act)),
+        ):
+            if not self.run.done(f"{key}/{name}"):
+                log(f"[round {r + 1}/{self.cfg.rounds}] {name}")
+            self.run.step(f"{key}/{name}", fn, self.meter)
+
+    @property
+    def teacher_system(self) -> str | None:
+        """prompt-kl fits the prompted model's distribution: the teacher reads each row under the persona prompt."""
+        return self.system if self.cfg.arm == "prompt-kl" else None
 
     @property
     def prompted(self) -> bool:
@@ -296,6 +330,7 @@ class Loop:
         v0 = SteeringVector.load(run.root / "round_00" / "vector.safetensors")
         times = {p: run.seconds(f"{key}/{p}") for p in ROUND_STEPS}
         times["total"] = round(sum(times.values()), 2)
+        tokens = {k: sum(run.tokens(f"{key}/{p}")[k] for p in ROUND_STEPS) for k in ("forward", "trained")}
         heal_info = run.json(f"{key}/adapter/heal.json") if healed else None
         dose = run.json(f"{key}/dose.json")
         info = {
@@ -333,19 +368,13 @@ class Loop:
                 )
             },
             "time_s": times,
+            "tokens": tokens,
+            "online": self.cfg.online.enabled,
             "stop": stop,
             "below_floor": healed and stop is not None,
         }
         write_json(d / "round.json", info)
         run.mark(f"{key}/done", 0.0)
-
-
-def _without_system(rec: Record) -> Record:
-    return dataclasses.replace(rec, messages=[m for m in rec.messages if m["role"] != "system"])
-
-
-def _with_system(rec: Record, system: str) -> Record:
-    return dataclasses.replace(rec, messages=[{"role": "system", "content": system}, *rec.messages])
 
 
 def _gen_summary(g: dict) -> dict | None:
@@ -377,7 +406,7 @@ def open_loop(
     keep_base(lm.model)  # adapters stay residuals over the base weights, so the base can judge (Loop.judge)
     lm.model = merge_adapters(lm.model, finished_adapters(run, cfg.rounds))
     lm.adapters = finished_adapters(run, cfg.rounds)
-    return Loop(run, persona, cfg, lm, vignettes, baselines_from)
+    return Loop(run, persona, cfg, lm, vignettes, baselines_from, TokenMeter(lm.model))
 
 
 def run_seeds(

@@ -345,3 +345,26 @@ def quiet_transformers() -> None:
         pass
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
+
+
+class TokenMeter:
+    """Token passes through the model, counted at its input embedding: every forward (a decode step counts
+    one token per row) and, apart, those under autograd (training; each costs about two more in backward).
+    The unit in which the online and iterative loops are compared at equal compute."""
+
+    def __init__(self, model: Any):  # a transformers model: it has get_input_embeddings()
+        self.forward = 0
+        self.trained = 0
+        self._hook = model.get_input_embeddings().register_forward_hook(self._count)
+
+    def _count(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        n = int(args[0].numel()) if args else int(output.shape[:-1].numel())
+        self.forward += n
+        if torch.is_grad_enabled():
+            self.trained += n
+
+    def totals(self) -> dict[str, int]:
+        return {"forward": self.forward, "trained": self.trained}
+
+    def close(self) -> None:
+        self._hook.remove()

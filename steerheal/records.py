@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +38,16 @@ class Record:
 
 
 REQUIRED = ("id", "messages", "completion")
+
+
+def without_system(rec: Record) -> Record:
+    """The record with its system turn dropped: prompt arms train without the prompt (context distillation)."""
+    return replace(rec, messages=[m for m in rec.messages if m["role"] != "system"])
+
+
+def with_system(rec: Record, system: str) -> Record:
+    """The record read in the prompted context (the Prompt Baking teacher's)."""
+    return replace(rec, messages=[{"role": "system", "content": system}, *rec.messages])
 
 
 def json_object(line: str, where: str, required: tuple[str, ...], what: str) -> dict:

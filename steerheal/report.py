@@ -67,6 +67,7 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
             "cos_v0": [i["cos_v0"] for i in infos],
             "heal": [i["heal"] for i in infos if i["heal"]],
             "time_s": [i["time_s"] for i in infos],
+            "tokens": [i["tokens"] for i in infos if "tokens" in i],  # rounds run before token counting have none
             "stop": [i.get("stop") for i in infos],
             "steered": compare(base, steered, target, direction) if steered else None,
             "healed": compare(base, healed, target, direction) if healed else None,

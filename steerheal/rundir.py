@@ -14,13 +14,16 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import SteerhealError, __version__
 from .persona import Persona
 from .records import write_json, write_text
+
+if TYPE_CHECKING:
+    from .models import TokenMeter
 
 # Keys that may change on resume without invalidating the finished steps.
 RESUMABLE_KEYS = ("rounds",)
@@ -37,20 +40,28 @@ class Run:
     def done(self, step: str) -> bool:
         return step in self.manifest["steps"]
 
-    def mark(self, step: str, seconds: float) -> None:
-        self.manifest["steps"][step] = {"time_s": round(seconds, 2), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    def mark(self, step: str, seconds: float, tokens: dict[str, int] | None = None) -> None:
+        entry: dict[str, Any] = {"time_s": round(seconds, 2), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if tokens is not None:
+            entry["tokens"] = tokens
+        self.manifest["steps"][step] = entry
         write_json(self.manifest_path, self.manifest)
 
     def seconds(self, step: str) -> float:
         return float(self.manifest["steps"].get(step, {}).get("time_s", 0.0))
 
-    def step(self, key: str, fn: Callable[[], None]) -> None:
+    def tokens(self, step: str) -> dict[str, int]:
+        """The step's token passes (TokenMeter), zero for a step run without a meter."""
+        return self.manifest["steps"].get(step, {}).get("tokens", {"forward": 0, "trained": 0})
+
+    def step(self, key: str, fn: Callable[[], None], meter: TokenMeter | None = None) -> None:
         """Run fn unless the step is already finished; fn writes its artifacts atomically."""
         if self.done(key):
             return
-        t = time.perf_counter()
+        t, before = time.perf_counter(), meter.totals() if meter else {}
         fn()
-        self.mark(key, time.perf_counter() - t)
+        used = {k: v - before[k] for k, v in meter.totals().items()} if meter else None
+        self.mark(key, time.perf_counter() - t, used)
 
     def json(self, rel: str) -> Any:
         return json.loads((self.root / rel).read_text())
