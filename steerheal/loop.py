@@ -66,6 +66,7 @@ ROUND_STEPS = (
     "gen_healed",
 )
 
+METHOD_STEPS = ("vector", "random", "dose", "generate", "filter", "heal")  # the rest measure the model
 
 # ---------------------------------------------------------------- the pieces of a round
 
@@ -330,7 +331,8 @@ class Loop:
         v0 = SteeringVector.load(run.root / "round_00" / "vector.safetensors")
         times = {p: run.seconds(f"{key}/{p}") for p in ROUND_STEPS}
         times["total"] = round(sum(times.values()), 2)
-        tokens = {k: sum(run.tokens(f"{key}/{p}")[k] for p in ROUND_STEPS) for k in ("forward", "trained")}
+        # The method's compute (the measurements, the same for every arm, are left out)
+        tokens = {k: sum(run.tokens(f"{key}/{p}")[k] for p in METHOD_STEPS) for k in ("forward", "trained")}
         heal_info = run.json(f"{key}/adapter/heal.json") if healed else None
         dose = run.json(f"{key}/dose.json")
         info = {
