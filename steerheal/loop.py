@@ -202,12 +202,18 @@ class Loop:
         coeff = float(run.json(f"{key}/dose.json")["coeff"])
         act: dict[str, Any] = {"system": self.system} if self.prompted else {"vector": vec, "coeff": coeff}
         reg = "nll" if cfg.arm == "nll" else cfg.heal.reg  # the nll arm: no barrier (what the barrier adds)
+        rows_stop: str | None = None
         hcfg = dataclasses.replace(cfg.heal, seed=cfg.heal.seed + r, reg=reg)
         if cfg.online.enabled:
             # One segment of online steps is the round's generate, filter and heal (online.py).
             self.steered_measures(r, act)
-            seg = Segment(d, persona, cfg, hcfg, act, seed, f"{persona.name}-r{r}", self.teacher_system)
+            seg = Segment(d, persona, cfg, hcfg, act, seed, f"{persona.name}-r{r}", self.teacher_system, self.meter)
             step("heal", lambda: _ignore(run_segment(self.lm, seg)))  # lm is now healed
+            n_kept = len(read_records(d / "kept.jsonl"))
+            if n_kept < hcfg.min_rows:  # it healed on what it had; the loop stops after this round's evals
+                rows_stop = (
+                    f"round {r}: the online segment kept {n_kept} rows, fewer than heal.min_rows {hcfg.min_rows}"
+                )
         else:
             step(
                 "generate",
@@ -245,8 +251,8 @@ class Loop:
             teacher = [with_system(x, system) for x in kept] if system is not None else None
             # --ref base: the barrier holds every round to the unchanged base model (the judge is that model)
             base_ref = self.judge().model if hcfg.ref == "base" and hcfg.reg != "nll" and self.lm.adapters else None
-            step(
-                "heal",
+            run.step(
+                f"{key}/heal",
                 lambda: _ignore(
                     heal(
                         self.lm,
@@ -258,6 +264,7 @@ class Loop:
                         reference_model=base_ref,
                     )
                 ),
+                self.meter,
             )  # lm is now healed
         step("eval_healed", lambda: write_json(d / "eval_healed.json", self.eval()))
         step(
@@ -265,9 +272,9 @@ class Loop:
             lambda: write_records(demo_records(self.lm, persona, cfg, f"r{r}-healed"), d / "demo_healed.jsonl"),
         )
         step("gen_healed", lambda: self.coherence(d / "gen_healed.json"))
-        floor_stop = self._coherence_stop(r)
-        self.finish_round(r, floor_stop, healed=True)
-        return floor_stop
+        end = rows_stop or self._coherence_stop(r)
+        self.finish_round(r, end, healed=True)
+        return end
 
     def steered_measures(self, r: int, act: dict[str, Any]) -> None:
         """The raw-steered (or prompted) model's eval, demo and generation coherence: round 0, or every round."""
@@ -329,11 +336,14 @@ class Loop:
         run, key, d, t = self.run, f"round_{r:02d}", self.rdir(r), self.persona.target
         vec = SteeringVector.load(d / "vector.safetensors")
         v0 = SteeringVector.load(run.root / "round_00" / "vector.safetensors")
+        heal_info = run.json(f"{key}/adapter/heal.json") if healed else None
         times = {p: run.seconds(f"{key}/{p}") for p in ROUND_STEPS}
+        per_step = {p: run.tokens(f"{key}/{p}") for p in METHOD_STEPS}
+        if heal_info and "tokens" in heal_info:  # online: the segment's own count covers a resumed one whole
+            times["heal"], per_step["heal"] = heal_info["time_s"], heal_info["tokens"]
         times["total"] = round(sum(times.values()), 2)
         # The method's compute (the measurements, the same for every arm, are left out)
-        tokens = {k: sum(run.tokens(f"{key}/{p}")[k] for p in METHOD_STEPS) for k in ("forward", "trained")}
-        heal_info = run.json(f"{key}/adapter/heal.json") if healed else None
+        tokens = {k: sum(t[k] for t in per_step.values()) for k in ("forward", "trained")}
         dose = run.json(f"{key}/dose.json")
         info = {
             "round": r,

@@ -14,7 +14,9 @@ as one directory (round_XX/online/), swapped in atomically: a killed segment res
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +32,7 @@ from .filter import filter_records
 from .generate import generate_records
 from .heal import attach_lora, batch_terms, encode_rows, measure, pad_token_id, teacher_logprobs
 from .logprobs import cat_logprobs, right_padded, span_logprobs
-from .models import LoadedModel, absorb
+from .models import LoadedModel, TokenMeter, absorb
 from .persona import Persona
 from .progress import log, progress
 from .records import Record, atomic_path, read_records, with_system, without_system, write_records
@@ -50,17 +52,17 @@ class Segment:
     seed: int
     id_prefix: str
     teacher_system: str | None = None  # prompt-kl: fit the prompted student's distribution
+    meter: TokenMeter | None = None  # each step's token passes go into its log row (a resume keeps them)
 
 
 def run_segment(lm: LoadedModel, seg: Segment) -> dict[str, Any]:
     """Run (or resume) one segment; lm.model ends with the segment's adapter applied. Returns heal.json."""
-    t0 = time.perf_counter()
     on, hcfg = seg.cfg.online, seg.heal
     peft_model, layers = attach_lora(lm.model, hcfg)
     student = LoadedModel(peft_model, lm.tokenizer, lm.name)
     params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=hcfg.lr, weight_decay=hcfg.weight_decay)
-    state = _load(seg.out / CKPT, params, opt)
+    state = _load(seg.out / CKPT, params, opt, _fingerprint(seg))
     ok = False
     try:
         with progress("online steps", total=on.steps) as bar:
@@ -69,15 +71,19 @@ def run_segment(lm: LoadedModel, seg: Segment) -> dict[str, Any]:
                 if step == on.ref_step(step):  # the reference catches up with the student
                     state["ref"] = {n: p.detach().clone() for n, p in params.items()}
                     state["ref_step"] = step
+                t, before = time.perf_counter(), seg.meter.totals() if seg.meter else {}
                 kept, rejected = _sample(student, seg, step)
                 row = _train_step(student, params, opt, state["ref"], kept, seg)
+                row["seconds"] = round(time.perf_counter() - t, 2)
+                if seg.meter:
+                    row["tokens"] = {k: v - before[k] for k, v in seg.meter.totals().items()}
                 state["log"].append({"step": step, "kept": len(kept), "sampled": len(kept) + len(rejected), **row})
                 state["kept"] += kept
                 state["rejected"] += rejected
                 state["step"] = step + 1
                 _save(seg.out / CKPT, params, opt, state)
                 bar(1, kept=len(kept), loss=row.get("loss", float("nan")))
-        summary = _summarize(student, seg, state, layers, time.perf_counter() - t0)
+        summary = _summarize(student, seg, state, layers, time.perf_counter())
         peft_model.eval()
         write_records(state["kept"] + state["rejected"], seg.out / "completions.jsonl")
         write_records(state["rejected"], seg.out / "rejected.jsonl")
@@ -86,6 +92,7 @@ def run_segment(lm: LoadedModel, seg: Segment) -> dict[str, Any]:
             peft_model.save_pretrained(tmp)
             (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["log"]))
             (tmp / "heal.json").write_text(json.dumps(summary, indent=2) + "\n")
+        shutil.rmtree(seg.out / CKPT, ignore_errors=True)  # its rows and weights now live in the round's files
         ok = True
     finally:
         lm.model = absorb(peft_model, seg.out / "adapter") if ok else peft_model.unload().eval()
@@ -180,11 +187,13 @@ def _weights(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tens
                 p.copy_(saved[n])
 
 
-def _summarize(student: LoadedModel, seg: Segment, state: dict, layers: list[int], seconds: float) -> dict[str, Any]:
+def _summarize(student: LoadedModel, seg: Segment, state: dict, layers: list[int], t0: float) -> dict[str, Any]:
     """heal.json for the segment. There is no held-out split online: NLL and D (to the segment's start model)
-    are read over every kept row, before (LoRA off) and after."""
+    are read over every kept row, before (LoRA off) and after. Time and token passes are the steps' own
+    (kept in the checkpoint, so a resumed segment counts the steps of the killed process too)."""
     kept, model, hcfg = state["kept"], student.model, seg.heal
-    updates = [r for r in state["log"] if r["updated"]]
+    log_rows = state["log"]
+    updates = [r for r in log_rows if r["updated"]]
     out: dict[str, Any] = {
         "config": dataclasses.asdict(hcfg),
         "online": dataclasses.asdict(seg.cfg.online),
@@ -196,8 +205,9 @@ def _summarize(student: LoadedModel, seg: Segment, state: dict, layers: list[int
         "steps": len(updates),
         "barrier_frac": sum(r["barrier_active"] for r in updates) / max(1, len(updates)),
         "mean_D_steps": sum(r["D"] for r in updates) / max(1, len(updates)),
-        "time_s": round(seconds, 2),
     }
+    if all("tokens" in r for r in log_rows):
+        out["tokens"] = {k: sum(r["tokens"][k] for r in log_rows) for k in ("forward", "trained")}
     if kept:
         rows, pad = encode_rows(student.tokenizer, kept, hcfg.max_len), pad_token_id(student.tokenizer)
         idx = list(range(len(rows)))
@@ -208,6 +218,7 @@ def _summarize(student: LoadedModel, seg: Segment, state: dict, layers: list[int
         out |= {"val_D_mean": after["D_mean"], "val_D_rmse": after["D_rmse"]}
     else:
         out |= {k: float("nan") for k in ("val_nll_start", "val_nll", "val_D_mean", "val_D_rmse")}
+    out["time_s"] = round(sum(r["seconds"] for r in log_rows) + time.perf_counter() - t0, 2)
     return out
 
 
@@ -228,17 +239,28 @@ def _save(d: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optim
     with atomic_path(d) as tmp:
         tmp.mkdir()
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-        meta = {k: state[k] for k in ("step", "ref_step", "log")} | {"adam_steps": adam_steps}
+        meta = {k: state[k] for k in ("step", "ref_step", "log", "fingerprint")} | {"adam_steps": adam_steps}
         (tmp / "state.json").write_text(json.dumps(meta) + "\n")
         write_records(state["kept"], tmp / "kept.jsonl")
         write_records(state["rejected"], tmp / "rejected.jsonl")
 
 
-def _load(d: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer) -> dict:
+def _fingerprint(seg: Segment) -> str:
+    """What the segment's steps depend on: a checkpoint from other settings (a --force rerun) is not resumed."""
+    c = seg.cfg
+    parts = [dataclasses.asdict(x) for x in (c.generate, c.filter, c.online, seg.heal)] + [seg.act.get("coeff")]
+    return hashlib.sha256(json.dumps([parts, seg.seed, seg.teacher_system], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load(d: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer, fingerprint: str) -> dict:
     """The state to continue from: a fresh one, or the last step's checkpoint loaded into params and opt."""
+    fresh = {"step": 0, "ref_step": 0, "ref": {}, "log": [], "kept": [], "rejected": [], "fingerprint": fingerprint}
     if not (d / "state.json").is_file():
-        return {"step": 0, "ref_step": 0, "ref": {}, "log": [], "kept": [], "rejected": []}
+        return fresh
     meta = json.loads((d / "state.json").read_text())
+    if meta.get("fingerprint") != fingerprint:
+        log(f"[online] {d} was written with other settings: starting the segment over")
+        return fresh
     t = load_file(str(d / "state.safetensors"))
     if set(params) != {k.removeprefix("lora/") for k in t if k.startswith("lora/")}:
         raise SteerhealError(f"{d}: the checkpoint's LoRA does not match this config's; rerun with --force")
@@ -257,6 +279,7 @@ def _load(d: Path, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optim
         "ref_step": meta["ref_step"],
         "ref": {n: t[f"ref/{n}"].to(p.device) for n, p in params.items()},
         "log": meta["log"],
+        "fingerprint": fingerprint,
         "kept": read_records(d / "kept.jsonl"),
         "rejected": read_records(d / "rejected.jsonl"),
     }

@@ -113,7 +113,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield target
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            os.replace(path, tmp / ".replaced")  # aside, not deleted, until the new one is in place
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

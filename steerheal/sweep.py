@@ -93,24 +93,36 @@ def run_sweep(
 
 
 def specificity(real: dict[str, Any], null: list[dict[str, Any]]) -> dict[str, Any]:
-    """The real shift against the null's shifts at the same norm: z, and whether it lies beyond every draw."""
-    x = np.asarray([d["target_shift"] for d in null], dtype=np.float64)
+    """The real shift against the null's shifts at the same norm: z, and whether it lies beyond every draw;
+    and the same for selectivity, apart (a random push toward a default answer can move the target too)."""
+    return _beyond(real, null, "target_shift") | {"selectivity": _beyond(real, null, "selectivity")}
+
+
+def _beyond(real: dict[str, Any], null: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    x = np.asarray([d[key] for d in null], dtype=np.float64)
     if len(x) == 0:
         return {"z": math.nan, "beyond_null": False}
     sd = float(x.std(ddof=1)) if len(x) > 1 else 0.0
-    z = (real["target_shift"] - float(x.mean())) / sd if sd > 0 else math.nan
+    z = (real[key] - float(x.mean())) / sd if sd > 0 else math.nan
     return {
         "z": z,
         "null_mean": float(x.mean()),
         "null_range": [float(x.min()), float(x.max())],
-        "beyond_null": bool(real["target_shift"] > x.max()),
+        "beyond_null": bool(real[key] > x.max()),
     }
 
 
 def most_specific(summary: dict[str, Any]) -> dict[str, Any] | None:
     """The coherent point (pmass ratio ≥ MIN_PMASS_RATIO) whose real shift stands furthest above its null."""
     cands = [
-        {"band": band, "coeff": p["coeff"], "z": p["z"], "beyond_null": p["beyond_null"], **p["real"]}
+        {
+            "band": band,
+            "coeff": p["coeff"],
+            "z": p["z"],
+            "beyond_null": p["beyond_null"],
+            "selectivity_null": p.get("selectivity"),
+            **p["real"],
+        }
         for band, b in summary["bands"].items()
         for p in b["points"]
         if p["real"]["pmass_ratio"] >= MIN_PMASS_RATIO and not math.isnan(p["z"])
@@ -130,18 +142,19 @@ def render(s: dict[str, Any]) -> str:
         "",
         f"Target **{t}** (shift persona-signed, nats; 95% paired bootstrap CIs over vignettes). At each point "
         f"{s['null_k']} random directions with the real vector's per-layer norms, at the same coefficient, form the null; "
-        "z = (real shift − null mean) / null SD.",
+        "z = (real − null mean) / null SD, for the shift and, apart, for selectivity (a random push toward a "
+        "default answer can move the target as well).",
         "",
-        "| band | C | real shift | selectivity | pmass ratio | null shifts (min … max) | z | beyond every draw |",
-        "|---|---|---|---|---|---|---|---|",
+        "| band | C | real shift | selectivity | pmass ratio | null shifts (min … max) | z | beyond every draw "
+        "| null selectivities (min … max) | z | beyond every draw |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for band, b in s["bands"].items():
         for p in b["points"]:
-            r, rng = p["real"], p.get("null_range")
-            null = f"{rng[0]:+.2f} … {rng[1]:+.2f}" if rng else "–"
+            r = p["real"]
             L.append(
                 f"| {band} | {p['coeff']:g} | {_ci(r, 'target_shift')} | {_ci(r, 'selectivity')} | "
-                f"{r['pmass_ratio']:.2f} | {null} | {p['z']:+.1f} | {'yes' if p['beyond_null'] else 'no'} |"
+                f"{r['pmass_ratio']:.2f} | {_null_cells(p)} | {_null_cells(p.get('selectivity'))} |"
             )
     L += ["", "| prompt strength | shift | selectivity | pmass ratio |", "|---|---|---|---|"]
     L.append("| none | +0.00 | +0.00 | 1.00 |")
@@ -160,11 +173,27 @@ def render(s: dict[str, Any]) -> str:
         L.append(
             f"- Most specific coherent point: {where}, shift {_ci(best, 'target_shift')}, z {best['z']:+.1f}, {specific}."
         )
+        sel = best.get("selectivity_null")
+        if sel and "null_range" in sel:
+            lo, hi = sel["null_range"]
+            inside = "beyond every random draw" if sel["beyond_null"] else "inside the random spread"
+            L.append(
+                f"- Its selectivity, {_ci(best, 'selectivity')}, against the null's {lo:+.2f} … {hi:+.2f}: "
+                f"z {sel['z']:+.1f}, {inside}."
+            )
         if not best["beyond_null"]:
             L.append(
                 "- So the real vector is specific nowhere on this grid: a random direction of the same norm does as much."
             )
     return "\n".join(L) + "\n"
+
+
+def _null_cells(place: dict[str, Any] | None) -> str:
+    """'min … max | z | yes/no' for a point's place in its null ('–' where there is none)."""
+    if not place or "null_range" not in place:
+        return "– | – | –"
+    lo, hi = place["null_range"]
+    return f"{lo:+.2f} … {hi:+.2f} | {place['z']:+.1f} | {'yes' if place['beyond_null'] else 'no'}"
 
 
 def plot_sweep(root: Path, s: dict[str, Any]) -> None:

@@ -36,7 +36,8 @@ def _spy(monkeypatch, fail_at: int | None = None) -> list[dict]:
                 "before": {n: p.detach().clone() for n, p in params.items()},
             }
         )
-        return real(student, params, opt, ref, kept, seg)
+        calls[-1]["row"] = real(student, params, opt, ref, kept, seg)
+        return calls[-1]["row"]
 
     monkeypatch.setattr(online, "_train_step", spy)
     return calls
@@ -60,10 +61,18 @@ def test_the_reference_updates_as_configured(tiny_model_dir, persona_file, tmp_p
     assert same(calls[1]["ref"], calls[0]["before"])  # within a window the reference stays put
     # at step 2 it catches up with the student (ref_every 2), or stays at the segment's start (0)
     assert same(calls[2]["ref"], calls[2]["before"] if ref_every == 2 else calls[0]["before"])
+    # and the barrier reads those weights: D to the reference is ~0 exactly where it equals the student
+    d = [c["row"]["D"] for c in calls]
+    assert d[0] < 1e-4 and d[1] > 1e-4 and (d[2] < 1e-4 if ref_every == 2 else d[2] > 1e-4)
+
+
+def test_a_checkpoint_from_other_settings_is_not_resumed(tmp_path):
+    (tmp_path / "state.json").write_text(json.dumps({"fingerprint": "other", "step": 5}))
+    assert online._load(tmp_path, {}, None, "mine")["step"] == 0
 
 
 def test_online_resumes_after_a_kill_to_the_same_adapter(tiny_model_dir, persona_file, tmp_path, monkeypatch):
-    cfg = _cfg(tiny_model_dir, "online.ref_every=2")
+    cfg = _cfg(tiny_model_dir, "online.ref_every=2", "heal.min_rows=100")
     whole = tmp_path / "whole"
     run_loop(persona_file, whole, cfg)
 
@@ -87,6 +96,10 @@ def test_online_resumes_after_a_kill_to_the_same_adapter(tiny_model_dir, persona
     heal = json.loads((cut / "round_00" / "adapter" / "heal.json").read_text())
     assert info["online"] and heal["steps"] == 3 and heal["sampled"] == 12
     assert info["tokens"]["trained"] > 0 and info["tokens"]["forward"] > info["tokens"]["trained"]
+    # the steps run before the kill are counted: the same compute as the uninterrupted run
+    assert info["tokens"] == json.loads((whole / "round_00" / "round.json").read_text())["tokens"]
+    assert "fewer than heal.min_rows 100" in info["stop"]
+    assert not (cut / "round_00" / "online").exists()  # the checkpoint goes once the adapter is written
     assert (cut / "report.md").is_file()
 
 
@@ -94,11 +107,13 @@ def test_token_meter_counts_forwards_and_training(tiny):
     model = tiny.model
     meter = TokenMeter(model)
     ids = torch.ones(2, 5, dtype=torch.long)
-    with torch.no_grad():
-        model(input_ids=ids)
-    assert meter.totals() == {"forward": 10, "trained": 0}
-    model(input_ids=ids[:, :3])
-    assert meter.totals() == {"forward": 16, "trained": 6}
-    meter.close()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert meter.totals() == {"forward": 10, "trained": 0}
+        model(input_ids=ids[:, :3])  # under autograd: counted as trained too
+        assert meter.totals() == {"forward": 16, "trained": 6}
+    finally:
+        meter.close()
     model(input_ids=ids)
     assert meter.totals()["forward"] == 16
