@@ -16,7 +16,16 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import SteerhealError, __version__
-from .config import EvalConfig, FilterConfig, GenerateConfig, HealConfig, SteerConfig, VectorConfig
+from .config import (
+    NULL_K_COMPARE,
+    NULL_K_SWEEP,
+    EvalConfig,
+    FilterConfig,
+    GenerateConfig,
+    HealConfig,
+    SteerConfig,
+    VectorConfig,
+)
 
 # The dataclasses are the one source of defaults; every option below reads its default from these.
 _V, _G, _F, _H, _E = VectorConfig(), GenerateConfig(), FilterConfig(), HealConfig(), EvalConfig()
@@ -436,7 +445,9 @@ def sweep(
         "0.2:0.3,0.45:0.55,0.7:0.8"
     ),
     coeffs: Annotated[str, typer.Option(help="Steering coefficients, comma-separated.")] = "2,4,8",
-    null_k: Annotated[int, typer.Option(help="Random directions per point, norm-matched to the real vector.")] = 3,
+    null_k: Annotated[
+        int, typer.Option(help="Random directions per point, norm-matched to the real vector.")
+    ] = NULL_K_SWEEP,
     config: ConfigOpt = None,
     vignettes: VignettesOpt = None,
     set_: SetOpt = None,
@@ -519,7 +530,9 @@ def compare(
     arms: Annotated[
         str, typer.Option(help="Comma-separated arms to run and compare.")
     ] = "steer,prompt,prompt-kl,random,nll",
-    null_k: Annotated[int, typer.Option(help="Random directions in the raw-steering null (0 = none).")] = 8,
+    null_k: Annotated[
+        int, typer.Option(help="Random directions in the raw-steering null (0 = none).")
+    ] = NULL_K_COMPARE,
     variant: Annotated[
         Optional[list[str]],
         typer.Option(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import SteerhealError
-from .config import ARMS, RunConfig, parse_set, with_overrides
+from .config import ARMS, NULL_K_COMPARE, RunConfig, parse_set, with_overrides
 from .evaluate import score_vignettes
 from .loop import BASELINE_STEPS, run_seeds
 from .models import load_model
@@ -69,7 +69,7 @@ def run_compare(
     out: str | Path,
     cfg: RunConfig,
     arms: list[str],
-    null_k: int = 8,
+    null_k: int = NULL_K_COMPARE,
     force: bool = False,
     variants: dict[str, dict[str, Any]] | None = None,
     report_only: bool = False,

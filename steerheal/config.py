@@ -24,6 +24,10 @@ from . import SteerhealError
 FOUNDATIONS: tuple[str, ...] = ("care", "fairness", "loyalty", "authority", "sanctity", "liberty", "social")
 
 REGS = ("kl_rev", "kl_fwd", "nll")
+# Random directions in the nulls: compare's (at the round-0 dose) and sweep's (at every grid point; the
+# arms issue asks for at least 5, and 3 left a 95% range no draw can define).
+NULL_K_COMPARE = 8
+NULL_K_SWEEP = 5
 AGGS = ("rmse", "mean", "p95", "max")
 REFS = ("prev", "base")
 DOSES = ("keep", "kl", "fixed")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import RunConfig
+from .config import NULL_K_SWEEP, RunConfig
 from .evaluate import score_vignettes
 from .models import load_model, parse_layers
 from .persona import load_persona
@@ -38,7 +38,7 @@ def run_sweep(
     cfg: RunConfig,
     bands: list[str],
     coeffs: list[float],
-    null_k: int = 3,
+    null_k: int = NULL_K_SWEEP,
 ) -> Path:
     """Score every (band, coefficient) point, real and K random, and every prompt strength; write the report."""
     persona = load_persona(persona_path)
