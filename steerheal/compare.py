@@ -199,8 +199,9 @@ def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[st
         for d in arm_dirs(root, arm, cfg)
         if (d / f"round_{r:02d}" / "eval_healed.json").is_file()
     ]
-    c = numbers[a]
-    return {"round": last} | difference(base, rows(a, last), rows(b, last), c["target"], c["direction"], "selectivity")
+    c, ra, rb = numbers[a], rows(a, last), rows(b, last)
+    d = difference(base, ra, rb, c["target"], c["direction"], "selectivity")
+    return {"round": last, "seeds": [len(ra), len(rb)]} | d
 
 
 def _ci(m: dict | None, k: str, sign: bool = True) -> str:
@@ -290,6 +291,11 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
             parts.append(
                 f"steer minus {arm} (selectivity, round {d['round']}): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
                 f"{d['difference_ci'][1]:+.2f}], steer better: {d['verdict']}"
+                + (
+                    " (one seed on a side: the interval holds no seed-to-seed variance)"
+                    if min(d.get("seeds", [2])) < 2
+                    else ""
+                )
             )
         out.append("- " + "; ".join(parts) + ".")
     return out

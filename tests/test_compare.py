@@ -123,7 +123,7 @@ def test_bad_variants_are_refused_in_one_line(spec, msg):
 
 def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
     """A partial run (nll healed only rounds 0-1) is compared with steer at round 1, not at steer's last round 2."""
-    from steerheal.compare import _arm_difference
+    from steerheal.compare import _arm_difference, verdict_lines
     from steerheal.config import FOUNDATIONS, RunConfig
     from steerheal.stats import EvalRows, difference
 
@@ -158,5 +158,7 @@ def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
     got = _arm_difference(tmp_path, RunConfig(), "steer", "nll", numbers)
     rows = lambda arm: [EvalRows.from_report(evals[arm, 1])]  # noqa: E731
     want = difference(EvalRows.from_report(base), rows("steer"), rows("nll"), "authority", -1, "selectivity")
-    assert got["round"] == 1 and got["difference"] == pytest.approx(want["difference"])
+    assert got["round"] == 1 and got["seeds"] == [1, 1] and got["difference"] == pytest.approx(want["difference"])
     assert got["difference_ci"] == pytest.approx(want["difference_ci"])
+    line = verdict_lines({"arms": {"nll": {"steer_minus_arm": got}}}, "authority")[0]
+    assert "round 1" in line and "no seed-to-seed variance" in line
