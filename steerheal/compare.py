@@ -216,16 +216,28 @@ def _gen_mean(gens: list[dict], key: str) -> str:
     return f"{sum(x[key] for x in gens) / len(gens):.2f}" if gens else "–"
 
 
+def _seed_text(numbers: dict[str, dict]) -> str:
+    """The header's seeds: one list when every arm finished every round on the same seeds, else per arm,
+    with how many seeds reached the last round (each row pools the seeds that reached it)."""
+    seeds = {arm: ", ".join(map(str, c["seeds"])) for arm, c in numbers.items()}
+    behind = {
+        arm: c["rounds"][-1]
+        for arm, c in numbers.items()
+        if c["rounds"] and c["rounds"][-1]["n_seeds"] < len(c["seeds"])
+    }
+    if len(set(seeds.values())) == 1 and not behind:
+        return f"seeds {seeds[next(iter(seeds))]}"
+    parts = [
+        f"{a} {s}" + (f" (round {behind[a]['round']}: {behind[a]['n_seeds']} of them)" if a in behind else "")
+        for a, s in seeds.items()
+    ]
+    return "seeds per arm (unfinished runs pooled as far as they got): " + "; ".join(parts)
+
+
 def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
     first = next(iter(numbers.values()))
     t = first["target"]
-    seeds = {arm: ", ".join(map(str, c["seeds"])) for arm, c in numbers.items()}
-    if len(set(seeds.values())) == 1:
-        seed_text = f"seeds {seeds[next(iter(seeds))]}"
-    else:  # some arms still running: each row pools the seeds that have reached it
-        seed_text = "seeds per arm (unfinished runs pooled as far as they got): " + "; ".join(
-            f"{a} {s}" for a, s in seeds.items()
-        )
+    seed_text = _seed_text(numbers)
     L = [
         "# steerheal compare",
         "",

@@ -162,3 +162,14 @@ def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
     assert got["difference_ci"] == pytest.approx(want["difference_ci"])
     line = verdict_lines({"arms": {"nll": {"steer_minus_arm": got}}}, "authority")[0]
     assert "round 1" in line and "no seed-to-seed variance" in line
+
+
+def test_the_header_says_which_seeds_reached_the_last_round():
+    from steerheal.compare import _seed_text
+
+    def arm(n_last):
+        return {"seeds": [0, 1, 2], "rounds": [{"round": 0, "n_seeds": 3}, {"round": 1, "n_seeds": n_last}]}
+
+    assert _seed_text({"steer": arm(3), "nll": arm(3)}) == "seeds 0, 1, 2"
+    text = _seed_text({"steer": arm(3), "nll": arm(2)})
+    assert "nll 0, 1, 2 (round 1: 2 of them)" in text and "steer 0, 1, 2;" in text
