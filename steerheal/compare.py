@@ -26,7 +26,7 @@ from .progress import log
 from .records import atomic_path, write_json, write_text
 from .report import collect
 from .rundir import Run
-from .stats import EvalRows, beats, compare, difference
+from .stats import EvalRows, beats, compare, difference, seed_ci_text, verdict
 from .vector import SteeringVector
 from .vignettes import load_vignettes
 
@@ -165,9 +165,11 @@ def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig) -> dict[str,
                     "target_shift_ci",
                     "selectivity",
                     "selectivity_ci",
+                    "selectivity_seed_ci",
                     "pmass_ratio",
                     "pmass_ratio_ci",
                 )
+                if k in healed[-1]["healed"]  # a seed interval needs two seeds
             }
             entry["vs_prompting"] = healed[-1]["heal_vs_prompt"]
         # The null is directions at the steer arm's round-0 C: only an arm that steered at that C is placed in it
@@ -212,6 +214,14 @@ def _ci(m: dict | None, k: str, sign: bool = True) -> str:
     return f"{f.format(m[k])} [{f.format(lo)}, {f.format(hi)}]"
 
 
+def _seed_ci(m: dict, k: str) -> str:
+    """The t-interval over seeds (the bootstrap's seed resampling is narrow with 3 seeds); '–' for one seed."""
+    if f"{k}_seed_ci" not in m:
+        return "–"
+    lo, hi = m[f"{k}_seed_ci"]
+    return f"[{lo:+.2f}, {hi:+.2f}]"
+
+
 def _gen_mean(gens: list[dict], key: str) -> str:
     return f"{sum(x[key] for x in gens) / len(gens):.2f}" if gens else "–"
 
@@ -242,11 +252,12 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
         "# steerheal compare",
         "",
         f"Persona `{first['persona']}`, target **{t}**; {seed_text}; vignettes {first['base']['settings']['source']} "
-        f"({first['base']['n']} rows). Intervals: 95% paired bootstrap over vignettes and seeds.",
+        f"({first['base']['n']} rows). Intervals: 95% paired bootstrap over vignettes and seeds; a verdict also "
+        "needs the t-interval over the seeds' own values to agree.",
         "",
-        "| arm | round | model | shift | selectivity | pmass ratio | gen ppl | distinct-2 | KL to base | min/round "
-        "| k token passes/round (trained) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | round | model | shift | selectivity | selectivity, t over seeds | pmass ratio | gen ppl | distinct-2 "
+        "| KL to base | min/round | k token passes/round (trained) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, c in numbers.items():
         for r in c["rounds"]:
@@ -263,7 +274,7 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
                     continue
                 L.append(
                     f"| {arm} | {r['round']} | {'raw' if kind == 'steered' else 'healed'} | {_ci(m, 'target_shift')} | "
-                    f"{_ci(m, 'selectivity')} | {_ci(m, 'pmass_ratio', False)} | {_gen_mean(g, 'ppl')} | {_gen_mean(g, 'distinct2')} | "
+                    f"{_ci(m, 'selectivity')} | {_seed_ci(m, 'selectivity')} | {_ci(m, 'pmass_ratio', False)} | {_gen_mean(g, 'ppl')} | {_gen_mean(g, 'distinct2')} | "
                     f"{_gen_mean(g, 'kl_to_base')} | {mins:.1f} | {passes} |"
                 )
     L += ["", "![compare](compare.png)", "", "## Verdict (computed from the intervals)", ""]
@@ -288,9 +299,9 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
             )
             vp = e["vs_prompting"]
             parts.append(
-                f"beats prompting: {beats(vp['difference_ci'], e['last']['selectivity_ci'])} "
+                f"beats prompting: {beats(vp['verdict'], verdict(e['last']['selectivity_ci'], e['last'].get('selectivity_seed_ci')))} "
                 f"(selectivity difference {vp['difference']:+.2f} "
-                f"[{vp['difference_ci'][0]:+.2f}, {vp['difference_ci'][1]:+.2f}])"
+                f"[{vp['difference_ci'][0]:+.2f}, {vp['difference_ci'][1]:+.2f}]{seed_ci_text(vp)})"
             )
         for key, name in (("null_raw", "raw round 0"), ("null_healed", "healed round 0")):
             if key in e:
@@ -302,7 +313,7 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
         if d:
             parts.append(
                 f"steer minus {arm} (selectivity, round {d['round']}): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
-                f"{d['difference_ci'][1]:+.2f}], steer better: {d['verdict']}"
+                f"{d['difference_ci'][1]:+.2f}]{seed_ci_text(d)}, steer better: {d['verdict']}"
                 + (
                     " (one seed on a side: the interval holds no seed-to-seed variance)"
                     if min(d.get("seeds", [2])) < 2

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .records import read_records, write_text
-from .stats import EvalRows, beats, compare, difference, verdict
+from .stats import EvalRows, beats, compare, difference, seed_ci_text, verdict
 
 # A coherence ratio (healed pmass / base pmass) at or above this counts as "coherence held".
 COHERENCE_HELD = 0.9
@@ -77,10 +77,14 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
         if healed:
             # Q1: does healing restore coherence compared with raw steering (paired, same vignettes)?
             if len(steered) == len(healed):
-                row["heal_vs_steer_pmass"] = difference(base, healed, steered, target, direction, "pmass_ratio")
+                row["heal_vs_steer_pmass"] = difference(
+                    base, healed, steered, target, direction, "pmass_ratio", paired=True
+                )
             row["heal_vs_prompt"] = difference(base, healed, prompts, target, direction, "selectivity")
             if prev_healed:  # Q3: did this round move the target further than the last one?
-                row["step_vs_prev"] = difference(base, healed, prev_healed, target, direction, "target_shift")
+                row["step_vs_prev"] = difference(
+                    base, healed, prev_healed, target, direction, "target_shift", paired=len(healed) == len(prev_healed)
+                )
             prev_healed = healed
         out["rounds"].append(row)
     out["gen_base"] = [_gen(r, "base") for r in run_dirs]
@@ -145,7 +149,8 @@ def write_report(
         L += [f"Peak RSS of the last process: {peak_rss_gb:.2f} GB.", ""]
     L += [
         "Every interval is a 95% paired bootstrap over vignettes (stratified by foundation) and, with several "
-        "seeds, over seeds too. **shift** = the persona-signed change of the target's nats against base (positive = "
+        "seeds, over seeds too; with several seeds a verdict also needs the t-interval over the seeds' own values to "
+        "agree (three seeds resampled cannot show how far a fourth would land). **shift** = the persona-signed change of the target's nats against base (positive = "
         "the persona's way). **selectivity** = (shift − 0.1 × mean |Δ| of the other six foundations) × "
         "min(1, pmass / base pmass)². **pmass ratio** = coherence on the forced choice relative to base. "
         "**gen ppl / pass / distinct-2 / KL** = generation coherence on neutral prompts: perplexity under the base "
@@ -223,11 +228,11 @@ def answers(c: dict[str, Any]) -> list[str]:
     paired = [r for r in healed if "heal_vs_steer_pmass" in r]  # rounds with a raw-steered eval
     q1_parts = [
         f"r{r['round']}: pmass ratio steered {_ci(r['steered'], 'pmass_ratio', sign=False)} → healed "
-        f"{_ci(r['healed'], 'pmass_ratio', sign=False)}, difference {verdict(r['heal_vs_steer_pmass']['difference_ci'])}; "
+        f"{_ci(r['healed'], 'pmass_ratio', sign=False)}, difference {r['heal_vs_steer_pmass']['verdict']}; "
         f"shift steered {_ci(r['steered'], 'target_shift')} vs healed {_ci(r['healed'], 'target_shift')}"
         for r in paired
     ]
-    q1_yes = sum(verdict(r["heal_vs_steer_pmass"]["difference_ci"]) == "yes" for r in paired)
+    q1_yes = sum(r["heal_vs_steer_pmass"]["verdict"] == "yes" for r in paired)
     q1 = (
         f"**Q1 can we heal?** healing raised coherence over raw steering (CI above 0) in {q1_yes}/{len(paired)} rounds. "
         + "; ".join(q1_parts)
@@ -241,11 +246,11 @@ def answers(c: dict[str, Any]) -> list[str]:
         f"{', '.join(_ci(r['healed'], 'pmass_ratio', sign=False) for r in healed)} (held = CI at or above {COHERENCE_HELD})."
     )
     steps = [r["step_vs_prev"] for r in healed if "step_vs_prev" in r]
-    moved = verdict(healed[0]["healed"]["target_shift_ci"])
+    moved = verdict(healed[0]["healed"]["target_shift_ci"], healed[0]["healed"].get("target_shift_seed_ci"))
     step_txt = (
         ", ".join(
-            f"{_f(s['difference'], 2, True)} [{_f(s['difference_ci'][0], 2, True)}, {_f(s['difference_ci'][1], 2, True)}] "
-            f"({s['verdict']})"
+            f"{_f(s['difference'], 2, True)} [{_f(s['difference_ci'][0], 2, True)}, {_f(s['difference_ci'][1], 2, True)}]"
+            f"{seed_ci_text(s)} ({s['verdict']})"
             for s in steps
         )
         or "only one round"
@@ -258,9 +263,10 @@ def answers(c: dict[str, Any]) -> list[str]:
     d = healed[-1]["heal_vs_prompt"]
     lo, hi = d["difference_ci"]
     q4 = (
-        f"**Beats prompting?** {beats(d['difference_ci'], last['selectivity_ci'])} (yes needs both the difference and "
+        f"**Beats prompting?** {beats(d['verdict'], verdict(last['selectivity_ci'], last.get('selectivity_seed_ci')))} "
+        "(yes needs both the difference and "
         "the healed model's own selectivity above 0): selectivity of the last healed round minus the prompting baseline's = "
-        f"{_f(d['difference'], 2, True)} [{_f(lo, 2, True)}, {_f(hi, 2, True)}] (the coherence gate inside selectivity "
+        f"{_f(d['difference'], 2, True)} [{_f(lo, 2, True)}, {_f(hi, 2, True)}]{seed_ci_text(d)} (the coherence gate inside selectivity "
         f"compares them at matched coherence). Healed: {_ci(last, 'selectivity')}; prompting: {_ci(c['prompt'], 'selectivity')}."
     )
     return [f"- {q}" for q in (q0, q1, q2, q3, q4)]

@@ -58,20 +58,30 @@ def ci(draws: np.ndarray, level: float = LEVEL) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def verdict(interval: Sequence[float]) -> str:
-    """'yes' if the interval lies above 0, 'no' if below, 'unclear' if it holds 0."""
-    lo, hi = interval
-    return "yes" if lo > 0 else ("no" if hi < 0 else "unclear")
+def verdict(interval: Sequence[float], *more: Sequence[float] | None) -> str:
+    """'yes' if the interval lies above 0, 'no' if below, 'unclear' if it holds 0. Further intervals
+    (None skipped; in practice the t-interval over seeds) must agree, else 'unclear': with 3 seeds
+    the bootstrap's seed resampling is far narrower than a t-interval over them."""
+    given = [interval, *(m for m in more if m and not any(math.isnan(v) for v in m))]
+    words = {"yes" if lo > 0 else ("no" if hi < 0 else "unclear") for lo, hi in given}
+    return words.pop() if len(words) == 1 else "unclear"
 
 
-def beats(difference_ci: Sequence[float], own_ci: Sequence[float]) -> str:
-    """Does a model beat a rival? 'yes' only when the difference's interval lies above 0 AND the
-    model's own interval does too: a model that does not move the trait the persona's way beats
-    nothing, however much less wrong than the rival it is. 'no' when either lies below 0."""
-    diff, own = verdict(difference_ci), verdict(own_ci)
-    if "no" in (diff, own):
+def beats(difference: str, own: str) -> str:
+    """Does a model beat a rival, given the verdicts on the difference and on the model's own value?
+    'yes' only when both are 'yes': a model that does not move the trait the persona's way beats
+    nothing, however much less wrong than the rival it is. 'no' when either is 'no'."""
+    if "no" in (difference, own):
         return "no"
-    return "yes" if diff == own == "yes" else "unclear"
+    return "yes" if difference == own == "yes" else "unclear"
+
+
+def seed_ci_text(d: dict[str, Any]) -> str:
+    """', seeds [lo, hi] (Welch t)' for a difference that has an interval over seeds, else ''."""
+    if "seed_ci" not in d:
+        return ""
+    lo, hi = d["seed_ci"]
+    return f"; over seeds {lo:+.2f} to {hi:+.2f} ({d['seed_test']}, {len(d['per_seed'][0])} vs {len(d['per_seed'][1])})"
 
 
 def _stratified_draws(label: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -171,23 +181,42 @@ def difference(
     measure: str = "selectivity",
     n_boot: int = N_BOOT,
     seed: int = 0,
+    paired: bool = False,
 ) -> dict[str, Any]:
-    """measure(a) − measure(b), both against base, on the same vignette draws: 'does a beat b?' with a CI."""
+    """measure(a) − measure(b), both against base, on the same vignette draws: 'does a beat b?' with a CI.
+
+    With at least two seeds a side, `seed_ci` is the t-interval of the difference over the seeds'
+    point values (`paired`: a[i] and b[i] are the same seed's run, as for two rounds of one loop;
+    otherwise Welch), and the verdict needs it and the bootstrap interval to agree."""
     t = FOUNDATIONS.index(target)
     rng = np.random.default_rng(seed)
     draws = _stratified_draws(base.label, n_boot, rng)
     ident = np.arange(len(base.ids))[None, :]
+    paired = paired and len(a) == len(b)
 
-    def pooled(models: Sequence[EvalRows]) -> tuple[float, np.ndarray]:
-        pts = [_measures(base, m, ident, t, direction)[measure][0] for m in models]
+    def pooled(models: Sequence[EvalRows], pick: np.ndarray) -> tuple[list[float], np.ndarray]:
+        pts = [float(_measures(base, m, ident, t, direction)[measure][0]) for m in models]
         boot = np.stack([_measures(base, m, draws, t, direction)[measure] for m in models])  # [S, B]
-        pick = rng.integers(0, len(models), size=(n_boot, len(models)))
-        return float(np.mean(pts)), boot[pick, np.arange(n_boot)[:, None]].mean(1)
+        return pts, boot[pick, np.arange(n_boot)[:, None]].mean(1)
 
-    pa, ba = pooled(a)
-    pb, bb = pooled(b)
+    pick_a = rng.integers(0, len(a), size=(n_boot, len(a)))
+    # Paired seeds are resampled together: the same seed's two runs stay side by side in every draw.
+    pick_b = pick_a if paired else rng.integers(0, len(b), size=(n_boot, len(b)))
+    va, ba = pooled(a, pick_a)
+    vb, bb = pooled(b, pick_b)
     interval = ci(ba - bb)
-    return {"measure": measure, "difference": pa - pb, "difference_ci": interval, "verdict": verdict(interval)}
+    out: dict[str, Any] = {
+        "measure": measure,
+        "difference": float(np.mean(va) - np.mean(vb)),
+        "difference_ci": interval,
+    }
+    if len(a) > 1 and len(b) > 1:
+        # The seeds' own interval: resampling 3 seeds cannot see how far a fourth would land.
+        out["per_seed"] = [va, vb]
+        out["seed_ci"] = t_interval([x - y for x, y in zip(va, vb)]) if paired else welch_interval(va, vb)
+        out["seed_test"] = "paired t" if paired else "Welch t"
+    out["verdict"] = verdict(interval, out.get("seed_ci"))
+    return out
 
 
 def bootstrap_mean_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int = 0) -> list[float]:
@@ -234,13 +263,35 @@ _T975 = (
 )
 
 
+def _t975(df: float) -> float:
+    """Student's t 97.5% quantile; a fractional df is rounded down (the wider, conservative side)."""
+    k = max(1, math.floor(df))
+    return _T975[k - 1] if k <= len(_T975) else 1.96
+
+
 def t_interval(values: Sequence[float]) -> list[float]:
     """95% t-interval of the mean of a few independent values (seeds); nan with fewer than two."""
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
         return [float("nan"), float("nan")]
-    half = (_T975[len(x) - 2] if len(x) - 1 <= len(_T975) else 1.96) * x.std(ddof=1) / math.sqrt(len(x))
+    half = _t975(len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
     return [float(x.mean() - half), float(x.mean() + half)]
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """95% Welch t-interval of mean(a) − mean(b) for two small independent samples (seeds of two
+    arms); Welch–Satterthwaite degrees of freedom. A side with no spread (a deterministic baseline
+    copied per seed) leaves the one-sample t-interval of the other."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(x) < 2 or len(y) < 2:
+        return [float("nan"), float("nan")]
+    d = float(x.mean() - y.mean())
+    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    if vx + vy == 0:
+        return [d, d]
+    df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
+    half = _t975(df) * math.sqrt(vx + vy)
+    return [d - half, d + half]
 
 
 def report_cis(report: dict[str, Any], n_boot: int = N_BOOT, seed: int = 0) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from steerheal import SteerhealError
 from steerheal.config import FOUNDATIONS
-from steerheal.stats import EvalRows, bootstrap_mean_ci, compare, difference, t_interval, verdict
+from steerheal.stats import EvalRows, bootstrap_mean_ci, compare, difference, t_interval, verdict, welch_interval
 
 
 def rows(logp: np.ndarray, pmass: np.ndarray, label: np.ndarray) -> EvalRows:
@@ -112,8 +112,43 @@ def test_difference_between_arms_and_mismatched_vignettes():
 def test_beats_needs_the_difference_and_the_models_own_value_above_zero():
     from steerheal.stats import beats
 
-    assert beats([0.1, 0.3], [0.05, 0.2]) == "yes"
-    assert beats([0.06, 0.11], [-0.09, -0.02]) == "no"  # less wrong than the rival is not a win (demo, 2026-11-29)
-    assert beats([0.06, 0.11], [-0.01, 0.2]) == "unclear"
-    assert beats([-0.2, 0.1], [0.1, 0.2]) == "unclear"
-    assert beats([-0.3, -0.1], [0.1, 0.2]) == "no"
+    assert beats("yes", "yes") == "yes"
+    assert beats("yes", verdict([-0.09, -0.02])) == "no"  # less wrong than the rival is not a win (demo, 2026-11-29)
+    assert beats("yes", "unclear") == "unclear"
+    assert beats("unclear", "yes") == "unclear"
+    assert beats("no", "yes") == "no"
+
+
+def test_a_verdict_needs_every_interval_to_agree():
+    assert verdict([0.1, 0.5], [0.2, 0.9]) == "yes"
+    assert verdict([0.1, 0.5], [-0.4, 1.2]) == "unclear"
+    assert verdict([-0.5, -0.1], None, [float("nan")] * 2) == "no"  # absent or undefined intervals are skipped
+
+
+def test_welch_interval_known_values():
+    lo, hi = welch_interval([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])  # var/n 1/3 each: df 4, t 2.776
+    assert lo == pytest.approx(1 - 2.776 * math.sqrt(2 / 3), rel=1e-4) and hi == pytest.approx(
+        1 + 2.776 * math.sqrt(2 / 3)
+    )
+    # A side with no spread leaves the one-sample t-interval of the other.
+    assert welch_interval([1.0, 2.0, 3.0], [0.5, 0.5]) == pytest.approx([v - 0.5 for v in t_interval([1.0, 2.0, 3.0])])
+    # Fractional df rounds down: var/n 1/3 and 1 give df = (4/3)^2 / (1/18 + 1) = 1.68, so t(1) = 12.706.
+    lo, hi = welch_interval([1.0, 2.0, 3.0], [0.0, 2.0])
+    assert hi - 1 == pytest.approx(12.706 * math.sqrt(4 / 3), rel=1e-4)
+
+
+def test_three_seeds_that_disagree_do_not_make_a_difference_certain():
+    # Seeds at +0.1, +0.5, +0.9: resampling three seeds never goes below +0.1, so the bootstrap alone
+    # calls the difference; the t-interval over the seeds spans 0, and the verdict must say unclear.
+    base = uniform()
+    a = FOUNDATIONS.index("authority")
+    seeds = [rows(base.logp - np.eye(7)[a] * s, base.pmass, base.label) for s in (0.1, 0.5, 0.9)]
+    d = difference(base, seeds, [base, base, base], "authority", -1, "target_shift")
+    assert d["difference_ci"][0] > 0
+    assert d["per_seed"][0] == pytest.approx([0.1, 0.5, 0.9]) and d["seed_test"] == "Welch t"
+    assert d["seed_ci"] == pytest.approx(t_interval([0.1, 0.5, 0.9]))
+    assert d["verdict"] == "unclear"
+    # Paired seeds (two rounds of the same runs): the t-interval of the per-seed differences.
+    later = [rows(m.logp - np.eye(7)[a] * 0.3, m.pmass, m.label) for m in seeds]
+    p = difference(base, later, seeds, "authority", -1, "target_shift", paired=True)
+    assert p["seed_test"] == "paired t" and p["seed_ci"] == pytest.approx([0.3, 0.3]) and p["verdict"] == "yes"
