@@ -196,10 +196,11 @@ def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[st
         return None
     last = max(both)
     base = EvalRows.from_report(numbers[a]["base"])
+    # A seed counts once its round.json is written (as in the table), not when its eval lands mid-round.
     rows = lambda arm, r: [
         EvalRows.from_report(Run(d).json(f"round_{r:02d}/eval_healed.json"))  # noqa: E731
         for d in arm_dirs(root, arm, cfg)
-        if (d / f"round_{r:02d}" / "eval_healed.json").is_file()
+        if (d / f"round_{r:02d}" / "round.json").is_file() and Run(d).json(f"round_{r:02d}/round.json")["healed"]
     ]
     c, ra, rb = numbers[a], rows(a, last), rows(b, last)
     d = difference(base, ra, rb, c["target"], c["direction"], "selectivity")

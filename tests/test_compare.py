@@ -149,6 +149,7 @@ def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
             d = tmp_path / arm / f"round_{r:02d}"
             d.mkdir(parents=True)
             (d / "eval_healed.json").write_text(json.dumps(evals[arm, r]))
+            (d / "round.json").write_text(json.dumps({"round": r, "healed": True}))
         numbers[arm] = {
             "rounds": [{"round": r, "healed": {"target_shift": 0.0}} for r in rounds],
             "base": base,
@@ -173,3 +174,39 @@ def test_the_header_says_which_seeds_reached_the_last_round():
     assert _seed_text({"steer": arm(3), "nll": arm(3)}) == "seeds 0, 1, 2"
     text = _seed_text({"steer": arm(3), "nll": arm(2)})
     assert "nll 0, 1, 2 (round 1: 2 of them)" in text and "steer 0, 1, 2;" in text
+
+
+def test_a_seed_counts_in_the_difference_only_once_its_round_is_finished(tmp_path):
+    """Seed 1's round-1 eval is written but its round.json is not (the round is still running): the
+    difference pools seed 0 alone, as the table does, instead of counting two seeds."""
+    from steerheal.compare import _arm_difference
+    from steerheal.config import FOUNDATIONS, RunConfig
+
+    rng = np.random.default_rng(1)
+
+    def report() -> dict:
+        return {
+            "rows": [
+                {
+                    "id": str(i),
+                    "foundation": FOUNDATIONS[i % 7],
+                    "pmass": 0.5,
+                    "logp": dict(zip(FOUNDATIONS, rng.normal(-2, 0.3, 7))),
+                }
+                for i in range(14)
+            ]
+        }
+
+    for arm in ("steer", "gate"):
+        for seed in (0, 1):
+            d = tmp_path / arm / f"seed_{seed}" / "round_00"
+            d.mkdir(parents=True)
+            (d / "eval_healed.json").write_text(json.dumps(report()))
+            if not (arm == "gate" and seed == 1):
+                (d / "round.json").write_text(json.dumps({"round": 0, "healed": True}))
+    numbers = {
+        arm: {"rounds": [{"round": 0, "healed": {"target_shift": 0.0}}], "base": report(), "target": "authority", "direction": -1}
+        for arm in ("steer", "gate")
+    }
+    got = _arm_difference(tmp_path, RunConfig(seeds=[0, 1]), "steer", "gate", numbers)
+    assert got["seeds"] == [2, 1] and "seed_ci" not in got
