@@ -205,7 +205,12 @@ def test_a_seed_counts_in_the_difference_only_once_its_round_is_finished(tmp_pat
             if not (arm == "gate" and seed == 1):
                 (d / "round.json").write_text(json.dumps({"round": 0, "healed": True}))
     numbers = {
-        arm: {"rounds": [{"round": 0, "healed": {"target_shift": 0.0}}], "base": report(), "target": "authority", "direction": -1}
+        arm: {
+            "rounds": [{"round": 0, "healed": {"target_shift": 0.0}}],
+            "base": report(),
+            "target": "authority",
+            "direction": -1,
+        }
         for arm in ("steer", "gate")
     }
     got = _arm_difference(tmp_path, RunConfig(seeds=[0, 1]), "steer", "gate", numbers)
