@@ -204,7 +204,21 @@ def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[st
     ]
     c, ra, rb = numbers[a], rows(a, last), rows(b, last)
     d = difference(base, ra, rb, c["target"], c["direction"], "selectivity")
-    return {"round": last, "seeds": [len(ra), len(rb)]} | d
+    # The Pareto question (shift against coherence), arm b minus arm a on each axis.
+    axes = {m: difference(base, rb, ra, c["target"], c["direction"], m) for m in ("target_shift", "pmass_ratio")}
+    front = pareto_word(axes["target_shift"]["verdict"], axes["pmass_ratio"]["verdict"])
+    return {"round": last, "seeds": [len(ra), len(rb)]} | d | {"arm_minus_steer": axes, "front": front}
+
+
+def pareto_word(shift: str, coherence: str) -> str:
+    """Where an arm stands against steer on (shift, coherence), from the two verdicts of arm − steer:
+    'beyond' (better on one axis, not worse on the other), 'behind', 'trade-off' or 'unclear'."""
+    pair = {shift, coherence}
+    if pair == {"yes", "no"}:
+        return "trade-off"
+    if "yes" in pair:
+        return "beyond"
+    return "behind" if "no" in pair else "unclear"
 
 
 def _ci(m: dict | None, k: str, sign: bool = True) -> str:
@@ -257,8 +271,8 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
         "needs the t-interval over the seeds' own values to agree.",
         "",
         "| arm | round | model | shift | selectivity | selectivity, t over seeds | pmass ratio | gen ppl | distinct-2 "
-        "| KL to base | min/round | k token passes/round (trained) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KL to base | rows kept | min/round | k token passes/round (trained) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, c in numbers.items():
         for r in c["rounds"]:
@@ -269,6 +283,8 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
                 if tok
                 else "–"
             )
+            # The rows the filter kept of those sampled this round (mean over seeds; the raw row's too).
+            kept = f"{sum(r['kept_frac']) / len(r['kept_frac']):.0%}" if r.get("kept_frac") else "–"
             for kind in ("steered", "healed"):
                 m, g = r[kind], [x for x in r[f"gen_{kind}"] if x]
                 if m is None:
@@ -276,7 +292,7 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
                 L.append(
                     f"| {arm} | {r['round']} | {'raw' if kind == 'steered' else 'healed'} | {_ci(m, 'target_shift')} | "
                     f"{_ci(m, 'selectivity')} | {_seed_ci(m, 'selectivity')} | {_ci(m, 'pmass_ratio', False)} | {_gen_mean(g, 'ppl')} | {_gen_mean(g, 'distinct2')} | "
-                    f"{_gen_mean(g, 'kl_to_base')} | {mins:.1f} | {passes} |"
+                    f"{_gen_mean(g, 'kl_to_base')} | {kept} | {mins:.1f} | {passes} |"
                 )
     L += ["", "![compare](compare.png)", "", "## Verdict (computed from the intervals)", ""]
     L += verdict_lines(summary, t)
@@ -321,6 +337,14 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
                     else ""
                 )
             )
+            if "arm_minus_steer" in d:
+                sh, pm = d["arm_minus_steer"]["target_shift"], d["arm_minus_steer"]["pmass_ratio"]
+                parts.append(
+                    f"{arm} minus steer: shift {sh['difference']:+.2f} [{sh['difference_ci'][0]:+.2f}, "
+                    f"{sh['difference_ci'][1]:+.2f}]{seed_ci_text(sh)}, pmass ratio {pm['difference']:+.2f} "
+                    f"[{pm['difference_ci'][0]:+.2f}, {pm['difference_ci'][1]:+.2f}]{seed_ci_text(pm)}; "
+                    f"against steer's Pareto front: {d['front']}"
+                )
         out.append("- " + "; ".join(parts) + ".")
     return out
 

@@ -70,6 +70,9 @@ def test_compare_runs_arms_resumes_after_sigkill_and_reports(tiny_model_dir, per
     assert "null_raw" not in summary["arms"]["prompt"]  # prompted, not steered at the null's C
     md = (out / "compare.md").read_text()
     assert "| random | 0 | healed |" in md and "random null" in md.lower() and (out / "compare.png").is_file()
+    kept = json.loads((out / "random" / "round_00" / "round.json").read_text())["filter"]["kept_frac"]
+    row = next(line for line in md.splitlines() if line.startswith("| random | 0 | healed |"))
+    assert "rows kept" in md and f"| {kept:.0%} |" in row
 
 
 def test_a_variant_is_an_arm_with_its_own_settings(tiny_model_dir, persona_file, tmp_path):
@@ -163,6 +166,24 @@ def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
     assert got["difference_ci"] == pytest.approx(want["difference_ci"])
     line = verdict_lines({"arms": {"nll": {"steer_minus_arm": got}}}, "authority")[0]
     assert "round 1" in line and "no seed-to-seed variance" in line
+    # The Pareto axes, arm minus steer (not steer minus arm) at the same round 1.
+    shift = got["arm_minus_steer"]["target_shift"]
+    assert shift["difference"] == pytest.approx(
+        difference(EvalRows.from_report(base), rows("nll"), rows("steer"), "authority", -1, "target_shift")[
+            "difference"
+        ]
+    )
+    assert got["arm_minus_steer"]["pmass_ratio"]["difference"] == pytest.approx(0)  # the same pmass everywhere
+    assert f"Pareto front: {got['front']}" in line
+
+
+def test_pareto_word_reads_both_axes():
+    from steerheal.compare import pareto_word
+
+    assert pareto_word("yes", "unclear") == pareto_word("unclear", "yes") == pareto_word("yes", "yes") == "beyond"
+    assert pareto_word("no", "unclear") == pareto_word("no", "no") == "behind"
+    assert pareto_word("yes", "no") == pareto_word("no", "yes") == "trade-off"
+    assert pareto_word("unclear", "unclear") == "unclear"
 
 
 def test_the_header_says_which_seeds_reached_the_last_round():
