@@ -22,7 +22,7 @@ check() {
 }
 
 check device "$PY" -c "import torch; d='$DEVICE'; assert d == 'cpu' or torch.cuda.is_available(), 'no CUDA'; print(d, torch.__version__)"
-[ "$DEVICE" = cuda ] && check bf16_tests "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_lowprec.py
+[ "$DEVICE" = cuda ] && check bf16_tests "$PY" -m pytest -q -p no:cacheprovider tests/test_lowprec.py
 check bf16_round env DEVICE="$DEVICE" "$PY" - <<'PY'
 import os, sys, tempfile
 from pathlib import Path

@@ -26,7 +26,7 @@ from .progress import log
 from .records import atomic_path, write_json, write_text
 from .report import collect
 from .rundir import Run
-from .stats import EvalRows, beats, compare, difference, seed_ci_text, verdict
+from .stats import EvalRows, beats, compare, difference, intervals, seed_ci_text, verdict
 from .vector import SteeringVector
 from .vignettes import load_vignettes
 
@@ -211,14 +211,16 @@ def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[st
 
 
 def pareto_word(shift: str, coherence: str) -> str:
-    """Where an arm stands against steer on (shift, coherence), from the two verdicts of arm − steer:
-    'beyond' (better on one axis, not worse on the other), 'behind', 'trade-off' or 'unclear'."""
-    pair = {shift, coherence}
-    if pair == {"yes", "no"}:
+    """How an arm stands against steer's point on (shift, coherence), from the verdicts of arm − steer.
+    Only a win on one axis with no loss on the other moves the front; an unclear axis is named."""
+    if shift == coherence:
+        return {"yes": "beyond (better on both)", "no": "behind (worse on both)"}.get(shift, "unclear")
+    if {shift, coherence} == {"yes", "no"}:
         return "trade-off"
-    if "yes" in pair:
-        return "beyond"
-    return "behind" if "no" in pair else "unclear"
+    axis = "shift" if shift != "unclear" else "coherence"
+    other = "coherence" if axis == "shift" else "shift"
+    word = "better" if "yes" in (shift, coherence) else "worse"
+    return f"{word} on {axis}, {other} unclear"
 
 
 def _ci(m: dict | None, k: str, sign: bool = True) -> str:
@@ -316,7 +318,7 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
             )
             vp = e["vs_prompting"]
             parts.append(
-                f"beats prompting: {beats(vp['verdict'], verdict(e['last']['selectivity_ci'], e['last'].get('selectivity_seed_ci')))} "
+                f"beats prompting: {beats(vp['verdict'], verdict(*intervals(e['last'], 'selectivity')))} "
                 f"(selectivity difference {vp['difference']:+.2f} "
                 f"[{vp['difference_ci'][0]:+.2f}, {vp['difference_ci'][1]:+.2f}]{seed_ci_text(vp)})"
             )
@@ -343,7 +345,7 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
                     f"{arm} minus steer: shift {sh['difference']:+.2f} [{sh['difference_ci'][0]:+.2f}, "
                     f"{sh['difference_ci'][1]:+.2f}]{seed_ci_text(sh)}, pmass ratio {pm['difference']:+.2f} "
                     f"[{pm['difference_ci'][0]:+.2f}, {pm['difference_ci'][1]:+.2f}]{seed_ci_text(pm)}; "
-                    f"against steer's Pareto front: {d['front']}"
+                    f"against steer (shift, coherence): {d['front']}"
                 )
         out.append("- " + "; ".join(parts) + ".")
     return out

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .records import read_records, write_text
-from .stats import EvalRows, beats, compare, difference, seed_ci_text, verdict
+from .stats import EvalRows, beats, compare, difference, intervals, seed_ci_text, verdict
 
 # A coherence ratio (healed pmass / base pmass) at or above this counts as "coherence held".
 COHERENCE_HELD = 0.9
@@ -81,7 +81,9 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
                     base, healed, steered, target, direction, "pmass_ratio", paired=True
                 )
             row["heal_vs_prompt"] = difference(base, healed, prompts, target, direction, "selectivity")
-            if prev_healed:  # Q3: did this round move the target further than the last one?
+            # Q3: did this round move the target further than the last one? Equal lengths mean the same
+            # seeds in the same order: a seed that is not healed stops its loop, so the list only shrinks.
+            if prev_healed:
                 row["step_vs_prev"] = difference(
                     base, healed, prev_healed, target, direction, "target_shift", paired=len(healed) == len(prev_healed)
                 )
@@ -234,19 +236,19 @@ def answers(c: dict[str, Any]) -> list[str]:
     ]
     q1_yes = sum(r["heal_vs_steer_pmass"]["verdict"] == "yes" for r in paired)
     q1 = (
-        f"**Q1 can we heal?** healing raised coherence over raw steering (CI above 0) in {q1_yes}/{len(paired)} rounds. "
+        f"**Q1 can we heal?** healing raised coherence over raw steering (intervals above 0) in {q1_yes}/{len(paired)} rounds. "
         + "; ".join(q1_parts)
         + "."
     )
     last = healed[-1]["healed"]
-    lo, hi = last["pmass_ratio_ci"]
-    held = "yes" if lo >= COHERENCE_HELD else ("no" if hi < COHERENCE_HELD else "unclear")
+    # "Held" = at or above COHERENCE_HELD, read like every verdict: the seeds' interval must agree.
+    held = verdict(*([lo - COHERENCE_HELD, hi - COHERENCE_HELD] for lo, hi in intervals(last, "pmass_ratio")))
     q2 = (
         f"**Q2 coherent over the loop?** {held}: healed pmass ratio per round "
-        f"{', '.join(_ci(r['healed'], 'pmass_ratio', sign=False) for r in healed)} (held = CI at or above {COHERENCE_HELD})."
+        f"{', '.join(_ci(r['healed'], 'pmass_ratio', sign=False) for r in healed)} (held = intervals above {COHERENCE_HELD})."
     )
     steps = [r["step_vs_prev"] for r in healed if "step_vs_prev" in r]
-    moved = verdict(healed[0]["healed"]["target_shift_ci"], healed[0]["healed"].get("target_shift_seed_ci"))
+    moved = verdict(*intervals(healed[0]["healed"], "target_shift"))
     step_txt = (
         ", ".join(
             f"{_f(s['difference'], 2, True)} [{_f(s['difference_ci'][0], 2, True)}, {_f(s['difference_ci'][1], 2, True)}]"
@@ -263,7 +265,7 @@ def answers(c: dict[str, Any]) -> list[str]:
     d = healed[-1]["heal_vs_prompt"]
     lo, hi = d["difference_ci"]
     q4 = (
-        f"**Beats prompting?** {beats(d['verdict'], verdict(last['selectivity_ci'], last.get('selectivity_seed_ci')))} "
+        f"**Beats prompting?** {beats(d['verdict'], verdict(*intervals(last, 'selectivity')))} "
         "(yes needs both the difference and "
         "the healed model's own selectivity above 0): selectivity of the last healed round minus the prompting baseline's = "
         f"{_f(d['difference'], 2, True)} [{_f(lo, 2, True)}, {_f(hi, 2, True)}]{seed_ci_text(d)} (the coherence gate inside selectivity "

@@ -62,7 +62,7 @@ def verdict(interval: Sequence[float], *more: Sequence[float] | None) -> str:
     """'yes' if the interval lies above 0, 'no' if below, 'unclear' if it holds 0. Further intervals
     (None skipped; in practice the t-interval over seeds) must agree, else 'unclear': with 3 seeds
     the bootstrap's seed resampling is far narrower than a t-interval over them."""
-    given = [interval, *(m for m in more if m and not any(math.isnan(v) for v in m))]
+    given = [interval, *(m for m in more if m is not None and not any(math.isnan(v) for v in m))]
     words = {"yes" if lo > 0 else ("no" if hi < 0 else "unclear") for lo, hi in given}
     return words.pop() if len(words) == 1 else "unclear"
 
@@ -76,8 +76,14 @@ def beats(difference: str, own: str) -> str:
     return "yes" if difference == own == "yes" else "unclear"
 
 
+def intervals(m: dict[str, Any], k: str) -> list[list[float]]:
+    """A measure's bootstrap interval, and its t-interval over seeds when there are several: what a
+    verdict on it reads (`verdict(*intervals(m, k))`)."""
+    return [m[f"{k}_ci"]] + ([m[f"{k}_seed_ci"]] if f"{k}_seed_ci" in m else [])
+
+
 def seed_ci_text(d: dict[str, Any]) -> str:
-    """', seeds [lo, hi] (Welch t)' for a difference that has an interval over seeds, else ''."""
+    """'; over seeds lo to hi (Welch t, 3 vs 3)' for a difference with an interval over seeds, else ''."""
     if "seed_ci" not in d:
         return ""
     lo, hi = d["seed_ci"]
@@ -187,7 +193,8 @@ def difference(
 
     With at least two seeds a side, `seed_ci` is the t-interval of the difference over the seeds'
     point values (`paired`: a[i] and b[i] are the same seed's run, as for two rounds of one loop;
-    otherwise Welch), and the verdict needs it and the bootstrap interval to agree."""
+    otherwise Welch), and the verdict needs it and the bootstrap interval to agree. With one seed on a
+    side there is no such interval and the verdict rests on the bootstrap (compare.md says so)."""
     t = FOUNDATIONS.index(target)
     rng = np.random.default_rng(seed)
     draws = _stratified_draws(base.label, n_boot, rng)

@@ -154,4 +154,4 @@ def test_seeds_share_the_baselines_and_steered_measures_first_skips_later_raw_ev
         assert (s / "round_00" / "eval_steered.json").is_file() and (s / "round_01" / "eval_healed.json").is_file()
         assert not (s / "round_01" / "eval_steered.json").exists()
         assert json.loads((s / "round_01" / "round.json").read_text())["steered"] is None
-    assert "healing raised coherence over raw steering (CI above 0) in" in (root / "report.md").read_text()
+    assert "healing raised coherence over raw steering (intervals above 0) in" in (root / "report.md").read_text()

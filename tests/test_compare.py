@@ -174,15 +174,17 @@ def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
         ]
     )
     assert got["arm_minus_steer"]["pmass_ratio"]["difference"] == pytest.approx(0)  # the same pmass everywhere
-    assert f"Pareto front: {got['front']}" in line
+    assert f"against steer (shift, coherence): {got['front']}" in line
 
 
 def test_pareto_word_reads_both_axes():
     from steerheal.compare import pareto_word
 
-    assert pareto_word("yes", "unclear") == pareto_word("unclear", "yes") == pareto_word("yes", "yes") == "beyond"
-    assert pareto_word("no", "unclear") == pareto_word("no", "no") == "behind"
+    assert pareto_word("yes", "yes") == "beyond (better on both)"
+    assert pareto_word("no", "no") == "behind (worse on both)"
     assert pareto_word("yes", "no") == pareto_word("no", "yes") == "trade-off"
+    assert pareto_word("yes", "unclear") == "better on shift, coherence unclear"
+    assert pareto_word("unclear", "no") == "worse on coherence, shift unclear"
     assert pareto_word("unclear", "unclear") == "unclear"
 
 

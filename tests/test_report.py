@@ -1,0 +1,36 @@
+"""report.answers: each answer reads every interval it has (the bootstrap and, with seeds, the t over them)."""
+
+from __future__ import annotations
+
+from steerheal.report import answers
+
+
+def numbers(pmass_seed_ci: list[float]) -> dict:
+    healed = {
+        "target_shift": 0.3,
+        "target_shift_ci": [0.2, 0.4],
+        "target_shift_seed_ci": [0.1, 0.5],
+        "selectivity": 0.2,
+        "selectivity_ci": [0.1, 0.3],
+        "selectivity_seed_ci": [0.05, 0.35],
+        "pmass_ratio": 0.95,
+        "pmass_ratio_ci": [0.93, 0.97],  # the bootstrap alone says coherence held (>= 0.9)
+        "pmass_ratio_seed_ci": pmass_seed_ci,
+    }
+    fs = {"rows": 32, "kept": 30, "reasons": {"perplexity": 2}, "median_ppl_dropped": 60.0, "median_ppl_kept": 10.0}
+    diff = {"difference": 0.1, "difference_ci": [0.05, 0.15], "verdict": "yes"}
+    return {
+        "target": "authority",
+        "seeds": [0, 1, 2],
+        "prompt": {"selectivity": 0.1, "selectivity_ci": [0.05, 0.15]},
+        "rounds": [
+            {"round": 0, "filter": [fs], "kept_frac": [0.94], "cos_v0": [1.0], "healed": healed, "heal_vs_prompt": diff}
+        ],
+    }
+
+
+def test_coherence_held_needs_the_seeds_interval_too():
+    q2 = lambda c: next(a for a in answers(c) if "Q2" in a)  # noqa: E731
+    assert "**Q2 coherent over the loop?** yes" in q2(numbers([0.91, 0.99]))
+    # Three seeds that disagree: the t-interval over them reaches below 0.9, so "held" is not shown.
+    assert "**Q2 coherent over the loop?** unclear" in q2(numbers([0.80, 1.10]))
