@@ -543,6 +543,9 @@ def compare(
     report_only: Annotated[
         bool, typer.Option(help="Run nothing: report what the arms have so far (others may still be running).")
     ] = False,
+    reference: Annotated[
+        str, typer.Option(help="The arm every other one is set against (an arm or a --variant).")
+    ] = "steer",
     config: ConfigOpt = None,
     rounds: RoundsOpt = None,
     seeds: SeedsOpt = None,
@@ -571,7 +574,7 @@ def compare(
         trust_remote_code=trust_remote_code,
     )
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
-    run_compare(persona, output, cfg, arm_list, null_k, force, variants, report_only)
+    run_compare(persona, output, cfg, arm_list, null_k, force, variants, report_only, reference)
 
 
 @command

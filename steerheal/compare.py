@@ -73,16 +73,20 @@ def run_compare(
     force: bool = False,
     variants: dict[str, dict[str, Any]] | None = None,
     report_only: bool = False,
+    reference: str = "steer",
 ) -> Path:
     """Run every arm and variant (resumably), the random null, and write compare.md, compare.png, compare.json.
 
     report_only: run nothing; report what is there (arms and seeds still running elsewhere are
-    pooled over the seeds that have results, and the report lists them)."""
+    pooled over the seeds that have results, and the report lists them). reference: the arm every
+    other one is set against (a variant such as constant-dose steer on the same code, say)."""
     variants = variants or {}
     arms = arms + [v for v in variants if v not in arms]
     bad = [a for a in arms if a not in ARMS and a not in variants]
     if bad:
         raise SteerhealError(f"--arms {','.join(bad)}: unknown; arms are {', '.join(ARMS)} (or a --variant)")
+    if reference not in arms:
+        raise SteerhealError(f"--reference {reference}: not among the arms ({', '.join(arms)}); add it to --arms")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     # The baselines are computed once (by the first run to get there) and reused by every arm and seed,
@@ -101,7 +105,7 @@ def run_compare(
     if not any(started.values()):
         raise SteerhealError(f"{root}: no arm has finished a round yet; nothing to report")
     numbers = {arm: collect(dirs) for arm, dirs in started.items() if dirs}
-    summary = summarize(root, numbers, cfg)
+    summary = summarize(root, numbers, cfg, reference)
     write_json(root / "compare.json", summary)
     plot_compare(root, numbers)
     write_text(root / "compare.md", render(summary, numbers))
@@ -149,7 +153,7 @@ def _null_word(p: dict[str, Any]) -> str:
     return "not distinguishable from a random direction"
 
 
-def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig) -> dict[str, Any]:
+def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig, reference: str = "steer") -> dict[str, Any]:
     """Per arm: the last healed round against base, against the prompting baseline and against the steer
     arm (selectivity, paired), and its round-0 raw shift placed in the random null."""
     null = Run(root).json("null.json") if (root / "null.json").is_file() else None
@@ -180,10 +184,11 @@ def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig) -> dict[str,
             if c["rounds"][0]["healed"]:
                 entry["null_healed"] = place(c["rounds"][0]["healed"]["target_shift"], shifts)
         out["arms"][arm] = entry
-    if "steer" in numbers:
+    out["reference"] = reference
+    if reference in numbers:
         for arm in numbers:
-            if arm != "steer":
-                out["arms"][arm]["steer_minus_arm"] = _arm_difference(root, cfg, "steer", arm, numbers)
+            if arm != reference:
+                out["arms"][arm]["reference_minus_arm"] = _arm_difference(root, cfg, reference, arm, numbers)
     return out
 
 
@@ -207,11 +212,11 @@ def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[st
     # The Pareto question (shift against coherence), arm b minus arm a on each axis.
     axes = {m: difference(base, rb, ra, c["target"], c["direction"], m) for m in ("target_shift", "pmass_ratio")}
     front = pareto_word(axes["target_shift"]["verdict"], axes["pmass_ratio"]["verdict"])
-    return {"round": last, "seeds": [len(ra), len(rb)]} | d | {"arm_minus_steer": axes, "front": front}
+    return {"round": last, "seeds": [len(ra), len(rb)]} | d | {"arm_minus_reference": axes, "front": front}
 
 
 def pareto_word(shift: str, coherence: str) -> str:
-    """How an arm stands against steer's point on (shift, coherence), from the verdicts of arm − steer.
+    """How an arm stands against the reference's point on (shift, coherence), from the verdicts of arm − reference.
     Only a win on one axis with no loss on the other moves the front; an unclear axis is named."""
     if shift == coherence:
         return {"yes": "beyond (better on both)", "no": "behind (worse on both)"}.get(shift, "unclear")
@@ -302,7 +307,7 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
 
 
 def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
-    out = []
+    out, ref = [], summary.get("reference", "steer")
     null = summary.get("null")
     if null:
         shifts = [d["target_shift"] for d in null["draws"]]
@@ -328,24 +333,24 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
                 parts.append(
                     f"{name} in the random null: percentile {p['percentile']:.0f}, z {p['z']:+.2f}, {_null_word(p)}"
                 )
-        d = e.get("steer_minus_arm")
+        d = e.get("reference_minus_arm")
         if d:
             parts.append(
-                f"steer minus {arm} (selectivity, round {d['round']}): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
-                f"{d['difference_ci'][1]:+.2f}]{seed_ci_text(d)}, steer better: {d['verdict']}"
+                f"{ref} minus {arm} (selectivity, round {d['round']}): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
+                f"{d['difference_ci'][1]:+.2f}]{seed_ci_text(d)}, {ref} better: {d['verdict']}"
                 + (
                     " (one seed on a side: the interval holds no seed-to-seed variance)"
                     if min(d.get("seeds", [2])) < 2
                     else ""
                 )
             )
-            if "arm_minus_steer" in d:
-                sh, pm = d["arm_minus_steer"]["target_shift"], d["arm_minus_steer"]["pmass_ratio"]
+            if "arm_minus_reference" in d:
+                sh, pm = d["arm_minus_reference"]["target_shift"], d["arm_minus_reference"]["pmass_ratio"]
                 parts.append(
-                    f"{arm} minus steer: shift {sh['difference']:+.2f} [{sh['difference_ci'][0]:+.2f}, "
+                    f"{arm} minus {ref}: shift {sh['difference']:+.2f} [{sh['difference_ci'][0]:+.2f}, "
                     f"{sh['difference_ci'][1]:+.2f}]{seed_ci_text(sh)}, pmass ratio {pm['difference']:+.2f} "
                     f"[{pm['difference_ci'][0]:+.2f}, {pm['difference_ci'][1]:+.2f}]{seed_ci_text(pm)}; "
-                    f"against steer (shift, coherence): {d['front']}"
+                    f"against {ref} (shift, coherence): {d['front']}"
                 )
         out.append("- " + "; ".join(parts) + ".")
     return out

@@ -66,7 +66,7 @@ def test_compare_runs_arms_resumes_after_sigkill_and_reports(tiny_model_dir, per
         assert base["shared_from"] == str(out / "steer")
     summary = json.loads((out / "compare.json").read_text())
     assert set(summary["arms"]) == {"steer", "random", "prompt"} and len(summary["null"]["draws"]) == 3
-    assert "null_raw" in summary["arms"]["steer"] and "steer_minus_arm" in summary["arms"]["random"]
+    assert "null_raw" in summary["arms"]["steer"] and "reference_minus_arm" in summary["arms"]["random"]
     assert "null_raw" not in summary["arms"]["prompt"]  # prompted, not steered at the null's C
     md = (out / "compare.md").read_text()
     assert "| random | 0 | healed |" in md and "random null" in md.lower() and (out / "compare.png").is_file()
@@ -97,13 +97,21 @@ def test_a_variant_is_an_arm_with_its_own_settings(tiny_model_dir, persona_file,
     base = json.loads((out / "decay" / "manifest.json").read_text())["steps"]["baselines/base"]
     assert base["shared_from"] == str(out / "steer")
     summary = json.loads((out / "compare.json").read_text())
-    assert "steer_minus_arm" in summary["arms"]["decay"]
+    assert "reference_minus_arm" in summary["arms"]["decay"]
     assert "| decay | 0 | healed |" in (out / "compare.md").read_text()
     # --report-only runs nothing: an arm with no finished round (random) is left out, not started
     (out / "compare.json").unlink()
     run_compare(persona_file, out, cfg, ["steer", "random"], null_k=0, variants={name: over}, report_only=True)
     assert set(json.loads((out / "compare.json").read_text())["arms"]) == {"steer", "decay"}
     assert not (out / "random").exists()
+    # --reference sets every arm against a variant instead of steer.
+    run_compare(persona_file, out, cfg, ["steer"], null_k=0, variants={name: over}, report_only=True, reference=name)
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["reference"] == "decay" and "reference_minus_arm" in summary["arms"]["steer"]
+    assert "reference_minus_arm" not in summary["arms"]["decay"]
+    assert "decay minus steer (selectivity, round 0)" in (out / "compare.md").read_text()
+    with pytest.raises(SteerhealError, match="--reference late: not among the arms"):
+        run_compare(persona_file, out, cfg, ["steer"], null_k=0, report_only=True, reference="late")
     with pytest.raises(SteerhealError, match="nothing to report"):
         run_compare(persona_file, tmp_path / "empty", cfg, ["steer"], null_k=0, report_only=True)
 
@@ -164,16 +172,16 @@ def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
     want = difference(EvalRows.from_report(base), rows("steer"), rows("nll"), "authority", -1, "selectivity")
     assert got["round"] == 1 and got["seeds"] == [1, 1] and got["difference"] == pytest.approx(want["difference"])
     assert got["difference_ci"] == pytest.approx(want["difference_ci"])
-    line = verdict_lines({"arms": {"nll": {"steer_minus_arm": got}}}, "authority")[0]
+    line = verdict_lines({"arms": {"nll": {"reference_minus_arm": got}}}, "authority")[0]
     assert "round 1" in line and "no seed-to-seed variance" in line
     # The Pareto axes, arm minus steer (not steer minus arm) at the same round 1.
-    shift = got["arm_minus_steer"]["target_shift"]
+    shift = got["arm_minus_reference"]["target_shift"]
     assert shift["difference"] == pytest.approx(
         difference(EvalRows.from_report(base), rows("nll"), rows("steer"), "authority", -1, "target_shift")[
             "difference"
         ]
     )
-    assert got["arm_minus_steer"]["pmass_ratio"]["difference"] == pytest.approx(0)  # the same pmass everywhere
+    assert got["arm_minus_reference"]["pmass_ratio"]["difference"] == pytest.approx(0)  # the same pmass everywhere
     assert f"against steer (shift, coherence): {got['front']}" in line
 
 
