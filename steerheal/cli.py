@@ -544,8 +544,9 @@ def compare(
         bool, typer.Option(help="Run nothing: report what the arms have so far (others may still be running).")
     ] = False,
     reference: Annotated[
-        str, typer.Option(help="The arm every other one is set against (an arm or a --variant).")
-    ] = "steer",
+        Optional[str],
+        typer.Option(help="The arm every other one is set against (an arm or a --variant; default steer)."),
+    ] = None,
     config: ConfigOpt = None,
     rounds: RoundsOpt = None,
     seeds: SeedsOpt = None,

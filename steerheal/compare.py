@@ -73,20 +73,22 @@ def run_compare(
     force: bool = False,
     variants: dict[str, dict[str, Any]] | None = None,
     report_only: bool = False,
-    reference: str = "steer",
+    reference: str | None = None,
 ) -> Path:
     """Run every arm and variant (resumably), the random null, and write compare.md, compare.png, compare.json.
 
     report_only: run nothing; report what is there (arms and seeds still running elsewhere are
     pooled over the seeds that have results, and the report lists them). reference: the arm every
-    other one is set against (a variant such as constant-dose steer on the same code, say)."""
+    other one is set against (a variant such as constant-dose steer on the same code, say); by
+    default steer, when it is among the arms."""
     variants = variants or {}
     arms = arms + [v for v in variants if v not in arms]
     bad = [a for a in arms if a not in ARMS and a not in variants]
     if bad:
         raise SteerhealError(f"--arms {','.join(bad)}: unknown; arms are {', '.join(ARMS)} (or a --variant)")
-    if reference not in arms:
+    if reference is not None and reference not in arms:
         raise SteerhealError(f"--reference {reference}: not among the arms ({', '.join(arms)}); add it to --arms")
+    reference = reference or "steer"
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     # The baselines are computed once (by the first run to get there) and reused by every arm and seed,
@@ -105,6 +107,8 @@ def run_compare(
     if not any(started.values()):
         raise SteerhealError(f"{root}: no arm has finished a round yet; nothing to report")
     numbers = {arm: collect(dirs) for arm, dirs in started.items() if dirs}
+    if reference in arms and reference not in numbers:
+        log(f"compare: {reference} has no finished round yet, so no arm is set against it")
     summary = summarize(root, numbers, cfg, reference)
     write_json(root / "compare.json", summary)
     plot_compare(root, numbers)
@@ -154,8 +158,9 @@ def _null_word(p: dict[str, Any]) -> str:
 
 
 def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig, reference: str = "steer") -> dict[str, Any]:
-    """Per arm: the last healed round against base, against the prompting baseline and against the steer
-    arm (selectivity, paired), and its round-0 raw shift placed in the random null."""
+    """Per arm: the last healed round against base, against the prompting baseline and against the
+    reference arm (selectivity, shift and pmass ratio, paired), and its round-0 raw shift placed in the
+    random null."""
     null = Run(root).json("null.json") if (root / "null.json").is_file() else None
     out: dict[str, Any] = {"arms": {}, "null": null}
     for arm, c in numbers.items():

@@ -110,6 +110,10 @@ def test_a_variant_is_an_arm_with_its_own_settings(tiny_model_dir, persona_file,
     assert summary["reference"] == "decay" and "reference_minus_arm" in summary["arms"]["steer"]
     assert "reference_minus_arm" not in summary["arms"]["decay"]
     assert "decay minus steer (selectivity, round 0)" in (out / "compare.md").read_text()
+    # Without steer among the arms and no --reference, the arms are reported, set against nothing.
+    run_compare(persona_file, out, cfg, [], null_k=0, variants={name: over}, report_only=True)
+    summary = json.loads((out / "compare.json").read_text())
+    assert set(summary["arms"]) == {"decay"} and "reference_minus_arm" not in summary["arms"]["decay"]
     with pytest.raises(SteerhealError, match="--reference late: not among the arms"):
         run_compare(persona_file, out, cfg, ["steer"], null_k=0, report_only=True, reference="late")
     with pytest.raises(SteerhealError, match="nothing to report"):
