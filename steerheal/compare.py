@@ -34,6 +34,10 @@ from .vignettes import load_vignettes
 VARIANT_SECTIONS = ("arm", "vector", "dose", "generate", "filter", "heal", "online")
 
 
+# The arm every other one is set against unless --reference says otherwise.
+REFERENCE = "steer"
+
+
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """'decay:generate.steer=exp;generate.steer.tokens=16' → ('decay', its overrides). A variant is an arm
     of its own (its own directory and rows in the report), the steer arm unless it sets arm=..."""
@@ -88,7 +92,7 @@ def run_compare(
         raise SteerhealError(f"--arms {','.join(bad)}: unknown; arms are {', '.join(ARMS)} (or a --variant)")
     if reference is not None and reference not in arms:
         raise SteerhealError(f"--reference {reference}: not among the arms ({', '.join(arms)}); add it to --arms")
-    reference = reference or "steer"
+    reference = reference or REFERENCE
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     # The baselines are computed once (by the first run to get there) and reused by every arm and seed,
@@ -157,7 +161,7 @@ def _null_word(p: dict[str, Any]) -> str:
     return "not distinguishable from a random direction"
 
 
-def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig, reference: str = "steer") -> dict[str, Any]:
+def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig, reference: str) -> dict[str, Any]:
     """Per arm: the last healed round against base, against the prompting baseline and against the
     reference arm (selectivity, shift and pmass ratio, paired), and its round-0 raw shift placed in the
     random null."""
@@ -312,7 +316,7 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
 
 
 def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
-    out, ref = [], summary.get("reference", "steer")
+    out, ref = [], summary.get("reference", REFERENCE)
     null = summary.get("null")
     if null:
         shifts = [d["target_shift"] for d in null["draws"]]
