@@ -310,9 +310,34 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
                     f"{_ci(m, 'selectivity')} | {_seed_ci(m, 'selectivity')} | {_ci(m, 'pmass_ratio', False)} | {_gen_mean(g, 'ppl')} | {_gen_mean(g, 'distinct2')} | "
                     f"{_gen_mean(g, 'kl_to_base')} | {kept} | {mins:.1f} | {passes} |"
                 )
-    L += ["", "![compare](compare.png)", "", "## Verdict (computed from the intervals)", ""]
+    L += ["", "![compare](compare.png)", ""]
+    L += per_seed_lines(numbers)
+    L += ["", "## Verdict (computed from the intervals)", ""]
     L += verdict_lines(summary, t)
     return "\n".join(L) + "\n"
+
+
+def per_seed_lines(numbers: dict[str, dict]) -> list[str]:
+    """Each seed's own point at its arm's last healed round: the values the t-interval over seeds is
+    made of, so a reader sees whether one seed carries an arm."""
+    L = [
+        "## Per seed, last healed round",
+        "",
+        "| arm | round | seed | shift | selectivity | pmass ratio | rows kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, c in numbers.items():
+        healed = [r for r in c["rounds"] if r["healed"]]
+        if not healed:
+            continue
+        r, m = healed[-1], healed[-1]["healed"]
+        for i, s in enumerate(r["healed_seeds"]):
+            kept = r["kept_frac"][r["seed_ids"].index(s)]
+            L.append(
+                f"| {arm} | {r['round']} | {s} | {m['target_shift_per_seed'][i]:+.2f} | "
+                f"{m['selectivity_per_seed'][i]:+.2f} | {m['pmass_ratio_per_seed'][i]:.2f} | {kept:.0%} |"
+            )
+    return L
 
 
 def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:

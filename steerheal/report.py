@@ -58,9 +58,12 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
         # steered_measures=first: no raw-steered eval after round 0
         steered = [_rows(d / "eval_steered.json") for d in dirs if (d / "eval_steered.json").is_file()]
         healed = [_rows(d / "eval_healed.json") for d, i in zip(dirs, infos) if i["healed"]]
+        seed_ids = [s for s, x in zip(out["seeds"], rounds_by_seed) if len(x) > r]
         row: dict[str, Any] = {
             "round": r,
             "n_seeds": len(infos),
+            "seed_ids": seed_ids,  # aligned with coeff, kept_frac, ...
+            "healed_seeds": [s for s, i in zip(seed_ids, infos) if i["healed"]],  # with healed's per-seed values
             "coeff": [i["coeff"] for i in infos],
             "kept_frac": [i["filter"]["kept_frac"] for i in infos],
             "filter": [i["filter"] for i in infos],

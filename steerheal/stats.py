@@ -137,8 +137,8 @@ def compare(
     """Paired measures of a model (one EvalRows per seed) against base, each with a 95% CI.
 
     Point values are means over seeds on all vignettes; intervals come from the two-level
-    bootstrap (seeds, then vignettes within each foundation). With more than one seed,
-    `<name>_seed_ci` is the t-interval over the per-seed point values, and `per_seed` lists them.
+    bootstrap (seeds, then vignettes within each foundation). `<name>_per_seed` lists each seed's
+    own point value; with more than one seed, `<name>_seed_ci` is the t-interval over them.
     """
     if not models:
         raise SteerhealError("nothing to compare: no model evals")
@@ -171,9 +171,8 @@ def compare(
             continue
         out[name] = float(point)
         out[f"{name}_ci"] = ci(pooled)
+        out[f"{name}_per_seed"] = vals = [float(p[name][0]) for p in per_model_point]
         if len(models) > 1:
-            vals = [float(p[name][0]) for p in per_model_point]
-            out[f"{name}_per_seed"] = vals
             out[f"{name}_seed_ci"] = t_interval(vals)
     return out
 

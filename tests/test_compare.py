@@ -17,6 +17,20 @@ from steerheal.compare import place
 TINY = tiny_cli("rounds=1")
 
 
+def eval_report(rng: np.random.Generator, shift: float) -> dict:
+    """An eval report of 28 vignettes with random log-probs, authority's moved by `shift`."""
+    from steerheal.config import FOUNDATIONS
+
+    rows = []
+    for i in range(28):
+        logp = rng.normal(-2.0, 0.3, len(FOUNDATIONS))
+        logp[FOUNDATIONS.index("authority")] += shift
+        rows.append(
+            {"id": str(i), "foundation": FOUNDATIONS[i % 7], "pmass": 0.5, "logp": dict(zip(FOUNDATIONS, logp))}
+        )
+    return {"rows": rows}
+
+
 def test_place_in_the_null():
     null = [float(x) for x in range(100)]
     p = place(120.0, null)
@@ -139,20 +153,11 @@ def test_bad_variants_are_refused_in_one_line(spec, msg):
 def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
     """A partial run (nll healed only rounds 0-1) is compared with steer at round 1, not at steer's last round 2."""
     from steerheal.compare import _arm_difference, verdict_lines
-    from steerheal.config import FOUNDATIONS, RunConfig
+    from steerheal.config import RunConfig
     from steerheal.stats import EvalRows, difference
 
     rng = np.random.default_rng(0)
-
-    def report(shift: float) -> dict:
-        rows = []
-        for i in range(28):
-            logp = rng.normal(-2.0, 0.3, len(FOUNDATIONS))
-            logp[FOUNDATIONS.index("authority")] += shift
-            rows.append(
-                {"id": str(i), "foundation": FOUNDATIONS[i % 7], "pmass": 0.5, "logp": dict(zip(FOUNDATIONS, logp))}
-            )
-        return {"rows": rows}
+    report = lambda shift: eval_report(rng, shift)  # noqa: E731
 
     base = report(0.0)
     evals = {("steer", 0): report(-0.5), ("steer", 1): report(-1.0), ("steer", 2): report(-3.0)}
@@ -250,3 +255,40 @@ def test_a_seed_counts_in_the_difference_only_once_its_round_is_finished(tmp_pat
     }
     got = _arm_difference(tmp_path, RunConfig(seeds=[0, 1]), "steer", "gate", numbers)
     assert got["seeds"] == [2, 1] and "seed_ci" not in got
+
+
+def test_the_per_seed_table_keeps_each_seed_on_its_own_row(tmp_path):
+    """Seed 1 stopped unhealed in round 1: seeds 0 and 2 carry round 1, and seed 2's own values
+    (and its kept fraction) land in seed 2's row, not in seed 1's."""
+    import yaml
+
+    from steerheal.compare import per_seed_lines
+    from steerheal.report import collect
+
+    rng = np.random.default_rng(2)
+    report = lambda shift: eval_report(rng, shift) | {"n": 28, "settings": {"source": "v.jsonl"}}  # noqa: E731
+
+    base, kept = report(0.0), {0: 0.9, 1: 0.5, 2: 0.7}
+    dirs = []
+    for seed in (0, 1, 2):
+        d = tmp_path / f"seed_{seed}"
+        (d / "baselines").mkdir(parents=True)
+        conf = {"persona": "p.yaml", "config": {"seed": seed}, "target": "authority", "direction": -1}
+        (d / "config.yaml").write_text(yaml.safe_dump(conf))
+        (d / "baselines" / "base.json").write_text(json.dumps(base))
+        (d / "baselines" / "prompt.json").write_text(json.dumps(report(-0.2)))
+        for r in (0, 1):
+            healed = not (seed == 1 and r == 1)
+            rd = d / f"round_{r:02d}"
+            rd.mkdir()
+            if healed:
+                (rd / "eval_healed.json").write_text(json.dumps(report(-0.5 * (seed + 1))))
+            info = {"healed": healed, "coeff": 2.0, "filter": {"kept_frac": kept[seed]}, "cos_v0": 1.0}
+            (rd / "round.json").write_text(json.dumps(info | {"heal": None, "time_s": {"total": 1.0}}))
+        dirs.append(d)
+    numbers = {"steer": collect(dirs)}
+    lines = [x for x in per_seed_lines(numbers) if x.startswith("| steer |")]
+    assert [x.split(" | ")[2] for x in lines] == ["0", "2"]
+    healed = numbers["steer"]["rounds"][1]["healed"]
+    assert f"| {healed['target_shift_per_seed'][1]:+.2f} |" in lines[1] and lines[1].endswith("| 70% |")
+    assert healed["target_shift_per_seed"][1] > healed["target_shift_per_seed"][0]  # seed 2 was shifted further
