@@ -124,6 +124,14 @@ def _ci(m: dict | None, name: str, nd: int = 2, sign: bool = True) -> str:
     return f"{_f(m[name], nd, sign)} [{_f(lo, nd, sign)}, {_f(hi, nd, sign)}]"
 
 
+def _ci_seeds(m: dict, name: str, sign: bool = True) -> str:
+    """_ci plus the t-interval over seeds, when there is one: every interval an answer reads is shown."""
+    if f"{name}_seed_ci" not in m:
+        return _ci(m, name, sign=sign)
+    lo, hi = m[f"{name}_seed_ci"]
+    return f"{_ci(m, name, sign=sign)[:-1]}; over seeds {_f(lo, 2, sign)} to {_f(hi, 2, sign)}]"
+
+
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else float("nan")
@@ -248,7 +256,7 @@ def answers(c: dict[str, Any]) -> list[str]:
     held = verdict(*([lo - COHERENCE_HELD, hi - COHERENCE_HELD] for lo, hi in intervals(last, "pmass_ratio")))
     q2 = (
         f"**Q2 coherent over the loop?** {held}: healed pmass ratio per round "
-        f"{', '.join(_ci(r['healed'], 'pmass_ratio', sign=False) for r in healed)} (held = intervals above {COHERENCE_HELD})."
+        f"{', '.join(_ci_seeds(r['healed'], 'pmass_ratio', sign=False) for r in healed)} (held = intervals above {COHERENCE_HELD})."
     )
     steps = [r["step_vs_prev"] for r in healed if "step_vs_prev" in r]
     moved = verdict(*intervals(healed[0]["healed"], "target_shift"))
@@ -261,7 +269,7 @@ def answers(c: dict[str, Any]) -> list[str]:
         or "only one round"
     )
     q3 = (
-        f"**Q3 one direction?** round 0 moved {t} the persona's way: {moved} ({_ci(healed[0]['healed'], 'target_shift')}); "
+        f"**Q3 one direction?** round 0 moved {t} the persona's way: {moved} ({_ci_seeds(healed[0]['healed'], 'target_shift')}); "
         f"each later round's extra shift: {step_txt}; cos(v_r, v_0) "
         f"{', '.join(_f(_mean(r['cos_v0']), 2) for r in rounds)}."
     )
@@ -272,7 +280,7 @@ def answers(c: dict[str, Any]) -> list[str]:
         "(yes needs both the difference and "
         "the healed model's own selectivity above 0): selectivity of the last healed round minus the prompting baseline's = "
         f"{_f(d['difference'], 2, True)} [{_f(lo, 2, True)}, {_f(hi, 2, True)}]{seed_ci_text(d)} (the coherence gate inside selectivity "
-        f"compares them at matched coherence). Healed: {_ci(last, 'selectivity')}; prompting: {_ci(c['prompt'], 'selectivity')}."
+        f"compares them at matched coherence). Healed: {_ci_seeds(last, 'selectivity')}; prompting: {_ci(c['prompt'], 'selectivity')}."
     )
     return [f"- {q}" for q in (q0, q1, q2, q3, q4)]
 

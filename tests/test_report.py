@@ -34,3 +34,12 @@ def test_coherence_held_needs_the_seeds_interval_too():
     assert "**Q2 coherent over the loop?** yes" in q2(numbers([0.91, 0.99]))
     # Three seeds that disagree: the t-interval over them reaches below 0.9, so "held" is not shown.
     assert "**Q2 coherent over the loop?** unclear" in q2(numbers([0.80, 1.10]))
+
+
+def test_each_answer_shows_the_seed_interval_it_reads():
+    """Q2, Q3's first step and the healed selectivity print the t over seeds beside the bootstrap, so
+    an "unclear" next to a bootstrap interval that clears 0 is explained on the page."""
+    text = "\n".join(answers(numbers([0.80, 1.10])))
+    assert "0.95 [0.93, 0.97; over seeds 0.80 to 1.10]" in text
+    assert "+0.30 [+0.20, +0.40; over seeds +0.10 to +0.50]" in text
+    assert "Healed: +0.20 [+0.10, +0.30; over seeds +0.05 to +0.35]" in text
