@@ -26,7 +26,7 @@ from .progress import log
 from .records import atomic_path, write_json, write_text
 from .report import collect
 from .rundir import Run
-from .stats import EvalRows, beats, compare, difference, intervals, seed_ci_text, verdict
+from .stats import EvalRows, beats, compare, difference, holm, intervals, seed_ci_text, verdict
 from .vector import SteeringVector
 from .vignettes import load_vignettes
 
@@ -198,7 +198,17 @@ def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig, reference: s
         for arm in numbers:
             if arm != reference:
                 out["arms"][arm]["reference_minus_arm"] = _arm_difference(root, cfg, reference, arm, numbers)
+    holm_family(out["arms"])
     return out
+
+
+def holm_family(arms: dict[str, dict]) -> None:
+    """Several arms against one reference: Holm over that family keeps the chance of any false "better"
+    at 5%, which each verdict alone does not. Adds seed_p_holm and verdict_holm in place; arms with one
+    seed have no seed test and stay out of the family."""
+    family = [e["reference_minus_arm"] for e in arms.values() if "seed_p" in (e.get("reference_minus_arm") or {})]
+    for d, p in zip(family, holm([d["seed_p"] for d in family])):
+        d |= {"seed_p_holm": p, "holm_family": len(family), "verdict_holm": d["verdict"] if p < 0.05 else "unclear"}
 
 
 def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[str, dict]) -> dict | None:
@@ -284,7 +294,8 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
         "",
         f"Persona `{first['persona']}`, target **{t}**; {seed_text}; vignettes {first['base']['settings']['source']} "
         f"({first['base']['n']} rows). Intervals: 95% paired bootstrap over vignettes and seeds; a verdict also "
-        "needs the t-interval over the seeds' own values to agree.",
+        "needs the t-interval over the seeds' own values to agree, and the arms set against the reference are "
+        "read once more with Holm's correction over them.",
         "",
         "| arm | round | model | shift | selectivity | selectivity, t over seeds | pmass ratio | gen ppl | distinct-2 "
         "| KL to base | rows kept | min/round | k token passes/round (trained) |",
@@ -372,6 +383,12 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
             parts.append(
                 f"{ref} minus {arm} (selectivity, round {d['round']}): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
                 f"{d['difference_ci'][1]:+.2f}]{seed_ci_text(d)}, {ref} better: {d['verdict']}"
+                + (
+                    f" (Holm over the {d['holm_family']} arms set against {ref}: p {d['seed_p_holm']:.3f}, "
+                    f"{d['verdict_holm']})"
+                    if "seed_p_holm" in d
+                    else ""
+                )
                 + (
                     " (one seed on a side: the interval holds no seed-to-seed variance)"
                     if min(d.get("seeds", [2])) < 2

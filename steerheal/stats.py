@@ -219,7 +219,7 @@ def difference(
     if len(a) > 1 and len(b) > 1:
         # The seeds' own interval: resampling 3 seeds cannot see how far a fourth would land.
         out["per_seed"] = [va, vb]
-        out["seed_ci"] = t_interval([x - y for x, y in zip(va, vb)]) if paired else welch_interval(va, vb)
+        out["seed_ci"], out["seed_p"] = t_test([x - y for x, y in zip(va, vb)]) if paired else t_test(va, vb)
         out["seed_test"] = "paired t" if paired else "Welch t"
     out["verdict"] = verdict(interval, out.get("seed_ci"))
     return out
@@ -275,29 +275,57 @@ def _t975(df: float) -> float:
     return _T975[k - 1] if k <= len(_T975) else 1.96
 
 
-def t_interval(values: Sequence[float]) -> list[float]:
-    """95% t-interval of the mean of a few independent values (seeds); nan with fewer than two."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2:
-        return [float("nan"), float("nan")]
-    half = _t975(len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-    return [float(x.mean() - half), float(x.mean() + half)]
+def t_p_value(t: float, df: float) -> float:
+    """Two-sided P(|T| > |t|) for Student's t, df rounded down like _t975 (the conservative side); closed
+    forms for integer df (Abramowitz & Stegun 26.7.3-4), so no scipy."""
+    k = max(1, math.floor(df))
+    theta = math.atan(abs(t) / math.sqrt(k))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if k % 2 == 0:  # sin θ · (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(k-2)θ)
+        term = total = 1.0
+        for j in range(1, k // 2):
+            term *= c2 * (2 * j - 1) / (2 * j)
+            total += term
+        inside = s * total
+    else:  # 2/π · (θ + sin θ cos θ · (1 + 2/3 cos²θ + 2·4/(3·5) cos⁴θ + ... up to cos^(k-2)θ))
+        term, total = 1.0, 1.0 if k > 1 else 0.0
+        for j in range(1, (k - 1) // 2):
+            term *= c2 * (2 * j) / (2 * j + 1)
+            total += term
+        inside = 2 / math.pi * (theta + s * math.cos(theta) * total)
+    return min(1.0, max(0.0, 1.0 - inside))
 
 
-def welch_interval(a: Sequence[float], b: Sequence[float]) -> list[float]:
-    """95% Welch t-interval of mean(a) − mean(b) for two small independent samples (seeds of two
-    arms); Welch–Satterthwaite degrees of freedom. A side with no spread (a deterministic baseline
-    copied per seed) leaves the one-sample t-interval of the other."""
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values: a family of m tests at 5% family-wise error."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out, running = [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def t_test(a: Sequence[float], b: Sequence[float] | None = None) -> tuple[list[float], float]:
+    """95% t-interval and two-sided p of mean(a), or of mean(a) − mean(b) by Welch (Welch–Satterthwaite
+    df) for two small independent samples such as two arms' seeds. A side with no spread (a deterministic
+    baseline copied per seed) leaves the one-sample t of the other; nan with fewer than two a side."""
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b if b is not None else [0.0, 0.0], dtype=np.float64)
     if len(x) < 2 or len(y) < 2:
-        return [float("nan"), float("nan")]
+        return [float("nan"), float("nan")], float("nan")
     d = float(x.mean() - y.mean())
     vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
     if vx + vy == 0:
-        return [d, d]
-    df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
-    half = _t975(df) * math.sqrt(vx + vy)
-    return [d - half, d + half]
+        return [d, d], float(d == 0)
+    df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + (vy**2 / (len(y) - 1) if vy else 0.0))
+    se = math.sqrt(vx + vy)
+    return [d - _t975(df) * se, d + _t975(df) * se], t_p_value(d / se, df)
+
+
+def t_interval(values: Sequence[float]) -> list[float]:
+    """95% t-interval of the mean of a few independent values (seeds); nan with fewer than two."""
+    return t_test(values)[0]
 
 
 def report_cis(report: dict[str, Any], n_boot: int = N_BOOT, seed: int = 0) -> None:

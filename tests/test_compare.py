@@ -292,3 +292,26 @@ def test_the_per_seed_table_keeps_each_seed_on_its_own_row(tmp_path):
     healed = numbers["steer"]["rounds"][1]["healed"]
     assert f"| {healed['target_shift_per_seed'][1]:+.2f} |" in lines[1] and lines[1].endswith("| 70% |")
     assert healed["target_shift_per_seed"][1] > healed["target_shift_per_seed"][0]  # seed 2 was shifted further
+
+
+def test_holm_over_the_arms_set_against_the_reference():
+    """Each arm's verdict stands alone; Holm reads them as one family. Three arms each 'better' at
+    p 0.02 alone: adjusted, the smallest needs p < 0.05 / 3, so none is called."""
+    from steerheal.compare import holm_family, verdict_lines
+
+    def arm(p: float, verdict: str) -> dict:
+        d = {"round": 2, "seeds": [3, 3], "difference": 0.3, "difference_ci": [0.1, 0.5], "verdict": verdict}
+        seeds = {"seed_p": p, "seed_ci": [0.05, 0.6], "seed_test": "Welch t", "per_seed": [[0.3] * 3, [0.0] * 3]}
+        return {"reference_minus_arm": d | seeds}
+
+    one_seed = {"reference_minus_arm": {"verdict": "yes"}}  # no seed test: not in the family
+    arms = {"a": arm(0.02, "yes"), "b": arm(0.30, "unclear"), "one": one_seed}
+    holm_family(arms)
+    assert [arms[k]["reference_minus_arm"]["seed_p_holm"] for k in "ab"] == pytest.approx([0.04, 0.30])
+    assert [arms[k]["reference_minus_arm"]["verdict_holm"] for k in "ab"] == ["yes", "unclear"]
+    assert "verdict_holm" not in one_seed["reference_minus_arm"]
+    arms = {"a": arm(0.02, "yes"), "b": arm(0.02, "yes"), "c": arm(0.02, "yes")}
+    holm_family(arms)
+    assert {e["reference_minus_arm"]["verdict_holm"] for e in arms.values()} == {"unclear"}
+    line = verdict_lines({"arms": arms, "reference": "const"}, "authority")[0]
+    assert "const better: yes (Holm over the 3 arms set against const: p 0.060, unclear)" in line

@@ -9,7 +9,18 @@ import pytest
 
 from steerheal import SteerhealError
 from steerheal.config import FOUNDATIONS
-from steerheal.stats import EvalRows, bootstrap_mean_ci, compare, difference, t_interval, verdict, welch_interval
+from steerheal.stats import (
+    _T975,
+    EvalRows,
+    bootstrap_mean_ci,
+    compare,
+    difference,
+    holm,
+    t_interval,
+    t_p_value,
+    t_test,
+    verdict,
+)
 
 
 def rows(logp: np.ndarray, pmass: np.ndarray, label: np.ndarray) -> EvalRows:
@@ -125,16 +136,38 @@ def test_a_verdict_needs_every_interval_to_agree():
     assert verdict([-0.5, -0.1], None, [float("nan")] * 2) == "no"  # absent or undefined intervals are skipped
 
 
+def welch(a: list[float], b: list[float]) -> list[float]:
+    return t_test(a, b)[0]
+
+
 def test_welch_interval_known_values():
-    lo, hi = welch_interval([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])  # var/n 1/3 each: df 4, t 2.776
+    lo, hi = welch([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])  # var/n 1/3 each: df 4, t 2.776
     assert lo == pytest.approx(1 - 2.776 * math.sqrt(2 / 3), rel=1e-4) and hi == pytest.approx(
         1 + 2.776 * math.sqrt(2 / 3)
     )
     # A side with no spread leaves the one-sample t-interval of the other.
-    assert welch_interval([1.0, 2.0, 3.0], [0.5, 0.5]) == pytest.approx([v - 0.5 for v in t_interval([1.0, 2.0, 3.0])])
+    assert welch([1.0, 2.0, 3.0], [0.5, 0.5]) == pytest.approx([v - 0.5 for v in t_interval([1.0, 2.0, 3.0])])
     # Fractional df rounds down: var/n 1/3 and 1 give df = (4/3)^2 / (1/18 + 1) = 1.68, so t(1) = 12.706.
-    lo, hi = welch_interval([1.0, 2.0, 3.0], [0.0, 2.0])
+    lo, hi = welch([1.0, 2.0, 3.0], [0.0, 2.0])
     assert hi - 1 == pytest.approx(12.706 * math.sqrt(4 / 3), rel=1e-4)
+
+
+def test_t_p_value_matches_the_quantile_table_and_known_values():
+    # At the two-sided 97.5% quantile of t(k), p is 0.05 for every tabled k (odd and even closed forms).
+    assert [t_p_value(q, k + 1) for k, q in enumerate(_T975)] == pytest.approx([0.05] * len(_T975), abs=2e-4)
+    assert t_p_value(0.0, 3) == pytest.approx(1.0) and t_p_value(-3.182, 3) == pytest.approx(0.05, abs=2e-4)
+    assert t_p_value(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| > 1) = 1/2
+    assert t_p_value(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6))  # t(2): P(|T| <= t) = t / sqrt(2 + t^2)
+    assert t_p_value(4.303, 2.9) == pytest.approx(0.05, abs=2e-4)  # fractional df rounds down, as the interval's
+    # Welch's p and interval agree: p < 0.05 exactly when the interval leaves 0.
+    (lo, hi), p = t_test([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+    assert (lo > 0) == (p < 0.05) and p == pytest.approx(t_p_value(1 / math.sqrt(2 / 3), 4))
+
+
+def test_holm_adjusts_step_down_and_stays_monotone():
+    assert holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert holm([0.02]) == pytest.approx([0.02])  # a family of one is not adjusted
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
 def test_three_seeds_that_disagree_do_not_make_a_difference_certain():
@@ -147,7 +180,7 @@ def test_three_seeds_that_disagree_do_not_make_a_difference_certain():
     assert d["difference_ci"][0] > 0
     assert d["per_seed"][0] == pytest.approx([0.1, 0.5, 0.9]) and d["seed_test"] == "Welch t"
     assert d["seed_ci"] == pytest.approx(t_interval([0.1, 0.5, 0.9]))
-    assert d["verdict"] == "unclear"
+    assert d["verdict"] == "unclear" and d["seed_p"] > 0.05
     # Paired seeds (two rounds of the same runs): the t-interval of the per-seed differences.
     later = [rows(m.logp - np.eye(7)[a] * 0.3, m.pmass, m.label) for m in seeds]
     p = difference(base, later, seeds, "authority", -1, "target_shift", paired=True)
