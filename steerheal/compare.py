@@ -204,11 +204,11 @@ def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig, reference: s
 
 def holm_family(arms: dict[str, dict]) -> None:
     """Several arms against one reference: Holm over that family keeps the chance of any false "better"
-    at 5%, which each verdict alone does not. Adds seed_p_holm and verdict_holm in place; arms with one
-    seed have no seed test and stay out of the family."""
-    family = [e["reference_minus_arm"] for e in arms.values() if "seed_p" in (e.get("reference_minus_arm") or {})]
-    for d, p in zip(family, holm([d["seed_p"] for d in family])):
-        d |= {"seed_p_holm": p, "holm_family": len(family), "verdict_holm": d["verdict"] if p < 0.05 else "unclear"}
+    at 5%, which each verdict alone does not. Adds seed_p_holm, holm_m and verdict_holm in place. An arm
+    with one seed has no seed test: it counts in the family with p = 1, so it is never called after Holm."""
+    family = [e["reference_minus_arm"] for e in arms.values() if e.get("reference_minus_arm")]
+    for d, p in zip(family, holm([d.get("seed_p", 1.0) for d in family])):
+        d |= {"seed_p_holm": p, "holm_m": len(family), "verdict_holm": d["verdict"] if p < 0.05 else "unclear"}
 
 
 def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[str, dict]) -> dict | None:
@@ -330,25 +330,30 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
 
 def per_seed_lines(numbers: dict[str, dict]) -> list[str]:
     """Each seed's own point at its arm's last healed round: the values the t-interval over seeds is
-    made of, so a reader sees whether one seed carries an arm."""
+    made of, so a reader sees whether one seed carries an arm. A seed that stopped earlier is named."""
     L = [
         "## Per seed, last healed round",
         "",
         "| arm | round | seed | shift | selectivity | pmass ratio | rows kept |",
         "|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for arm, c in numbers.items():
         healed = [r for r in c["rounds"] if r["healed"]]
         if not healed:
             continue
         r, m = healed[-1], healed[-1]["healed"]
-        for i, s in enumerate(r["healed_seeds"]):
-            kept = r["kept_frac"][r["seed_ids"].index(s)]
+        rows = [(s, k) for s, h, k in zip(r["seed_ids"], r["seed_healed"], r["kept_frac"]) if h]
+        for i, (s, kept) in enumerate(rows):
             L.append(
                 f"| {arm} | {r['round']} | {s} | {m['target_shift_per_seed'][i]:+.2f} | "
                 f"{m['selectivity_per_seed'][i]:+.2f} | {m['pmass_ratio_per_seed'][i]:.2f} | {kept:.0%} |"
             )
-    return L
+        healed_in = lambda x: {s for s, h in zip(x["seed_ids"], x["seed_healed"]) if h}  # noqa: E731
+        for s in sorted(set(c["seeds"]) - {s for s, _ in rows}):
+            last = [x["round"] for x in healed if s in healed_in(x)]
+            notes.append(f"- {arm} seed {s}: " + (f"last healed in round {last[-1]}" if last else "never healed"))
+    return L + ([""] + notes if notes else [])
 
 
 def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
@@ -384,7 +389,7 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
                 f"{ref} minus {arm} (selectivity, round {d['round']}): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
                 f"{d['difference_ci'][1]:+.2f}]{seed_ci_text(d)}, {ref} better: {d['verdict']}"
                 + (
-                    f" (Holm over the {d['holm_family']} arms set against {ref}: p {d['seed_p_holm']:.3f}, "
+                    f" (Holm over the {d['holm_m']} arms set against {ref}: p {d['seed_p_holm']:.3f}, "
                     f"{d['verdict_holm']})"
                     if "seed_p_holm" in d
                     else ""

@@ -63,7 +63,7 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
             "round": r,
             "n_seeds": len(infos),
             "seed_ids": seed_ids,  # aligned with coeff, kept_frac, ...
-            "healed_seeds": [s for s, i in zip(seed_ids, infos) if i["healed"]],  # with healed's per-seed values
+            "seed_healed": [bool(i["healed"]) for i in infos],  # the True ones, in order, are healed's per-seed values
             "coeff": [i["coeff"] for i in infos],
             "kept_frac": [i["filter"]["kept_frac"] for i in infos],
             "filter": [i["filter"] for i in infos],
@@ -124,12 +124,13 @@ def _ci(m: dict | None, name: str, nd: int = 2, sign: bool = True) -> str:
     return f"{_f(m[name], nd, sign)} [{_f(lo, nd, sign)}, {_f(hi, nd, sign)}]"
 
 
-def _ci_seeds(m: dict, name: str, sign: bool = True) -> str:
+def _ci_seeds(m: dict | None, name: str, sign: bool = True) -> str:
     """_ci plus the t-interval over seeds, when there is one: every interval an answer reads is shown."""
-    if f"{name}_seed_ci" not in m:
+    if not m or f"{name}_seed_ci" not in m:
         return _ci(m, name, sign=sign)
-    lo, hi = m[f"{name}_seed_ci"]
-    return f"{_ci(m, name, sign=sign)[:-1]}; over seeds {_f(lo, 2, sign)} to {_f(hi, 2, sign)}]"
+    lo, hi = m[f"{name}_ci"]
+    slo, shi = m[f"{name}_seed_ci"]
+    return f"{_f(m[name], 2, sign)} [{_f(lo, 2, sign)}, {_f(hi, 2, sign)}; over seeds {_f(slo, 2, sign)} to {_f(shi, 2, sign)}]"
 
 
 def _mean(xs: list[float]) -> float:

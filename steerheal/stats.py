@@ -13,6 +13,7 @@ asks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -234,51 +235,15 @@ def bootstrap_mean_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int =
     return ci(x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1))
 
 
-# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (beyond that, the normal's 1.96).
-_T975 = (
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-)
-
-
-def _t975(df: float) -> float:
-    """Student's t 97.5% quantile; a fractional df is rounded down (the wider, conservative side)."""
-    k = max(1, math.floor(df))
-    return _T975[k - 1] if k <= len(_T975) else 1.96
+# Degrees of freedom are rounded down and capped here (fewer df: wider intervals, larger p, the
+# conservative side); by 1000 df Student's t is the normal to 3 decimals, and the sums below stay short.
+_MAX_DF = 1000
 
 
 def t_p_value(t: float, df: float) -> float:
-    """Two-sided P(|T| > |t|) for Student's t, df rounded down like _t975 (the conservative side); closed
-    forms for integer df (Abramowitz & Stegun 26.7.3-4), so no scipy."""
-    k = max(1, math.floor(df))
+    """Two-sided P(|T| > |t|) for Student's t, df rounded down and capped at _MAX_DF; closed forms for
+    integer df (Abramowitz & Stegun 26.7.3-4), so no scipy."""
+    k = min(_MAX_DF, max(1, math.floor(df)))
     theta = math.atan(abs(t) / math.sqrt(k))
     s, c2 = math.sin(theta), math.cos(theta) ** 2
     if k % 2 == 0:  # sin θ · (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(k-2)θ)
@@ -296,6 +261,20 @@ def t_p_value(t: float, df: float) -> float:
     return min(1.0, max(0.0, 1.0 - inside))
 
 
+@functools.cache
+def _t975_int(k: int) -> float:
+    lo, hi = 0.0, 1e4  # t_p_value falls from 1 to 0 as t grows: bisect for p = 0.05
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_p_value(mid, k) > 0.05 else (lo, mid)
+    return hi
+
+
+def _t975(df: float) -> float:
+    """Student's t 97.5% quantile, from t_p_value itself, so an interval leaves 0 exactly when p < 0.05."""
+    return _t975_int(min(_MAX_DF, max(1, math.floor(df))))
+
+
 def holm(ps: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values: a family of m tests at 5% family-wise error."""
     order = sorted(range(len(ps)), key=lambda i: ps[i])
@@ -311,15 +290,19 @@ def t_test(a: Sequence[float], b: Sequence[float] | None = None) -> tuple[list[f
     df) for two small independent samples such as two arms' seeds. A side with no spread (a deterministic
     baseline copied per seed) leaves the one-sample t of the other; nan with fewer than two a side."""
     x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b if b is not None else [0.0, 0.0], dtype=np.float64)
-    if len(x) < 2 or len(y) < 2:
+    y = None if b is None else np.asarray(b, dtype=np.float64)
+    if len(x) < 2 or (y is not None and len(y) < 2):
         return [float("nan"), float("nan")], float("nan")
-    d = float(x.mean() - y.mean())
-    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    if vx + vy == 0:
-        return [d, d], float(d == 0)
-    df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + (vy**2 / (len(y) - 1) if vy else 0.0))
-    se = math.sqrt(vx + vy)
+    vx = x.var(ddof=1) / len(x)
+    if y is None:
+        d, var, df = float(x.mean()), vx, len(x) - 1.0
+    else:
+        vy = y.var(ddof=1) / len(y)
+        d, var = float(x.mean() - y.mean()), vx + vy
+        df = var**2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1)) if var > 0 else 1.0
+    if var == 0:  # no spread anywhere: the difference is exact
+        return [d, d], float(abs(d) < 1e-12)
+    se = math.sqrt(var)
     return [d - _t975(df) * se, d + _t975(df) * se], t_p_value(d / se, df)
 
 

@@ -292,6 +292,7 @@ def test_the_per_seed_table_keeps_each_seed_on_its_own_row(tmp_path):
     healed = numbers["steer"]["rounds"][1]["healed"]
     assert f"| {healed['target_shift_per_seed'][1]:+.2f} |" in lines[1] and lines[1].endswith("| 70% |")
     assert healed["target_shift_per_seed"][1] > healed["target_shift_per_seed"][0]  # seed 2 was shifted further
+    assert per_seed_lines(numbers)[-1] == "- steer seed 1: last healed in round 0"
 
 
 def test_holm_over_the_arms_set_against_the_reference():
@@ -304,12 +305,13 @@ def test_holm_over_the_arms_set_against_the_reference():
         seeds = {"seed_p": p, "seed_ci": [0.05, 0.6], "seed_test": "Welch t", "per_seed": [[0.3] * 3, [0.0] * 3]}
         return {"reference_minus_arm": d | seeds}
 
-    one_seed = {"reference_minus_arm": {"verdict": "yes"}}  # no seed test: not in the family
-    arms = {"a": arm(0.02, "yes"), "b": arm(0.30, "unclear"), "one": one_seed}
+    # An arm with one seed has no seed test: it counts in the family with p = 1 and is never called.
+    one_seed = {"reference_minus_arm": {"verdict": "yes"}}
+    arms = {"a": arm(0.01, "yes"), "b": arm(0.30, "unclear"), "one": one_seed}
     holm_family(arms)
-    assert [arms[k]["reference_minus_arm"]["seed_p_holm"] for k in "ab"] == pytest.approx([0.04, 0.30])
-    assert [arms[k]["reference_minus_arm"]["verdict_holm"] for k in "ab"] == ["yes", "unclear"]
-    assert "verdict_holm" not in one_seed["reference_minus_arm"]
+    got = {k: e["reference_minus_arm"] for k, e in arms.items()}
+    assert [got[k]["seed_p_holm"] for k in ("a", "b", "one")] == pytest.approx([0.03, 0.60, 1.0])
+    assert [got[k]["verdict_holm"] for k in ("a", "b", "one")] == ["yes", "unclear", "unclear"]
     arms = {"a": arm(0.02, "yes"), "b": arm(0.02, "yes"), "c": arm(0.02, "yes")}
     holm_family(arms)
     assert {e["reference_minus_arm"]["verdict_holm"] for e in arms.values()} == {"unclear"}

@@ -10,8 +10,8 @@ import pytest
 from steerheal import SteerhealError
 from steerheal.config import FOUNDATIONS
 from steerheal.stats import (
-    _T975,
     EvalRows,
+    _t975,
     bootstrap_mean_ci,
     compare,
     difference,
@@ -49,8 +49,8 @@ def test_bootstrap_ci_covers_the_true_mean_about_95_percent_of_the_time():
 
 
 def test_t_interval_known_values():
-    lo, hi = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2) = 4.303
-    assert lo == pytest.approx(2 - 4.303 / math.sqrt(3), rel=1e-4) and hi == pytest.approx(2 + 4.303 / math.sqrt(3))
+    lo, hi = t_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2) = 4.302653
+    assert lo == pytest.approx(2 - 4.302653 / math.sqrt(3)) and hi == pytest.approx(2 + 4.302653 / math.sqrt(3))
     assert all(math.isnan(v) for v in t_interval([1.0]))
 
 
@@ -141,10 +141,8 @@ def welch(a: list[float], b: list[float]) -> list[float]:
 
 
 def test_welch_interval_known_values():
-    lo, hi = welch([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])  # var/n 1/3 each: df 4, t 2.776
-    assert lo == pytest.approx(1 - 2.776 * math.sqrt(2 / 3), rel=1e-4) and hi == pytest.approx(
-        1 + 2.776 * math.sqrt(2 / 3)
-    )
+    lo, hi = welch([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])  # var/n 1/3 each: df 4, t 2.776445
+    assert lo == pytest.approx(1 - 2.776445 * math.sqrt(2 / 3)) and hi == pytest.approx(1 + 2.776445 * math.sqrt(2 / 3))
     # A side with no spread leaves the one-sample t-interval of the other.
     assert welch([1.0, 2.0, 3.0], [0.5, 0.5]) == pytest.approx([v - 0.5 for v in t_interval([1.0, 2.0, 3.0])])
     # Fractional df rounds down: var/n 1/3 and 1 give df = (4/3)^2 / (1/18 + 1) = 1.68, so t(1) = 12.706.
@@ -153,15 +151,27 @@ def test_welch_interval_known_values():
 
 
 def test_t_p_value_matches_the_quantile_table_and_known_values():
-    # At the two-sided 97.5% quantile of t(k), p is 0.05 for every tabled k (odd and even closed forms).
-    assert [t_p_value(q, k + 1) for k, q in enumerate(_T975)] == pytest.approx([0.05] * len(_T975), abs=2e-4)
+    # Published two-sided 5% quantiles of t(k) (odd and even closed forms), and the quantile the intervals use.
+    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 10: 2.228, 30: 2.042, 60: 2.000, 120: 1.980}
+    assert [t_p_value(q, k) for k, q in table.items()] == pytest.approx([0.05] * len(table), abs=2e-4)
+    assert [_t975(k) for k in table] == pytest.approx(list(table.values()), abs=1e-3)
     assert t_p_value(0.0, 3) == pytest.approx(1.0) and t_p_value(-3.182, 3) == pytest.approx(0.05, abs=2e-4)
     assert t_p_value(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| > 1) = 1/2
     assert t_p_value(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6))  # t(2): P(|T| <= t) = t / sqrt(2 + t^2)
     assert t_p_value(4.303, 2.9) == pytest.approx(0.05, abs=2e-4)  # fractional df rounds down, as the interval's
-    # Welch's p and interval agree: p < 0.05 exactly when the interval leaves 0.
     (lo, hi), p = t_test([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
-    assert (lo > 0) == (p < 0.05) and p == pytest.approx(t_p_value(1 / math.sqrt(2 / 3), 4))
+    assert p == pytest.approx(t_p_value(1 / math.sqrt(2 / 3), 4))
+    # One side with no spread: the one-sample t of the other, df 2 (scipy: 0.1217).
+    assert t_test([1.0, 2.0, 3.0], [0.5, 0.5])[1] == pytest.approx(0.12169, abs=1e-5)
+    # The interval leaves 0 exactly when p < 0.05, one-sample and Welch, on both sides of the line.
+    rng = np.random.default_rng(3)
+    called = []
+    for _ in range(300):
+        a, b = rng.normal(1.0, 1.0, 3), rng.normal(0.0, 1.0, int(rng.integers(2, 6)))
+        for (lo, hi), p in (t_test(a, b), t_test(a)):
+            assert (lo > 0 or hi < 0) == (p < 0.05)
+            called.append(p < 0.05)
+    assert 0.1 < np.mean(called) < 0.9
 
 
 def test_holm_adjusts_step_down_and_stays_monotone():
@@ -185,3 +195,7 @@ def test_three_seeds_that_disagree_do_not_make_a_difference_certain():
     later = [rows(m.logp - np.eye(7)[a] * 0.3, m.pmass, m.label) for m in seeds]
     p = difference(base, later, seeds, "authority", -1, "target_shift", paired=True)
     assert p["seed_test"] == "paired t" and p["seed_ci"] == pytest.approx([0.3, 0.3]) and p["verdict"] == "yes"
+    # With spread in the per-seed differences, the paired p is the one-sample t of those differences.
+    later = [rows(m.logp - np.eye(7)[a] * x, m.pmass, m.label) for m, x in zip(seeds, (0.2, 0.3, 0.7))]
+    p = difference(base, later, seeds, "authority", -1, "target_shift", paired=True)
+    assert p["seed_p"] == pytest.approx(t_test([0.2, 0.3, 0.7])[1]) and 0.05 < p["seed_p"] < 0.2
