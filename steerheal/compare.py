@@ -352,7 +352,10 @@ def per_seed_lines(numbers: dict[str, dict]) -> list[str]:
         healed_in = lambda x: {s for s, h in zip(x["seed_ids"], x["seed_healed"]) if h}  # noqa: E731
         for s in sorted(set(c["seeds"]) - {s for s, _ in rows}):
             last = [x["round"] for x in healed if s in healed_in(x)]
-            notes.append(f"- {arm} seed {s}: " + (f"last healed in round {last[-1]}" if last else "never healed"))
+            notes.append(
+                f"- {arm} seed {s}: "
+                + (f"healed up to round {last[-1]} (stopped, or still running)" if last else "no healed round")
+            )
     return L + ([""] + notes if notes else [])
 
 

@@ -292,7 +292,7 @@ def test_the_per_seed_table_keeps_each_seed_on_its_own_row(tmp_path):
     healed = numbers["steer"]["rounds"][1]["healed"]
     assert f"| {healed['target_shift_per_seed'][1]:+.2f} |" in lines[1] and lines[1].endswith("| 70% |")
     assert healed["target_shift_per_seed"][1] > healed["target_shift_per_seed"][0]  # seed 2 was shifted further
-    assert per_seed_lines(numbers)[-1] == "- steer seed 1: last healed in round 0"
+    assert per_seed_lines(numbers)[-1] == "- steer seed 1: healed up to round 0 (stopped, or still running)"
 
 
 def test_holm_over_the_arms_set_against_the_reference():
