@@ -116,21 +116,17 @@ def _f(x: float | None, nd: int = 3, sign: bool = False) -> str:
     return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
 
 
-def _ci(m: dict | None, name: str, nd: int = 2, sign: bool = True) -> str:
-    """'value [lo, hi]' for measure `name` of a compare() result."""
+def _ci(m: dict | None, name: str, nd: int = 2, sign: bool = True, seeds: bool = False) -> str:
+    """'value [lo, hi]' for measure `name` of a compare() result; seeds: add the t-interval over seeds
+    when there is one (every interval an answer reads is shown)."""
     if not m:
         return "–"
     lo, hi = m[f"{name}_ci"]
-    return f"{_f(m[name], nd, sign)} [{_f(lo, nd, sign)}, {_f(hi, nd, sign)}]"
-
-
-def _ci_seeds(m: dict | None, name: str, sign: bool = True) -> str:
-    """_ci plus the t-interval over seeds, when there is one: every interval an answer reads is shown."""
-    if not m or f"{name}_seed_ci" not in m:
-        return _ci(m, name, sign=sign)
-    lo, hi = m[f"{name}_ci"]
-    slo, shi = m[f"{name}_seed_ci"]
-    return f"{_f(m[name], 2, sign)} [{_f(lo, 2, sign)}, {_f(hi, 2, sign)}; over seeds {_f(slo, 2, sign)} to {_f(shi, 2, sign)}]"
+    over = ""
+    if seeds and f"{name}_seed_ci" in m:
+        slo, shi = m[f"{name}_seed_ci"]
+        over = f"; over seeds {_f(slo, nd, sign)} to {_f(shi, nd, sign)}"
+    return f"{_f(m[name], nd, sign)} [{_f(lo, nd, sign)}, {_f(hi, nd, sign)}{over}]"
 
 
 def _mean(xs: list[float]) -> float:
@@ -257,7 +253,7 @@ def answers(c: dict[str, Any]) -> list[str]:
     held = verdict(*([lo - COHERENCE_HELD, hi - COHERENCE_HELD] for lo, hi in intervals(last, "pmass_ratio")))
     q2 = (
         f"**Q2 coherent over the loop?** {held}: healed pmass ratio per round "
-        f"{', '.join(_ci_seeds(r['healed'], 'pmass_ratio', sign=False) for r in healed)} (held = intervals above {COHERENCE_HELD})."
+        f"{', '.join(_ci(r['healed'], 'pmass_ratio', sign=False, seeds=True) for r in healed)} (held = intervals above {COHERENCE_HELD})."
     )
     steps = [r["step_vs_prev"] for r in healed if "step_vs_prev" in r]
     moved = verdict(*intervals(healed[0]["healed"], "target_shift"))
@@ -270,7 +266,7 @@ def answers(c: dict[str, Any]) -> list[str]:
         or "only one round"
     )
     q3 = (
-        f"**Q3 one direction?** round 0 moved {t} the persona's way: {moved} ({_ci_seeds(healed[0]['healed'], 'target_shift')}); "
+        f"**Q3 one direction?** round 0 moved {t} the persona's way: {moved} ({_ci(healed[0]['healed'], 'target_shift', seeds=True)}); "
         f"each later round's extra shift: {step_txt}; cos(v_r, v_0) "
         f"{', '.join(_f(_mean(r['cos_v0']), 2) for r in rounds)}."
     )
@@ -281,7 +277,7 @@ def answers(c: dict[str, Any]) -> list[str]:
         "(yes needs both the difference and "
         "the healed model's own selectivity above 0): selectivity of the last healed round minus the prompting baseline's = "
         f"{_f(d['difference'], 2, True)} [{_f(lo, 2, True)}, {_f(hi, 2, True)}]{seed_ci_text(d)} (the coherence gate inside selectivity "
-        f"compares them at matched coherence). Healed: {_ci_seeds(last, 'selectivity')}; prompting: {_ci(c['prompt'], 'selectivity')}."
+        f"compares them at matched coherence). Healed: {_ci(last, 'selectivity', seeds=True)}; prompting: {_ci(c['prompt'], 'selectivity')}."
     )
     return [f"- {q}" for q in (q0, q1, q2, q3, q4)]
 

@@ -240,10 +240,14 @@ def bootstrap_mean_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int =
 _MAX_DF = 1000
 
 
+def _whole_df(df: float) -> int:
+    return min(_MAX_DF, max(1, math.floor(df)))
+
+
 def t_p_value(t: float, df: float) -> float:
     """Two-sided P(|T| > |t|) for Student's t, df rounded down and capped at _MAX_DF; closed forms for
     integer df (Abramowitz & Stegun 26.7.3-4), so no scipy."""
-    k = min(_MAX_DF, max(1, math.floor(df)))
+    k = _whole_df(df)
     theta = math.atan(abs(t) / math.sqrt(k))
     s, c2 = math.sin(theta), math.cos(theta) ** 2
     if k % 2 == 0:  # sin θ · (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(k-2)θ)
@@ -262,7 +266,7 @@ def t_p_value(t: float, df: float) -> float:
 
 
 @functools.cache
-def _t975_int(k: int) -> float:
+def _t975_whole(k: int) -> float:
     lo, hi = 0.0, 1e4  # t_p_value falls from 1 to 0 as t grows: bisect for p = 0.05
     for _ in range(100):
         mid = (lo + hi) / 2
@@ -272,7 +276,7 @@ def _t975_int(k: int) -> float:
 
 def _t975(df: float) -> float:
     """Student's t 97.5% quantile, from t_p_value itself, so an interval leaves 0 exactly when p < 0.05."""
-    return _t975_int(min(_MAX_DF, max(1, math.floor(df))))
+    return _t975_whole(_whole_df(df))
 
 
 def holm(ps: Sequence[float]) -> list[float]:
