@@ -103,9 +103,11 @@ def test_loop_resumes_after_sigkill_to_the_same_result(tiny_model_dir, tmp_path)
     assert _loop_killed_after(tiny_model_dir, persona, killed, "round_01/generate") == -signal.SIGKILL
     done = json.loads((killed / "manifest.json").read_text())["steps"]
     assert "round_01/generate" in done and "round_01/done" not in done
-    assert not list(killed.rglob("*.tmp"))  # nothing half-written
+    # A kill can land inside an atomic write and leave its temp beside the real file (never under the real
+    # name: the manifest above parsed); the resume clears such temps.
     r = _loop(tiny_model_dir, persona, killed)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert not list(killed.rglob("*.tmp"))
     assert "[round 1/2] vector" not in r.stderr  # finished steps were not redone
 
     for f in ("round_01/kept.jsonl", "round_01/eval_healed.json", "round_00/eval_steered.json", "baselines/base.json"):
