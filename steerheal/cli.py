@@ -47,7 +47,12 @@ AdapterOpt = Annotated[
     typer.Option("--adapter", "-a", help="A peft adapter dir to stack (repeatable, in order: round 0 first)."),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (bf16 on CUDA and on CPUs with native bf16: AMX or AVX-512 BF16; else fp32), fp32, bf16, fp16."
+    ),
+]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model repo's own code to run.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: stdout).")]

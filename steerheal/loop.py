@@ -28,7 +28,20 @@ from .filter import filter_records
 from .filter import summary as filter_summary
 from .generate import generate_records
 from .heal import heal
-from .models import BaseView, LoadedModel, TokenMeter, keep_base, load_model, merge_adapters, parse_layers, resolve
+from .models import (
+    BaseView,
+    LoadedModel,
+    TokenMeter,
+    describe_dtype,
+    dtype_name,
+    keep_base,
+    load_model,
+    merge_adapters,
+    parse_layers,
+    pick_device,
+    pick_dtype,
+    resolve,
+)
 from .online import Segment, run_segment
 from .persona import Persona, load_persona
 from .progress import log
@@ -410,11 +423,14 @@ def open_loop(
     inputs = {
         "vignettes_sha256": vignettes_sha256(vignettes),
         "model_fingerprint": model_fingerprint(resolve(cfg.model)),
+        # what --dtype auto resolved to here: a run resumed on a machine that would pick another refuses
+        "dtype": dtype_name(pick_dtype(pick_device(cfg.device), cfg.dtype)),
     }
     check_resume(run, cfg_dict, persona, inputs, force)
     write_config(run.root, cfg_dict, persona, persona_path, inputs)
     remove_stale_temps(run.root)
     lm = load_model(cfg.model, [], device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    log(describe_dtype(lm, cfg.dtype))
     keep_base(lm.model)  # adapters stay residuals over the base weights, so the base can judge (Loop.judge)
     lm.model = merge_adapters(lm.model, finished_adapters(run, cfg.rounds))
     lm.adapters = finished_adapters(run, cfg.rounds)

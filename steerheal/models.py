@@ -70,20 +70,62 @@ def spread_over_gpus(device: str | None) -> bool:
     return (device in (None, "auto")) and torch.cuda.is_available() and torch.cuda.device_count() > 1
 
 
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+# CPU flags (as /proc/cpuinfo names them) of native bf16 matrix instructions: AMX tiles, or AVX-512's
+# bf16 dot product. On these, torch's bf16 matmuls run 4-10x its fp32 ones (benchmarks/bench_roofline.py);
+# elsewhere bf16 is emulated and slower than fp32.
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux x86); empty where there is none to read."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def auto_dtype(device_type: str, flags: frozenset[str] | set[str]) -> torch.dtype:
+    """What --dtype auto runs: bf16 on CUDA, and on a CPU with native bf16 matrix units; fp32 elsewhere."""
+    if device_type == "cuda" or (device_type == "cpu" and flags & NATIVE_BF16_FLAGS):
+        return torch.bfloat16
+    return torch.float32
+
+
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     if dtype and dtype != "auto":
         try:
-            return {
-                "fp32": torch.float32,
-                "float32": torch.float32,
-                "bf16": torch.bfloat16,
-                "bfloat16": torch.bfloat16,
-                "fp16": torch.float16,
-                "float16": torch.float16,
-            }[dtype]
+            return DTYPES[dtype]
         except KeyError:
             raise SteerhealError(f"--dtype {dtype}: unknown; use auto, fp32, bf16 or fp16") from None
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return auto_dtype(device.type, cpu_flags() if device.type == "cpu" else frozenset())
+
+
+def describe_dtype(lm: LoadedModel, requested: str | None) -> str:
+    """A log line: where the model runs, in which dtype, and why when --dtype auto chose it on a CPU."""
+    dt = next(lm.model.parameters()).dtype
+    why = ""
+    if requested in (None, "auto") and lm.device.type == "cpu":
+        native = bool(cpu_flags() & NATIVE_BF16_FLAGS)
+        why = " (auto: native bf16 matrix units; --dtype fp32 for fp32)" if native else " (auto: no native bf16 units)"
+    return f"model on {lm.device.type} in {dtype_name(dt)}{why}"
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    """bf16, fp32 or fp16: the name a manifest and a log line give the dtype a model runs in."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, str(dt))
 
 
 def bundled_path() -> Path:
@@ -168,7 +210,22 @@ def load_model(
     if not spread:
         model.to(dev)
     model.eval()
+    contiguous_head_input(model)
     return LoadedModel(merge_adapters(model, adapters), tok, name or BUNDLED, [str(a) for a in adapters])
+
+
+def contiguous_head_input(model: Any) -> None:  # a transformers model (get_output_embeddings)
+    """Hand the output layer a contiguous input. transformers slices the last hidden state for
+    logits_to_keep (generation, the eval's answer slot), and on a CPU torch runs a bf16 linear over a
+    strided 3-D input whose weight needs no gradient as a batched matmul that copies the whole weight
+    once per row: 950 ms for SmolLM2's head at 16 rows, against 3 ms contiguous (torch 2.13)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear):
+        head.register_forward_pre_hook(_contiguous_first_arg)
+
+
+def _contiguous_first_arg(_mod: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:]) if args and not args[0].is_contiguous() else args
 
 
 def cpu_grouped_attention() -> None:

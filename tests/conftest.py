@@ -138,6 +138,29 @@ def tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def real_cpu_flags():
+    """--dtype auto reads as on a CPU without native bf16 (in this process), so the tests' tolerances
+    hold on any CI machine. The bf16 path has its own tests (dtype="bf16"), and the bundled smoke
+    test runs what this machine picks (machine_dtype). Yields the real cpu_flags."""
+    from steerheal import models
+
+    real = models.cpu_flags
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "cpu_flags", lambda *a: frozenset())
+        yield real
+
+
+@pytest.fixture(scope="module")
+def machine_dtype(real_cpu_flags):
+    """--dtype auto as this machine reads it (bf16 where the CPU has native bf16 units), for a module."""
+    from steerheal import models
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "cpu_flags", real_cpu_flags)
+        yield models.pick_dtype(models.pick_device("cpu"))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tests never write to the user's cache, except that the bundled model's conversion is shared."""

@@ -83,8 +83,9 @@ def test_the_loop_model_a_reload_and_the_bake_are_one_function_in_bf16(tiny_mode
     heal(lm, recs, cfg, tmp_path / "a", merge=True)  # what the loop does after each round
     reload = load_model(str(tiny_model_dir), [str(tmp_path / "a")], dtype="bf16")  # generate -a ...
     bake(str(tiny_model_dir), [tmp_path / "a"], tmp_path / "baked")
-    baked = load_model(str(tmp_path / "baked"))
-    assert next(baked.model.parameters()).dtype == torch.float32  # merged and saved in fp32
+    baked = load_model(str(tmp_path / "baked"), dtype="fp32")
+    saved = load_file(tmp_path / "baked" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # merged and saved in fp32
 
     base = load_model(str(tiny_model_dir), dtype="bf16")
     for name, want in adapter_deltas(tmp_path / "a").items():  # the loop's model kept the whole heal
@@ -157,3 +158,107 @@ def test_the_loop_judges_by_its_own_weights_with_the_residuals_off(tiny_model_di
         seen_by_judge, current = judge.model(ids).logits, loop.lm.model(ids).logits
     assert torch.allclose(seen_by_judge, base, atol=1e-5)
     assert torch.allclose(current, merged, atol=1e-4) and (current - base).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- --dtype auto on CPUs with bf16 matrix units
+
+
+@pytest.mark.parametrize(
+    ("device", "flags", "want"),
+    [
+        ("cpu", {"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),  # AMD Zen 4, Intel Cooper Lake
+        ("cpu", {"avx512f", "amx_tile", "amx_bf16"}, torch.bfloat16),  # Intel Sapphire Rapids
+        ("cpu", {"avx2", "avx512f", "avx512bw"}, torch.float32),  # AVX-512 without bf16: emulated, slower
+        ("cpu", set(), torch.float32),  # no flags to read (macOS, Windows, an Arm board)
+        ("cuda", set(), torch.bfloat16),
+        ("mps", {"avx512_bf16"}, torch.float32),
+    ],
+)
+def test_auto_dtype_follows_the_cpus_native_bf16_units(device, flags, want):
+    from steerheal.models import auto_dtype
+
+    assert auto_dtype(device, frozenset(flags)) == want
+
+
+def test_cpu_flags_are_read_from_cpuinfo_and_an_explicit_dtype_wins(tmp_path, monkeypatch, real_cpu_flags):
+    from steerheal import models
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse avx512f avx512_bf16 avx2\n\n")
+    assert real_cpu_flags(info) == {"fpu", "sse", "avx512f", "avx512_bf16", "avx2"}
+    assert real_cpu_flags(tmp_path / "missing") == frozenset()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert models.pick_dtype(cpu) == models.pick_dtype(cpu, "auto") == torch.bfloat16
+    assert models.pick_dtype(cpu, "fp32") == torch.float32
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert models.pick_dtype(cpu, "auto") == torch.float32
+    assert models.pick_dtype(cpu, "bf16") == torch.bfloat16
+
+
+def test_bf16_and_fp32_agree_on_log_probs_and_greedy_tokens(tiny_model_dir):
+    """The same weights cast once to bf16: next-token distributions within a small KL of fp32's, and the
+    same greedy completion wherever fp32's top token leads by more than bf16's rounding can move it."""
+    from steerheal.chat import messages_for
+    from steerheal.generate import complete
+
+    lms = {d: load_model(str(tiny_model_dir), dtype=d) for d in ("fp32", "bf16")}
+    assert next(lms["bf16"].model.parameters()).dtype == torch.bfloat16
+    ids = lms["fp32"].tokenizer(
+        ["You see a man kicking a dog.", "Write a short email"], return_tensors="pt", padding=True
+    )
+    with torch.no_grad():
+        lp = {d: torch.log_softmax(m.model(**ids).logits.float(), -1) for d, m in lms.items()}
+    kl = (lp["fp32"].exp() * (lp["fp32"] - lp["bf16"])).sum(-1)[ids["attention_mask"].bool()]
+    assert float(kl.max()) < 1e-3, float(kl.max())
+    assert float((lp["fp32"] - lp["bf16"]).abs().max()) < 0.05
+
+    chats = [messages_for(p) for p in ("Is it ever right to break a rule?", "My boss wants me to stay late.")]
+    kw = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, batch_size=2)
+    texts = {d: complete(m, chats, **kw) for d, m in lms.items()}
+    assert texts["bf16"] == texts["fp32"]
+
+
+def test_heal_trains_fp32_lora_over_a_bf16_base(tiny_model_dir, tmp_path):
+    """The base stays bf16 and frozen; the LoRA's parameters, their gradients and the saved adapter are fp32."""
+    from steerheal.config import HealConfig
+    from steerheal.heal import attach_lora, heal
+    from steerheal.records import Record
+
+    lm = load_model(str(tiny_model_dir), dtype="bf16")
+    cfg = HealConfig(rank=4, alpha=8, lr=1e-3, epochs=1, min_rows=4, layers="0:1", batch_size=4)
+    pm, _ = attach_lora(lm.model, cfg)
+    trainable = {n: p.dtype for n, p in pm.named_parameters() if p.requires_grad}
+    frozen = {p.dtype for p in pm.parameters() if not p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}, trainable
+    assert frozen == {torch.bfloat16}
+    lm.model = pm.unload()
+
+    recs = [
+        Record(
+            id=str(i), persona="", messages=[{"role": "user", "content": f"Say hi {i}."}], completion="Hello, friend."
+        )
+        for i in range(8)
+    ]
+    summary = heal(lm, recs, cfg, tmp_path / "a")
+    assert summary["train_nll"] < summary["train_nll_start"]  # it learned, through bf16 activations
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    assert any(float(t.abs().max()) > 0 for k, t in saved.items() if "lora_B" in k)
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+
+
+def test_the_output_layer_is_handed_a_contiguous_input(tiny_model_dir):
+    """transformers slices the last position for logits_to_keep (generation, the eval's answer slot); over a
+    strided input torch's CPU bf16 linear copied the head's weight once per row when no gradient was kept
+    (after a heal): the demo's eval ran 1.6x slower and peaked 0.7 GB higher."""
+    lm = load_model(str(tiny_model_dir), dtype="bf16")
+    for p in lm.model.parameters():
+        p.requires_grad_(False)  # as after a heal
+    seen: list[bool] = []
+    lm.model.get_output_embeddings().register_forward_pre_hook(lambda _m, a: seen.append(a[0].is_contiguous()))
+    with torch.no_grad():
+        out = lm.model(torch.tensor([[1, 5, 9, 20]] * 3), logits_to_keep=1).logits
+        full = lm.model(torch.tensor([[1, 5, 9, 20]] * 3)).logits
+    assert seen == [True, True]
+    assert torch.equal(out[:, -1], full[:, -1])

@@ -12,8 +12,11 @@ pytestmark = pytest.mark.smoke
 
 
 @pytest.fixture(scope="module")
-def smol():
-    return load_model()
+def smol(machine_dtype):
+    """The bundled model in the dtype this machine runs by default (bf16 on CPUs with native bf16)."""
+    lm = load_model()
+    assert next(lm.model.parameters()).dtype == machine_dtype
+    return lm
 
 
 def test_bundled_vector_generate_filter(smol):

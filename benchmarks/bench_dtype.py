@@ -1,0 +1,133 @@
+"""Does the science move with the dtype? bf16 against fp32 on the bundled SmolLM2.
+
+    python benchmarks/bench_dtype.py eval [--vignettes PATH] [--protocol zero-shot|kshot]
+    python benchmarks/bench_dtype.py runs BF16_RUN FP32_RUN
+
+`eval`: the base model's eval in both dtypes, each foundation's nats and the pmass with their 95%
+bootstrap intervals, and the paired difference bf16 − fp32 on the same vignettes (its interval
+holding 0 means the dtype's effect is below what the eval resolves); the wall time of each.
+
+`runs`: two runs of the same command in the two dtypes (loop run directories, or a compare arm's
+seed directories): every round's shift, selectivity and pmass ratio side by side, whether the
+bf16 point lies inside the fp32 interval, the answers of both reports, and each run's time in
+the round steps (the baselines left out: compare shares them between arms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+from steerheal.config import FOUNDATIONS, EvalConfig
+from steerheal.evaluate import score_vignettes
+from steerheal.models import load_model
+from steerheal.progress import set_quiet
+from steerheal.report import collect
+from steerheal.stats import EvalRows, compare, report_cis
+from steerheal.vignettes import load_vignettes
+
+MEASURES = ("target_shift", "selectivity", "pmass_ratio")
+
+
+def ci_text(value: float, interval: list[float]) -> str:
+    return f"{value:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]"
+
+
+def eval_parity(vignettes: str | None, protocol: str) -> None:
+    rows = load_vignettes(vignettes)
+    reports, seconds = {}, {}
+    for dt in ("fp32", "bf16"):
+        lm = load_model(device="cpu", dtype=dt)
+        t0 = time.perf_counter()
+        reports[dt] = score_vignettes(lm, rows, EvalConfig(vignettes=vignettes, protocol=protocol))
+        seconds[dt] = time.perf_counter() - t0
+        report_cis(reports[dt])
+        del lm
+    print(f"{len(rows)} vignettes, {protocol}; eval {seconds['fp32']:.1f} s fp32, {seconds['bf16']:.1f} s bf16 "
+          f"({seconds['fp32'] / seconds['bf16']:.2f}x)")  # fmt: skip
+    d = compare(EvalRows.from_report(reports["fp32"]), [EvalRows.from_report(reports["bf16"])], "authority", 1)
+    print(f"{'foundation':10s} {'fp32 nats':>26s} {'bf16 nats':>26s} {'bf16 − fp32 (paired)':>28s}")
+    for f in FOUNDATIONS:
+        a, b = reports["fp32"]["foundations"][f], reports["bf16"]["foundations"][f]
+        if not a["n"]:
+            continue
+        print(f"{f:10s} {ci_text(a['nats'], a['nats_ci']):>26s} {ci_text(b['nats'], b['nats_ci']):>26s} "
+              f"{ci_text(d['shift'][f], d['shift_ci'][f]):>28s}")  # fmt: skip
+    a, b = reports["fp32"], reports["bf16"]
+    print(f"{'pmass':10s} {ci_text(a['pmass'], a['pmass_ci']):>26s} {ci_text(b['pmass'], b['pmass_ci']):>26s} "
+          f"ratio {ci_text(d['pmass_ratio'], d['pmass_ratio_ci']):>22s}")  # fmt: skip
+    gap = sum(abs(x["pmass"] - y["pmass"]) for x, y in zip(a["rows"], b["rows"])) / len(rows)
+    print(f"mean |Δ pmass| per vignette {gap:.4f}")
+
+
+def answers(run: Path) -> list[str]:
+    text = (run / "report.md").read_text()
+    return [line for line in text.splitlines() if line.startswith("- **") and "?**" in line]
+
+
+def verdict_words(line: str) -> str:
+    """The answer without its numbers: what must not move with the dtype."""
+    return re.sub(r"\[[^\]]*\]|[-+−]?\d[\d.,/]*%?", "#", line.split("?**", 1)[1]).strip()
+
+
+def round_seconds(run: Path) -> float:
+    steps = json.loads((run / "manifest.json").read_text())["steps"]
+    return sum(v["time_s"] for k, v in steps.items() if k.startswith("round_"))
+
+
+def run_parity(a: Path, b: Path) -> None:
+    ca, cb = collect([a]), collect([b])
+    print(f"A = {a}\nB = {b}\n")
+    print(f"{'round':5s} {'model':8s} {'measure':13s} {'A':>26s} {'B':>26s}  A's point in B's CI")
+    worst = ("", 0.0)
+    for ra, rb in zip(ca["rounds"], cb["rounds"]):
+        for model in ("steered", "healed"):
+            ma, mb = ra.get(model), rb.get(model)
+            if not ma or not mb:
+                continue
+            for k in MEASURES:
+                lo, hi = mb[f"{k}_ci"]
+                inside = lo <= ma[k] <= hi
+                half = max(1e-9, (hi - lo) / 2)
+                if abs(ma[k] - mb[k]) / half > worst[1]:
+                    worst = (f"round {ra['round']} {model} {k}: {ma[k] - mb[k]:+.3f}", abs(ma[k] - mb[k]) / half)
+                print(f"{ra['round']:<5d} {model:8s} {k:13s} {ci_text(ma[k], ma[f'{k}_ci']):>26s} "
+                      f"{ci_text(mb[k], mb[f'{k}_ci']):>26s}  {'yes' if inside else 'NO'}")  # fmt: skip
+        kept = (ra["kept_frac"][0], rb["kept_frac"][0])
+        print(
+            f"{ra['round']:<5d} dose C {ra['coeff'][0]:.3f} vs {rb['coeff'][0]:.3f}; kept {kept[0]:.0%} vs {kept[1]:.0%}"
+        )
+    print(f"\nlargest difference against B's half-interval: {worst[0]} ({worst[1]:.2f} of it)")
+    print("\nanswers (numbers masked):")
+    same = True
+    for la, lb in zip(answers(a), answers(b)):
+        wa, wb = verdict_words(la), verdict_words(lb)
+        same &= wa == wb
+        print(f"  A: {wa}\n  B: {wb}" if wa != wb else f"  same: {wa}")
+    print("every answer the same" if same else "answers DIFFER")
+    ta, tb = round_seconds(a), round_seconds(b)
+    print(f"\nround steps: A {ta / 60:.1f} min, B {tb / 60:.1f} min, A/B = {ta / tb:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("eval")
+    e.add_argument("--vignettes", default=None)
+    e.add_argument("--protocol", default=EvalConfig().protocol)
+    r = sub.add_parser("runs")
+    r.add_argument("bf16_run", type=Path)
+    r.add_argument("fp32_run", type=Path)
+    args = ap.parse_args()
+    set_quiet(True)
+    if args.cmd == "eval":
+        eval_parity(args.vignettes, args.protocol)
+    else:
+        run_parity(args.bf16_run, args.fp32_run)
+
+
+if __name__ == "__main__":
+    main()

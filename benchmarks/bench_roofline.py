@@ -1,0 +1,198 @@
+"""Each step of a round against this machine's roofline, in fp32 and bf16 side by side.
+
+First the machine: matmul GFLOP/s at the shapes the steps use (scoring and training run many tokens
+through each weight; decoding runs a batch of 16 rows), and the memory bandwidth that bounds
+decoding. Then each step on the bundled SmolLM2 in both dtypes (interleaved, so load on the machine
+hits both alike): vector extraction, one dose probe, steered generation, the filter's scoring, one
+heal step (KL barrier, cached reference) and the k-shot eval. For each step: the wall time, the
+bf16/fp32 speed-up, the achieved GFLOP/s, and that as a share of the bf16 matmul peak and of the
+step's own roofline, min(peak, intensity x bandwidth), where a forward call of t tokens reads every
+weight once (intensity 2t FLOP per weight read).
+
+FLOPs count the linear layers and the head only (2 per weight per token forward, 2 more per trained
+token for the backward to the activations; LoRA's own are negligible): attention's are left out, so
+the achieved figures are lower bounds.
+
+    python benchmarks/bench_roofline.py [--dtypes fp32,bf16] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from steerheal.config import EvalConfig, GenerateConfig, HealConfig
+from steerheal.dose import steered_kl_p95
+from steerheal.evaluate import score_vignettes
+from steerheal.filter import completion_nlls
+from steerheal.heal import attach_lora, batch_terms, encode_rows, pad_token_id, reference_logprobs
+from steerheal.logprobs import cat_logprobs, right_padded
+from steerheal.models import LoadedModel, TokenMeter, cpu_flags, load_model, parse_layers
+from steerheal.persona import load_persona
+from steerheal.progress import set_quiet
+from steerheal.vector import extract
+from steerheal.vignettes import load_vignettes
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (name, M tokens, K in, N out) at SmolLM2's widths (hidden 576, MLP 1536, vocabulary 49,152)
+SHAPES = [
+    ("scoring/training, MLP", 2048, 576, 1536),
+    ("scoring/training, head", 1024, 576, 49152),
+    ("decode, batch 16, MLP", 16, 576, 1536),
+]
+
+
+def matmul_gflops(m: int, k: int, n: int, dt: torch.dtype, seconds: float = 1.0) -> float:
+    a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+
+
+def bandwidth_gbs(mib: int = 512, seconds: float = 1.0) -> float:
+    """Read bandwidth: a sum over a buffer far larger than the caches."""
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x.sum()
+        reps += 1
+    return x.numel() * 4 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def linear_weights(model: nn.Module) -> int:
+    """Weights that take part in a matmul per token: every Linear (the tied head included once)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+class CallCounter:
+    """Forward calls and tokens through the model (tokens per call sets the arithmetic intensity)."""
+
+    def __init__(self, model: Any):
+        self.calls = 0
+        model.get_input_embeddings().register_forward_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+
+def steps(lm: LoadedModel, persona: Any) -> dict[str, Callable[[], object]]:
+    """The round's steps at demo-like sizes, each a closure that runs once."""
+    layers = parse_layers("0.45:0.55", lm.n_layers)
+    vec = extract(lm, persona, layers, max_prompts=16)
+    prompts = persona.generation[:16]
+    gen_cfg = GenerateConfig(n=16, max_new_tokens=40, batch_size=16)
+    from steerheal.generate import generate_records
+
+    recs = generate_records(lm, persona.name, prompts, gen_cfg, vector=vec, coeff=2.5, seed=0)
+    hcfg = HealConfig(batch_size=4, max_len=160, tau=0.1, rank=16, alpha=32)
+    rows = encode_rows(lm.tokenizer, recs, hcfg.max_len)
+    pad = pad_token_id(lm.tokenizer)
+    ref = reference_logprobs(lm.model, rows, pad, hcfg.ref_top_k)
+    vignettes = load_vignettes(None, limit=14)
+
+    def heal_step() -> None:
+        pm, _ = attach_lora(lm.model, hcfg)
+        try:
+            params = [p for p in pm.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=hcfg.lr)
+            pm.train()
+            for s in range(0, 8, 4):
+                idx = list(range(s, s + 4))
+                b = right_padded(rows, idx, pad, lm.device)
+                loss, _, _ = batch_terms(pm, b, cat_logprobs([ref[i] for i in idx], lm.device), hcfg)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        finally:
+            lm.model = pm.unload().eval()
+            for p in lm.model.parameters():
+                p.requires_grad_(False)
+
+    return {
+        "vector (16 prompts)": lambda: extract(lm, persona, layers, max_prompts=16),
+        "dose probe (8 x 20 tok)": lambda: steered_kl_p95(lm, prompts[:8], vec, 2.5, 20),
+        "generate (16 x 40 tok)": lambda: generate_records(
+            lm, persona.name, prompts, gen_cfg, vector=vec, coeff=2.5, seed=1
+        ),
+        "filter (16 rows)": lambda: completion_nlls(lm, recs, 256, 16),
+        "heal (2 steps x 4 rows)": heal_step,
+        "eval (k-shot, 14 x 2)": lambda: score_vignettes(lm, vignettes, EvalConfig()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--reps", type=int, default=2)
+    a = ap.parse_args()
+    set_quiet(True)
+    dtypes = a.dtypes.split(",")
+    flags = sorted(cpu_flags() & {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f"})
+    print(f"threads {torch.get_num_threads()}; CPU flags: {', '.join(flags) or 'none of the bf16 ones'}")
+
+    peak: dict[str, float] = {}
+    print("\nmatmul GFLOP/s        " + "".join(f"{d:>9s}" for d in dtypes) + "   ratio")
+    for name, m, k, n in SHAPES:
+        g = {d: matmul_gflops(m, k, n, DTYPES[d]) for d in dtypes}
+        for d in dtypes:
+            peak[d] = max(peak.get(d, 0.0), g[d])
+        ratio = f"{g['bf16'] / g['fp32']:6.1f}x" if {"fp32", "bf16"} <= set(g) else ""
+        print(f"{name:24s}" + "".join(f"{g[d]:9.0f}" for d in dtypes) + f"  {ratio}")
+    bw = bandwidth_gbs()
+    print(f"memory read bandwidth {bw:.1f} GB/s")
+
+    persona = load_persona("personas/anti_authority.yaml")
+    models = {d: load_model(device="cpu", dtype=d) for d in dtypes}
+    meters = {d: (TokenMeter(models[d].model), CallCounter(models[d].model)) for d in dtypes}
+    runs = {d: steps(models[d], persona) for d in dtypes}
+    weights = linear_weights(models[dtypes[0]].model)
+    times: dict[str, dict[str, list[float]]] = {d: {s: [] for s in runs[d]} for d in dtypes}
+    work: dict[str, dict[str, tuple[int, int, int]]] = {d: {} for d in dtypes}
+    for _ in range(a.reps):
+        for s in runs[dtypes[0]]:
+            for d in dtypes:  # interleaved: both dtypes see the same load on the machine
+                tok, calls = meters[d]
+                before = (tok.forward, tok.trained, calls.calls)
+                t0 = time.perf_counter()
+                runs[d][s]()
+                times[d][s].append(time.perf_counter() - t0)
+                work[d][s] = (tok.forward - before[0], tok.trained - before[1], calls.calls - before[2])
+
+    print(f"\nsteps on the bundled SmolLM2 ({weights / 1e6:.0f} M linear weights), median of {a.reps}")
+    print(f"{'step':26s} " + " ".join(f"{d + ' s':>8s}" for d in dtypes) + "  speed-up  GFLOP/s  %peak  %roofline")
+    furthest = ("", 2.0)
+    for s in runs[dtypes[0]]:
+        med = {d: statistics.median(times[d][s]) for d in dtypes}
+        d = dtypes[-1]
+        fwd, trained, calls = work[d][s]
+        flops = 2 * weights * (fwd + trained)
+        achieved = flops / med[d] / 1e9
+        per_call = fwd / max(1, calls)
+        bytes_per_weight = torch.finfo(DTYPES[d]).bits // 8
+        roof = min(peak[d], 2 * per_call / bytes_per_weight * bw)
+        share = achieved / roof
+        if share < furthest[1]:
+            furthest = (s, share)
+        speed = f"{med['fp32'] / med['bf16']:7.2f}x" if {"fp32", "bf16"} <= set(med) else ""
+        print(
+            f"{s:26s} "
+            + " ".join(f"{med[x]:8.2f}" for x in dtypes)
+            + f"  {speed:>8s} {achieved:8.0f} {achieved / peak[d]:6.0%} {share:9.0%}"
+        )
+    print(f"\n(GFLOP/s and shares for {dtypes[-1]}; peak = its best matmul above)")
+    print(f"furthest from its roofline: {furthest[0]} ({furthest[1]:.0%})")
+
+
+if __name__ == "__main__":
+    main()
