@@ -1,16 +1,22 @@
 """Does the science move with the dtype? bf16 against fp32 on the bundled SmolLM2.
 
-    python benchmarks/bench_dtype.py eval [--vignettes PATH] [--protocol zero-shot|kshot]
+    python benchmarks/bench_dtype.py eval [--vignettes PATH] [--protocol zero-shot|kshot] [--adapter DIR ...]
+    python benchmarks/bench_dtype.py heal RUN
     python benchmarks/bench_dtype.py runs BF16_RUN FP32_RUN
 
-`eval`: the base model's eval in both dtypes, each foundation's nats and the pmass with their 95%
-bootstrap intervals, and the paired difference bf16 − fp32 on the same vignettes (its interval
-holding 0 means the dtype's effect is below what the eval resolves); the wall time of each.
-
-`runs`: two runs of the same command in the two dtypes (loop run directories, or a compare arm's
-seed directories): every round's shift, selectivity and pmass ratio side by side, whether the
-bf16 point lies inside the fp32 interval, the answers of both reports, and each run's time in
-the round steps (the baselines left out: compare shares them between arms).
+Each mode holds more of the inputs fixed than the next:
+`eval`: one model (the base, or the base with adapters kept as the loop keeps them) evaluated in both
+dtypes: each foundation's nats and the pmass with their 95% bootstrap intervals, and the paired
+difference bf16 − fp32 on the same vignettes (its interval holding 0 means the dtype's effect is
+below what the eval resolves); the wall time of each.
+`heal RUN`: the heal of RUN's round 0 on its kept rows, with its config, in both dtypes from the base
+model; then the `eval` comparison of the two healed models. Same data, same seed: the heal's numerics.
+`runs`: two whole runs of the same command in the two dtypes (loop run directories, or a compare arm's
+seed directories): every round's shift, selectivity and pmass ratio side by side, whether the bf16
+point lies inside the fp32 interval, the answers of both reports, and each run's time in the round
+steps (the baselines left out: compare shares them between arms). Sampled completions diverge at the
+first token a rounding flips, so a run's rows differ as they would under another seed: set the
+difference against two fp32 runs with different seeds.
 """
 
 from __future__ import annotations
@@ -18,15 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tempfile
 import time
 from pathlib import Path
 
-from steerheal.config import FOUNDATIONS, EvalConfig
+import yaml
+
+from steerheal.config import FOUNDATIONS, EvalConfig, RunConfig, from_dict
 from steerheal.evaluate import score_vignettes
-from steerheal.models import load_model
+from steerheal.heal import heal
+from steerheal.models import LoadedModel, keep_base, load_model, merge_adapters
 from steerheal.progress import set_quiet
+from steerheal.records import read_records
 from steerheal.report import collect
-from steerheal.stats import EvalRows, compare, report_cis
+from steerheal.stats import EvalRows, compare, measurement_gap, report_cis
 from steerheal.vignettes import load_vignettes
 
 MEASURES = ("target_shift", "selectivity", "pmass_ratio")
@@ -36,16 +47,15 @@ def ci_text(value: float, interval: list[float]) -> str:
     return f"{value:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]"
 
 
-def eval_parity(vignettes: str | None, protocol: str) -> None:
+def eval_models(models: dict[str, LoadedModel], vignettes: str | None, protocol: str) -> dict[str, dict]:
+    """Each dtype's eval of what should be one function, and their paired difference; the reports."""
     rows = load_vignettes(vignettes)
     reports, seconds = {}, {}
-    for dt in ("fp32", "bf16"):
-        lm = load_model(device="cpu", dtype=dt)
+    for dt, lm in models.items():
         t0 = time.perf_counter()
         reports[dt] = score_vignettes(lm, rows, EvalConfig(vignettes=vignettes, protocol=protocol))
         seconds[dt] = time.perf_counter() - t0
         report_cis(reports[dt])
-        del lm
     print(f"{len(rows)} vignettes, {protocol}; eval {seconds['fp32']:.1f} s fp32, {seconds['bf16']:.1f} s bf16 "
           f"({seconds['fp32'] / seconds['bf16']:.2f}x)")  # fmt: skip
     d = compare(EvalRows.from_report(reports["fp32"]), [EvalRows.from_report(reports["bf16"])], "authority", 1)
@@ -61,6 +71,43 @@ def eval_parity(vignettes: str | None, protocol: str) -> None:
           f"ratio {ci_text(d['pmass_ratio'], d['pmass_ratio_ci']):>22s}")  # fmt: skip
     gap = sum(abs(x["pmass"] - y["pmass"]) for x, y in zip(a["rows"], b["rows"])) / len(rows)
     print(f"mean |Δ pmass| per vignette {gap:.4f}")
+    return reports
+
+
+def print_gaps(base: dict[str, dict], model: dict[str, dict]) -> None:
+    """The measures the report reads (model against its own dtype's base): bf16's minus fp32's, paired."""
+    rows = {dt: (EvalRows.from_report(base[dt]), EvalRows.from_report(model[dt])) for dt in ("bf16", "fp32")}
+    print("against each dtype's own base:  bf16 − fp32 (paired over vignettes)")
+    for k in MEASURES:
+        g = measurement_gap(rows["bf16"], rows["fp32"], "authority", -1, k)
+        fp = compare(*rows["fp32"][:1], [rows["fp32"][1]], "authority", -1)
+        print(f"  {k:13s} fp32 {ci_text(fp[k], fp[f'{k}_ci'])}   gap {ci_text(g['difference'], g['difference_ci'])}")
+
+
+def loop_model(dtype: str, adapters: list[str]) -> LoadedModel:
+    """The bundled model with adapters kept as the loop keeps them (residuals over the base)."""
+    lm = load_model(device="cpu", dtype=dtype)
+    keep_base(lm.model)
+    lm.model = merge_adapters(lm.model, adapters)
+    return lm
+
+
+def heal_parity(run: Path) -> None:
+    conf = yaml.safe_load((run / "config.yaml").read_text())["config"]
+    cfg = from_dict(RunConfig, conf)
+    rows = read_records(run / "round_00" / "kept.jsonl")
+    vignettes, protocol = cfg.eval.vignettes, cfg.eval.protocol
+    base = eval_models({dt: loop_model(dt, []) for dt in ("fp32", "bf16")}, vignettes, protocol)
+    models = {}
+    for dt in ("fp32", "bf16"):
+        lm = loop_model(dt, [])
+        out = Path(tempfile.mkdtemp()) / "adapter"
+        s = heal(lm, rows, cfg.heal, out, merge=True)
+        print(f"{dt}: heal {s['time_s']:.1f} s; train NLL {s['train_nll_start']:.4f} → {s['train_nll']:.4f}, "
+              f"val NLL {s['val_nll_start']:.4f} → {s['val_nll']:.4f}, val D mean {s['val_D_mean']:.4f}, "
+              f"barrier active {s['barrier_frac']:.0%} of {s['steps']} steps")  # fmt: skip
+        models[dt] = lm
+    print_gaps(base, eval_models(models, vignettes, protocol))
 
 
 def answers(run: Path) -> list[str]:
@@ -118,13 +165,21 @@ def main() -> None:
     e = sub.add_parser("eval")
     e.add_argument("--vignettes", default=None)
     e.add_argument("--protocol", default=EvalConfig().protocol)
+    e.add_argument("--adapter", action="append", default=[])
+    h = sub.add_parser("heal")
+    h.add_argument("run", type=Path)
     r = sub.add_parser("runs")
     r.add_argument("bf16_run", type=Path)
     r.add_argument("fp32_run", type=Path)
     args = ap.parse_args()
     set_quiet(True)
     if args.cmd == "eval":
-        eval_parity(args.vignettes, args.protocol)
+        base = eval_models({dt: loop_model(dt, []) for dt in ("fp32", "bf16")}, args.vignettes, args.protocol)
+        if args.adapter:
+            models = {dt: loop_model(dt, args.adapter) for dt in ("fp32", "bf16")}
+            print_gaps(base, eval_models(models, args.vignettes, args.protocol))
+    elif args.cmd == "heal":
+        heal_parity(args.run)
     else:
         run_parity(args.bf16_run, args.fp32_run)
 

@@ -226,6 +226,29 @@ def difference(
     return out
 
 
+def measurement_gap(
+    a: tuple[EvalRows, EvalRows],
+    b: tuple[EvalRows, EvalRows],
+    target: str,
+    direction: int,
+    measure: str = "selectivity",
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """measure(a's model against a's base) − measure(b's against b's), each pair (base, model), on the same
+    vignette draws: one model measured two ways (two dtypes, two protocols). Whatever each way adds to
+    base and model alike cancels; the interval says whether what is left is resolved."""
+    for base, model in (a, b):
+        if not (base.ids == model.ids == a[0].ids):
+            raise SteerhealError("the evals were not run on the same vignettes in the same order")
+    t = FOUNDATIONS.index(target)
+    draws = _stratified_draws(a[0].label, n_boot, np.random.default_rng(seed))
+    ident = np.arange(len(a[0].ids))[None, :]
+    point = _measures(*a, ident, t, direction)[measure][0] - _measures(*b, ident, t, direction)[measure][0]
+    boot = _measures(*a, draws, t, direction)[measure] - _measures(*b, draws, t, direction)[measure]
+    return {"measure": measure, "difference": float(point), "difference_ci": ci(boot)}
+
+
 def bootstrap_mean_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int = 0) -> list[float]:
     """95% percentile interval of the mean of independent values."""
     x = np.asarray(values, dtype=np.float64)

@@ -16,6 +16,7 @@ from steerheal.stats import (
     compare,
     difference,
     holm,
+    measurement_gap,
     t_interval,
     t_p_value,
     t_test,
@@ -199,3 +200,29 @@ def test_three_seeds_that_disagree_do_not_make_a_difference_certain():
     later = [rows(m.logp - np.eye(7)[a] * x, m.pmass, m.label) for m, x in zip(seeds, (0.2, 0.3, 0.7))]
     p = difference(base, later, seeds, "authority", -1, "target_shift", paired=True)
     assert p["seed_p"] == pytest.approx(t_test([0.2, 0.3, 0.7])[1]) and 0.05 < p["seed_p"] < 0.2
+
+
+def test_a_measurement_gap_cancels_what_a_way_of_measuring_adds_to_base_and_model_alike():
+    """One model measured two ways (bf16 and fp32): an offset on every eval cancels in the shift; a
+    change in the model's own shift shows, with an interval that excludes 0 only when it is resolved."""
+    rng = np.random.default_rng(3)
+    base = uniform()
+    base = rows(base.logp + rng.normal(0, 0.3, base.logp.shape), base.pmass, base.label)
+    auth = np.eye(7)[FOUNDATIONS.index("authority")]
+    model = rows(base.logp - 0.5 * auth + rng.normal(0, 0.05, base.logp.shape), base.pmass, base.label)
+    offset = rng.normal(0, 0.2, base.logp.shape)  # what the other way adds, vignette by vignette, to both
+    same = measurement_gap(
+        (rows(base.logp + offset, base.pmass, base.label), rows(model.logp + offset, model.pmass, model.label)),
+        (base, model),
+        "authority",
+        -1,
+        "target_shift",
+    )
+    assert same["difference"] == pytest.approx(0.0, abs=1e-12)
+    assert same["difference_ci"][0] <= 0 <= same["difference_ci"][1]
+    weaker = rows(model.logp + 0.3 * auth, model.pmass, model.label)  # the other way sees less of the shift
+    gap = measurement_gap((base, weaker), (base, model), "authority", -1, "target_shift")
+    assert gap["difference"] == pytest.approx(-0.3)
+    assert gap["difference_ci"][1] < 0
+    with pytest.raises(SteerhealError, match="same vignettes"):
+        measurement_gap((base, rows(model.logp[:-1], model.pmass[:-1], model.label[:-1])), (base, model), "authority", -1)
