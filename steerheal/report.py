@@ -210,8 +210,9 @@ def write_report(
             )
     L += ["", "![trajectory](trajectory.png)", "", "![profile](profile.png)", "", "## Answers", ""]
     L += answers(c)
-    if len(c["seeds"]) == 1:
-        L += _filter_section(root, c) + _demo_section(root, c)
+    if len(c["seeds"]) == 1:  # the seed's own directory: a pooled one (seeds: [0]) has no rows of its own
+        own = (run_dirs or [root])[0]
+        L += _filter_section(own, c) + _demo_section(own, c)
     L += ["", "## Settings", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
     out = root / "report.md"
     write_text(out, "\n".join(L) + "\n")

@@ -155,3 +155,17 @@ def test_seeds_share_the_baselines_and_steered_measures_first_skips_later_raw_ev
         assert not (s / "round_01" / "eval_steered.json").exists()
         assert json.loads((s / "round_01" / "round.json").read_text())["steered"] is None
     assert "healing raised coherence over raw steering (intervals above 0) in" in (root / "report.md").read_text()
+
+
+def test_one_seed_under_seeds_writes_its_pooled_report_with_the_seeds_own_sections(
+    tiny_model_dir, persona_file, tmp_path
+):
+    """seeds=[0] (compare --seeds 0): the pooled report's filter and demo sections read the seed's own
+    run directory; they read the pooled one, which has no baselines, and the run ended in an error."""
+    from steerheal.loop import run_seeds
+
+    sets = [*TINY, "rounds=1", "seeds=[0]", f"model={tiny_model_dir}"]
+    root = tmp_path / "one"
+    run_seeds(persona_file, root, resolve_config(None, parse_set(sets)))
+    text = (root / "report.md").read_text()
+    assert "## Demo generations" in text and "| base |" in text and "## Filter" in text

@@ -262,3 +262,5 @@ def test_the_output_layer_is_handed_a_contiguous_input(tiny_model_dir):
         full = lm.model(torch.tensor([[1, 5, 9, 20]] * 3)).logits
     assert seen == [True, True]
     assert torch.equal(out[:, -1], full[:, -1])
+    fp32 = load_model(str(tiny_model_dir), dtype="fp32")  # fp32 keeps its path exactly as it was
+    assert not fp32.model.get_output_embeddings()._forward_pre_hooks

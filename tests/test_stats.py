@@ -225,4 +225,6 @@ def test_a_measurement_gap_cancels_what_a_way_of_measuring_adds_to_base_and_mode
     assert gap["difference"] == pytest.approx(-0.3)
     assert gap["difference_ci"][1] < 0
     with pytest.raises(SteerhealError, match="same vignettes"):
-        measurement_gap((base, rows(model.logp[:-1], model.pmass[:-1], model.label[:-1])), (base, model), "authority", -1)
+        measurement_gap(
+            (base, rows(model.logp[:-1], model.pmass[:-1], model.label[:-1])), (base, model), "authority", -1
+        )
