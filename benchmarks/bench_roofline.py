@@ -6,12 +6,12 @@ decoding. Then each step on the bundled SmolLM2 in both dtypes (interleaved, so 
 hits both alike): vector extraction, one dose probe, steered generation, the filter's scoring, one
 heal step (KL barrier, cached reference) and the k-shot eval. For each step: the wall time, the
 bf16/fp32 speed-up, the achieved GFLOP/s, and that as a share of the bf16 matmul peak and of the
-step's own roofline, min(peak, intensity x bandwidth), where a forward call of t tokens reads every
-weight once (intensity 2t FLOP per weight read).
+step's own roofline: the least time it could take, each forward call bound either by the peak or by
+reading every weight once at the measured bandwidth (see roofline_seconds).
 
-FLOPs count the linear layers and the head only (2 per weight per token forward, 2 more per trained
-token for the backward to the activations; LoRA's own are negligible): attention's are left out, so
-the achieved figures are lower bounds.
+FLOPs are counted, not estimated: torch's FlopCounterMode over one untimed run of each step (the
+matmuls forward and backward, LoRA's included). It does not count CPU attention, so the achieved
+figures are lower bounds, the more so where contexts are long (the k-shot eval).
 
     python benchmarks/bench_roofline.py [--dtypes fp32,bf16] [--reps 2]
 """
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from steerheal.config import EvalConfig, GenerateConfig, HealConfig
 from steerheal.dose import steered_kl_p95
@@ -33,7 +34,7 @@ from steerheal.evaluate import score_vignettes
 from steerheal.filter import completion_nlls
 from steerheal.heal import attach_lora, batch_terms, encode_rows, pad_token_id, reference_logprobs
 from steerheal.logprobs import cat_logprobs, right_padded
-from steerheal.models import LoadedModel, TokenMeter, cpu_flags, load_model, parse_layers
+from steerheal.models import LoadedModel, cpu_flags, load_model, parse_layers
 from steerheal.persona import load_persona
 from steerheal.progress import set_quiet
 from steerheal.vector import extract
@@ -76,14 +77,22 @@ def linear_weights(model: nn.Module) -> int:
 
 
 class CallCounter:
-    """Forward calls and tokens through the model (tokens per call sets the arithmetic intensity)."""
+    """The tokens of each forward call through the model: each call reads every weight once."""
 
     def __init__(self, model: Any):
-        self.calls = 0
+        self.tokens: list[int] = []
         model.get_input_embeddings().register_forward_hook(self._count)
 
-    def _count(self, *_: Any) -> None:
-        self.calls += 1
+    def _count(self, _mod: nn.Module, args: tuple, _out: Any) -> None:
+        self.tokens.append(int(args[0].numel()))
+
+
+def roofline_seconds(flops: float, tokens: list[int], weight_bytes: float, peak: float, bw: float) -> float:
+    """The least time the step could take: each call at its own bound, max(its FLOPs / peak, the
+    weights / bandwidth), its FLOPs the counted total shared out by its tokens. A decode step of 16
+    rows is bound by the bandwidth, a prompt of hundreds of tokens by the peak."""
+    per_token = flops / max(1, sum(tokens))
+    return sum(max(per_token * t / (peak * 1e9), weight_bytes / (bw * 1e9)) for t in tokens)
 
 
 def steps(lm: LoadedModel, persona: Any) -> dict[str, Callable[[], object]]:
@@ -154,20 +163,23 @@ def main() -> None:
 
     persona = load_persona("personas/anti_authority.yaml")
     models = {d: load_model(device="cpu", dtype=d) for d in dtypes}
-    meters = {d: (TokenMeter(models[d].model), CallCounter(models[d].model)) for d in dtypes}
+    counters = {d: CallCounter(models[d].model) for d in dtypes}
     runs = {d: steps(models[d], persona) for d in dtypes}
     weights = linear_weights(models[dtypes[0]].model)
+    work: dict[str, dict[str, tuple[int, list[int]]]] = {d: {} for d in dtypes}  # (FLOPs, tokens per call)
+    for s in runs[dtypes[0]]:
+        for d in dtypes:  # the untimed first run of each step counts its work (and warms it up)
+            counters[d].tokens = []
+            with FlopCounterMode(display=False) as flops:
+                runs[d][s]()
+            work[d][s] = (flops.get_total_flops(), counters[d].tokens)
     times: dict[str, dict[str, list[float]]] = {d: {s: [] for s in runs[d]} for d in dtypes}
-    work: dict[str, dict[str, tuple[int, int, int]]] = {d: {} for d in dtypes}
     for _ in range(a.reps):
         for s in runs[dtypes[0]]:
             for d in dtypes:  # interleaved: both dtypes see the same load on the machine
-                tok, calls = meters[d]
-                before = (tok.forward, tok.trained, calls.calls)
                 t0 = time.perf_counter()
                 runs[d][s]()
                 times[d][s].append(time.perf_counter() - t0)
-                work[d][s] = (tok.forward - before[0], tok.trained - before[1], calls.calls - before[2])
 
     print(f"\nsteps on the bundled SmolLM2 ({weights / 1e6:.0f} M linear weights), median of {a.reps}")
     print(f"{'step':26s} " + " ".join(f"{d + ' s':>8s}" for d in dtypes) + "  speed-up  GFLOP/s  %peak  %roofline")
@@ -175,13 +187,10 @@ def main() -> None:
     for s in runs[dtypes[0]]:
         med = {d: statistics.median(times[d][s]) for d in dtypes}
         d = dtypes[-1]
-        fwd, trained, calls = work[d][s]
-        flops = 2 * weights * (fwd + trained)
+        flops, tokens = work[d][s]
         achieved = flops / med[d] / 1e9
-        per_call = fwd / max(1, calls)
-        bytes_per_weight = torch.finfo(DTYPES[d]).bits // 8
-        roof = min(peak[d], 2 * per_call / bytes_per_weight * bw)
-        share = achieved / roof
+        weight_bytes = weights * torch.finfo(DTYPES[d]).bits // 8
+        share = roofline_seconds(flops, tokens, weight_bytes, peak[d], bw) / med[d]
         if share < furthest[1]:
             furthest = (s, share)
         speed = f"{med['fp32'] / med['bf16']:7.2f}x" if {"fp32", "bf16"} <= set(med) else ""
