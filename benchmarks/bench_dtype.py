@@ -1,6 +1,6 @@
 """Does the science move with the dtype? bf16 against fp32 on the bundled SmolLM2.
 
-    python benchmarks/bench_dtype.py eval [--vignettes PATH] [--protocol zero-shot|kshot] [--adapter DIR ...]
+    python benchmarks/bench_dtype.py eval [--vignettes PATH] [--protocol zero-shot|kshot] [--adapter DIR ...] [--fp32-head]
     python benchmarks/bench_dtype.py heal RUN
     python benchmarks/bench_dtype.py runs BF16_RUN FP32_RUN
 
@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from steerheal.config import FOUNDATIONS, EvalConfig, RunConfig, from_dict
@@ -84,11 +85,18 @@ def print_gaps(base: dict[str, dict], model: dict[str, dict]) -> None:
         print(f"  {k:13s} fp32 {ci_text(fp[k], fp[f'{k}_ci'])}   gap {ci_text(g['difference'], g['difference_ci'])}")
 
 
-def loop_model(dtype: str, adapters: list[str]) -> LoadedModel:
-    """The bundled model with adapters kept as the loop keeps them (residuals over the base)."""
+def loop_model(dtype: str, adapters: list[str], fp32_head: bool = False) -> LoadedModel:
+    """The bundled model with adapters kept as the loop keeps them (residuals over the base). fp32_head:
+    the output layer untied and run in fp32 over the body's last hidden state (is the head the cause?)."""
     lm = load_model(device="cpu", dtype=dtype)
     keep_base(lm.model)
     lm.model = merge_adapters(lm.model, adapters)
+    if fp32_head:
+        old = lm.model.get_output_embeddings()
+        head = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+        head.weight = torch.nn.Parameter(old.weight.detach().float(), requires_grad=False)
+        head.register_forward_pre_hook(lambda _m, a: (a[0].float(), *a[1:]))
+        lm.model.set_output_embeddings(head)
     return lm
 
 
@@ -166,6 +174,7 @@ def main() -> None:
     e.add_argument("--vignettes", default=None)
     e.add_argument("--protocol", default=EvalConfig().protocol)
     e.add_argument("--adapter", action="append", default=[])
+    e.add_argument("--fp32-head", action="store_true", help="bf16 body, fp32 output layer")
     h = sub.add_parser("heal")
     h.add_argument("run", type=Path)
     r = sub.add_parser("runs")
@@ -174,7 +183,11 @@ def main() -> None:
     args = ap.parse_args()
     set_quiet(True)
     if args.cmd == "eval":
-        base = eval_models({dt: loop_model(dt, []) for dt in ("fp32", "bf16")}, args.vignettes, args.protocol)
+        base = eval_models(
+            {dt: loop_model(dt, [], args.fp32_head and dt == "bf16") for dt in ("fp32", "bf16")},
+            args.vignettes,
+            args.protocol,
+        )
         if args.adapter:
             models = {dt: loop_model(dt, args.adapter) for dt in ("fp32", "bf16")}
             print_gaps(base, eval_models(models, args.vignettes, args.protocol))

@@ -20,7 +20,7 @@ import numpy as np
 from . import SteerhealError
 from .config import ARMS, NULL_K_COMPARE, RunConfig, parse_set, with_overrides
 from .evaluate import score_vignettes
-from .loop import BASELINE_STEPS, run_seeds
+from .loop import BASELINE_STEPS, run_dtype, run_seeds
 from .models import load_model
 from .progress import log
 from .records import atomic_path, write_json, write_text
@@ -126,7 +126,8 @@ def random_null(root: Path, cfg: RunConfig, k: int) -> dict[str, Any]:
     first = arm_dirs(root, "steer", cfg)[0]
     v0 = SteeringVector.load(first / "round_00" / "vector.safetensors")
     coeff = float(Run(first).json("round_00/dose.json")["coeff"])
-    lm = load_model(cfg.model, [], device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    dtype = run_dtype(first, cfg.device)  # the base it is read against ran in this dtype
+    lm = load_model(cfg.model, [], device=cfg.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     vigs = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
     base = EvalRows.from_report(Run(first).json("baselines/base.json"))
     persona = Run(first).json("round_00/round.json")

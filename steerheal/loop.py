@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
+from . import SteerhealError
 from .coherence import generation_coherence, neutral_prompts
 from .config import GenerateConfig, RunConfig
 from .dose import choose_dose
@@ -166,6 +170,13 @@ class Loop:
     def baselines(self) -> None:
         """The base model and the prompting baseline (the persona's first pos prompt as a system prompt)."""
         run, d, system = self.run, self.run.root / "baselines", self.persona.pairs[0].pos
+        if self.baselines_from is not None:  # a shift is read against a base in its own dtype
+            theirs, ours = run_dtype(self.baselines_from, self.cfg.device), run_dtype(run.root, self.cfg.device)
+            if theirs != ours:
+                raise SteerhealError(
+                    f"{self.baselines_from}: its baselines ran in {theirs} and this run in {ours}; "
+                    f"share baselines within one dtype (--dtype {theirs}) or give this run its own"
+                )
         if self.baselines_from is not None and run.adopt(Run(self.baselines_from), BASELINE_STEPS, BASELINE_FILES):
             log(f"[baselines] shared from {self.baselines_from}")
         if not all(run.done(k) for k in BASELINE_STEPS):
@@ -426,7 +437,7 @@ def open_loop(
         # what --dtype auto resolved to here: a run resumed on a machine that would pick another refuses
         "dtype": dtype_name(pick_dtype(pick_device(cfg.device), cfg.dtype)),
     }
-    check_resume(run, cfg_dict, persona, inputs, force)
+    check_resume(run, cfg_dict, persona, inputs, force, lambda old: {"dtype": dtype_before_recorded(old, cfg.device)})
     write_config(run.root, cfg_dict, persona, persona_path, inputs)
     remove_stale_temps(run.root)
     lm = load_model(cfg.model, [], device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
@@ -435,6 +446,21 @@ def open_loop(
     lm.model = merge_adapters(lm.model, finished_adapters(run, cfg.rounds))
     lm.adapters = finished_adapters(run, cfg.rounds)
     return Loop(run, persona, cfg, lm, vignettes, baselines_from, TokenMeter(lm.model))
+
+
+def run_dtype(root: Path, device: str) -> str:
+    """The dtype a run directory's models ran in, from its config.yaml."""
+    conf = yaml.safe_load((root / "config.yaml").read_text()) or {}
+    return conf.get("dtype") or dtype_before_recorded(conf.get("config") or {}, device)
+
+
+def dtype_before_recorded(old: dict, device: str) -> str:
+    """The dtype a run made before config.yaml recorded it ran in: `auto` was bf16 on CUDA, fp32 on a CPU."""
+    dev = pick_device(old.get("device") or device)
+    raw = old.get("dtype") or "auto"
+    return dtype_name(
+        pick_dtype(dev, raw) if raw != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    )
 
 
 def run_seeds(

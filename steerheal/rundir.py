@@ -25,8 +25,9 @@ from .records import write_json, write_text
 if TYPE_CHECKING:
     from .models import TokenMeter
 
-# Keys that may change on resume without invalidating the finished steps.
-RESUMABLE_KEYS = ("rounds",)
+# Config keys not compared as written on resume: rounds may change; dtype is compared as resolved
+# (the `dtype` input), since `auto` is bf16 on one CPU and fp32 on another.
+RESUMABLE_KEYS = ("rounds", "dtype")
 
 
 class Run:
@@ -103,9 +104,17 @@ def _meta() -> dict:
     }
 
 
-def check_resume(run: Run, cfg: dict, persona: Persona, inputs: dict[str, str], force: bool) -> None:
-    """Refuse to resume when the config, the persona, the vignettes or the model weights changed.
+def check_resume(
+    run: Run,
+    cfg: dict,
+    persona: Persona,
+    inputs: dict[str, str],
+    force: bool,
+    unrecorded: Callable[[dict], dict[str, str]] | None = None,
+) -> None:
+    """Refuse to resume when the config, the persona, the vignettes, the model weights or the dtype changed.
 
+    `unrecorded(old config)`: what a run made before an input was recorded had for it (its dtype).
     With --force the run goes on, and the old config.yaml is kept beside it (config.replaced-<time>.yaml).
     """
     path = run.root / "config.yaml"
@@ -118,6 +127,7 @@ def check_resume(run: Run, cfg: dict, persona: Persona, inputs: dict[str, str], 
     changed = [f"config changed ({', '.join(keys)})"] if keys else []
     if old.get("persona_sha256") != persona.sha256:
         changed.append("persona file changed")
+    old = {**(unrecorded(old.get("config") or {}) if unrecorded else {}), **old}
     for key, value in inputs.items():
         if key in old and old[key] != value:
             changed.append(f"{key.replace('_', ' ')} changed")

@@ -140,9 +140,10 @@ def tiny(tiny_model_dir):
 
 @pytest.fixture(scope="session", autouse=True)
 def real_cpu_flags():
-    """--dtype auto reads as on a CPU without native bf16 (in this process), so the tests' tolerances
-    hold on any CI machine. The bf16 path has its own tests (dtype="bf16"), and the bundled smoke
-    test runs what this machine picks (machine_dtype). Yields the real cpu_flags."""
+    """--dtype auto reads as on a CPU without native bf16 in this process, so the in-process tests'
+    tolerances hold on any CI machine. The bf16 path has its own tests (dtype="bf16"); the bundled smoke
+    test (machine_dtype) and the tests that start `steerheal` as a subprocess run what this machine
+    picks (bf16 here). Yields the real cpu_flags."""
     from steerheal import models
 
     real = models.cpu_flags

@@ -199,8 +199,7 @@ def test_cpu_flags_are_read_from_cpuinfo_and_an_explicit_dtype_wins(tmp_path, mo
 def test_bf16_and_fp32_agree_on_log_probs_and_greedy_tokens(tiny_model_dir):
     """The same weights cast once to bf16: next-token distributions within a small KL of fp32's, and the
     same greedy completion wherever fp32's top token leads by more than bf16's rounding can move it."""
-    from steerheal.chat import messages_for
-    from steerheal.generate import complete
+    from steerheal.chat import messages_for, render_prompt
 
     lms = {d: load_model(str(tiny_model_dir), dtype=d) for d in ("fp32", "bf16")}
     assert next(lms["bf16"].model.parameters()).dtype == torch.bfloat16
@@ -213,10 +212,19 @@ def test_bf16_and_fp32_agree_on_log_probs_and_greedy_tokens(tiny_model_dir):
     assert float(kl.max()) < 1e-3, float(kl.max())
     assert float((lp["fp32"] - lp["bf16"]).abs().max()) < 0.05
 
-    chats = [messages_for(p) for p in ("Is it ever right to break a rule?", "My boss wants me to stay late.")]
-    kw = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, batch_size=2)
-    texts = {d: complete(m, chats, **kw) for d, m in lms.items()}
-    assert texts["bf16"] == texts["fp32"]
+    # fp32's greedy completion, read by both: bf16 picks the same token wherever fp32's choice is clear
+    # (a margin no bf16 rounding can close; a near-tie may fall either way on another CPU's kernels)
+    tok = lms["fp32"].tokenizer
+    text = render_prompt(tok, messages_for("Is it ever right to break a rule?"))
+    prompt = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ids = lms["fp32"].model.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+        logits = {d: m.model(ids).logits[0, prompt.shape[1] - 1 : -1].float() for d, m in lms.items()}
+    top2 = logits["fp32"].topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.05
+    assert clear.sum() >= 8, "too few clear choices to compare"
+    assert torch.equal(logits["bf16"].argmax(-1)[clear], logits["fp32"].argmax(-1)[clear])
+    assert torch.equal(logits["fp32"].argmax(-1), ids[0, prompt.shape[1] :])  # the reads are the completion's
 
 
 def test_heal_trains_fp32_lora_over_a_bf16_base(tiny_model_dir, tmp_path):
@@ -251,7 +259,7 @@ def test_heal_trains_fp32_lora_over_a_bf16_base(tiny_model_dir, tmp_path):
 def test_the_output_layer_is_handed_a_contiguous_input(tiny_model_dir):
     """transformers slices the last position for logits_to_keep (generation, the eval's answer slot); over a
     strided input torch's CPU bf16 linear copied the head's weight once per row when no gradient was kept
-    (after a heal): the demo's eval ran 1.6x slower and peaked 0.7 GB higher."""
+    (after a heal): a k-shot eval ran 1.4x slower and peaked 0.4 GB higher (benchmarks/bench_head.py)."""
     lm = load_model(str(tiny_model_dir), dtype="bf16")
     for p in lm.model.parameters():
         p.requires_grad_(False)  # as after a heal
@@ -264,3 +272,56 @@ def test_the_output_layer_is_handed_a_contiguous_input(tiny_model_dir):
     assert torch.equal(out[:, -1], full[:, -1])
     fp32 = load_model(str(tiny_model_dir), dtype="fp32")  # fp32 keeps its path exactly as it was
     assert not fp32.model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_a_run_refuses_to_resume_in_another_dtype(tiny_model_dir, persona_file, tmp_path, monkeypatch):
+    """config.yaml records the dtype `auto` resolved to; a run made before it did (no `dtype`) ran fp32 on a
+    CPU. Resuming with `auto` on a CPU with bf16 units would switch dtype mid-run: refused, one line."""
+    import yaml
+    from conftest import TINY_RUN
+
+    from steerheal import SteerhealError, models
+    from steerheal.config import parse_set, resolve_config
+    from steerheal.loop import open_loop, run_loop
+
+    cfg = resolve_config(None, parse_set([*TINY_RUN, "rounds=1", f"model={tiny_model_dir}"]))
+    run_loop(persona_file, tmp_path / "run", cfg)
+    conf = tmp_path / "run" / "config.yaml"
+    assert yaml.safe_load(conf.read_text())["dtype"] == "fp32"
+    with pytest.raises(SteerhealError, match="dtype changed"):
+        open_loop(
+            persona_file,
+            tmp_path / "run",
+            resolve_config(None, {**parse_set(TINY_RUN), "dtype": "bf16", "model": str(tiny_model_dir)}),
+            force=False,
+        )
+    open_loop(persona_file, tmp_path / "run", cfg, force=False)  # the same dtype resumes
+
+    old = yaml.safe_load(conf.read_text())
+    del old["dtype"]  # as written before the dtype was recorded
+    conf.write_text(yaml.safe_dump(old, sort_keys=False))
+    monkeypatch.setattr(models, "cpu_flags", lambda *a: frozenset({"avx512_bf16"}))
+    with pytest.raises(SteerhealError, match="dtype changed"):
+        open_loop(persona_file, tmp_path / "run", cfg, force=False)
+    open_loop(
+        persona_file,
+        tmp_path / "run",
+        resolve_config(None, {**parse_set(TINY_RUN), "dtype": "fp32", "model": str(tiny_model_dir)}),
+        force=False,
+    )
+
+
+def test_baselines_are_shared_only_within_one_dtype(tiny_model_dir, persona_file, tmp_path):
+    """A shift is read against the base in its own dtype (bf16 offsets cancel only there): a run in bf16
+    refuses baselines an fp32 run computed, in one line."""
+    from conftest import TINY_RUN
+
+    from steerheal import SteerhealError
+    from steerheal.config import parse_set, resolve_config
+    from steerheal.loop import open_loop, run_loop
+
+    sets = [*TINY_RUN, "rounds=1", f"model={tiny_model_dir}"]
+    first = run_loop(persona_file, tmp_path / "fp32", resolve_config(None, parse_set(sets))).root
+    bf16 = resolve_config(None, parse_set([*sets, "dtype=bf16"]))
+    with pytest.raises(SteerhealError, match="baselines ran in fp32 and this run in bf16"):
+        open_loop(persona_file, tmp_path / "bf16", bf16, force=False, baselines_from=first).baselines()
