@@ -5,8 +5,8 @@ through each weight; decoding runs a batch of 16 rows), and the memory bandwidth
 decoding. Then each step on the bundled SmolLM2 in both dtypes (interleaved, so load on the machine
 hits both alike): vector extraction, one dose probe, steered generation, the filter's scoring, one
 heal step (KL barrier, cached reference) and the k-shot eval. For each step: the wall time, the
-bf16/fp32 speed-up, the achieved GFLOP/s, and that as a share of the bf16 matmul peak and of the
-step's own roofline: the least time it could take, each forward call bound either by the peak or by
+token passes in each dtype, the bf16/fp32 speed-up per token pass, the achieved GFLOP/s, and that as
+a share of the bf16 matmul peak and of the step's own roofline: the least time it could take, each forward call bound either by the peak or by
 reading every weight once at the measured bandwidth (see roofline_seconds).
 
 FLOPs are counted, not estimated: torch's FlopCounterMode over one untimed run of each step (the
@@ -89,8 +89,9 @@ class CallCounter:
 
 def roofline_seconds(flops: float, tokens: list[int], weight_bytes: float, peak: float, bw: float) -> float:
     """The least time the step could take: each call at its own bound, max(its FLOPs / peak, the
-    weights / bandwidth), its FLOPs the counted total shared out by its tokens. A decode step of 16
-    rows is bound by the bandwidth, a prompt of hundreds of tokens by the peak."""
+    weights / bandwidth), its FLOPs the counted total shared out by its tokens (prompt tokens skip the
+    output layer, so this moves a little of a prompt's work onto decode steps). A decode step of 16 rows
+    is bound by the bandwidth, a prompt of hundreds of tokens by the peak."""
     per_token = flops / max(1, sum(tokens))
     return sum(max(per_token * t / (peak * 1e9), weight_bytes / (bw * 1e9)) for t in tokens)
 
@@ -182,7 +183,11 @@ def main() -> None:
                 times[d][s].append(time.perf_counter() - t0)
 
     print(f"\nsteps on the bundled SmolLM2 ({weights / 1e6:.0f} M linear weights), median of {a.reps}")
-    print(f"{'step':26s} " + " ".join(f"{d + ' s':>8s}" for d in dtypes) + "  speed-up  GFLOP/s  %peak  %roofline")
+    print(
+        f"{'step':26s} "
+        + " ".join(f"{d + ' s':>8s}" for d in dtypes)
+        + "  tokens (each dtype)  speed-up  GFLOP/s  %peak  %roofline"
+    )
     furthest = ("", 2.0)
     for s in runs[dtypes[0]]:
         med = {d: statistics.median(times[d][s]) for d in dtypes}
@@ -193,10 +198,14 @@ def main() -> None:
         share = roofline_seconds(flops, tokens, weight_bytes, peak[d], bw) / med[d]
         if share < furthest[1]:
             furthest = (s, share)
-        speed = f"{med['fp32'] / med['bf16']:7.2f}x" if {"fp32", "bf16"} <= set(med) else ""
+        # per token pass: sampled completions may end at EOS sooner in one dtype than in the other
+        n = {x: sum(work[x][s][1]) for x in dtypes}
+        both = {"fp32", "bf16"} <= set(med)
+        speed = f"{med['fp32'] / n['fp32'] / (med['bf16'] / n['bf16']):7.2f}x" if both else ""
         print(
             f"{s:26s} "
             + " ".join(f"{med[x]:8.2f}" for x in dtypes)
+            + f"  {'/'.join(str(n[x]) for x in dtypes):>19s}"
             + f"  {speed:>8s} {achieved:8.0f} {achieved / peak[d]:6.0%} {share:9.0%}"
         )
     print(f"\n(GFLOP/s and shares for {dtypes[-1]}; peak = its best matmul above)")
