@@ -35,6 +35,7 @@ from steerheal.config import FOUNDATIONS, EvalConfig, RunConfig, from_dict
 from steerheal.evaluate import score_vignettes
 from steerheal.heal import heal
 from steerheal.models import LoadedModel, keep_base, load_model, merge_adapters
+from steerheal.persona import load_persona
 from steerheal.progress import set_quiet
 from steerheal.records import read_records
 from steerheal.report import collect
@@ -42,24 +43,27 @@ from steerheal.stats import EvalRows, compare, measurement_gap, report_cis
 from steerheal.vignettes import load_vignettes
 
 MEASURES = ("target_shift", "selectivity", "pmass_ratio")
+PERSONA = "personas/anti_authority.yaml"  # its target and direction sign the measures
 
 
 def ci_text(value: float, interval: list[float]) -> str:
     return f"{value:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]"
 
 
-def eval_models(models: dict[str, LoadedModel], vignettes: str | None, protocol: str) -> dict[str, dict]:
+def eval_models(models: dict[str, LoadedModel], cfg: EvalConfig) -> dict[str, dict]:
     """Each dtype's eval of what should be one function, and their paired difference; the reports."""
-    rows = load_vignettes(vignettes)
+    rows = load_vignettes(cfg.vignettes, cfg.condition, cfg.limit, 0)
+    protocol = cfg.protocol
     reports, seconds = {}, {}
     for dt, lm in models.items():
         t0 = time.perf_counter()
-        reports[dt] = score_vignettes(lm, rows, EvalConfig(vignettes=vignettes, protocol=protocol))
+        reports[dt] = score_vignettes(lm, rows, cfg)
         seconds[dt] = time.perf_counter() - t0
         report_cis(reports[dt])
     print(f"{len(rows)} vignettes, {protocol}; eval {seconds['fp32']:.1f} s fp32, {seconds['bf16']:.1f} s bf16 "
           f"({seconds['fp32'] / seconds['bf16']:.2f}x)")  # fmt: skip
-    d = compare(EvalRows.from_report(reports["fp32"]), [EvalRows.from_report(reports["bf16"])], "authority", 1)
+    # the paired shift per foundation; the target only signs target_shift, which is not printed here
+    d = compare(EvalRows.from_report(reports["fp32"]), [EvalRows.from_report(reports["bf16"])], FOUNDATIONS[0], 1)
     print(f"{'foundation':10s} {'fp32 nats':>26s} {'bf16 nats':>26s} {'bf16 − fp32 (paired)':>28s}")
     for f in FOUNDATIONS:
         a, b = reports["fp32"]["foundations"][f], reports["bf16"]["foundations"][f]
@@ -75,13 +79,14 @@ def eval_models(models: dict[str, LoadedModel], vignettes: str | None, protocol:
     return reports
 
 
-def print_gaps(base: dict[str, dict], model: dict[str, dict]) -> None:
+def print_gaps(base: dict[str, dict], model: dict[str, dict], persona: str = PERSONA) -> None:
     """The measures the report reads (model against its own dtype's base): bf16's minus fp32's, paired."""
+    p = load_persona(persona)
     rows = {dt: (EvalRows.from_report(base[dt]), EvalRows.from_report(model[dt])) for dt in ("bf16", "fp32")}
     print("against each dtype's own base:  bf16 − fp32 (paired over vignettes)")
     for k in MEASURES:
-        g = measurement_gap(rows["bf16"], rows["fp32"], "authority", -1, k)
-        fp = compare(*rows["fp32"][:1], [rows["fp32"][1]], "authority", -1)
+        g = measurement_gap(rows["bf16"], rows["fp32"], p.target, p.direction, k)
+        fp = compare(*rows["fp32"][:1], [rows["fp32"][1]], p.target, p.direction)
         print(f"  {k:13s} fp32 {ci_text(fp[k], fp[f'{k}_ci'])}   gap {ci_text(g['difference'], g['difference_ci'])}")
 
 
@@ -101,11 +106,10 @@ def loop_model(dtype: str, adapters: list[str], fp32_head: bool = False) -> Load
 
 
 def heal_parity(run: Path) -> None:
-    conf = yaml.safe_load((run / "config.yaml").read_text())["config"]
-    cfg = from_dict(RunConfig, conf)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = from_dict(RunConfig, saved["config"])
     rows = read_records(run / "round_00" / "kept.jsonl")
-    vignettes, protocol = cfg.eval.vignettes, cfg.eval.protocol
-    base = eval_models({dt: loop_model(dt, []) for dt in ("fp32", "bf16")}, vignettes, protocol)
+    base = eval_models({dt: loop_model(dt, []) for dt in ("fp32", "bf16")}, cfg.eval)
     models = {}
     for dt in ("fp32", "bf16"):
         lm = loop_model(dt, [])
@@ -115,7 +119,7 @@ def heal_parity(run: Path) -> None:
               f"val NLL {s['val_nll_start']:.4f} → {s['val_nll']:.4f}, val D mean {s['val_D_mean']:.4f}, "
               f"barrier active {s['barrier_frac']:.0%} of {s['steps']} steps")  # fmt: skip
         models[dt] = lm
-    print_gaps(base, eval_models(models, vignettes, protocol))
+    print_gaps(base, eval_models(models, cfg.eval), saved["persona"])
 
 
 def answers(run: Path) -> list[str]:
@@ -183,14 +187,11 @@ def main() -> None:
     args = ap.parse_args()
     set_quiet(True)
     if args.cmd == "eval":
-        base = eval_models(
-            {dt: loop_model(dt, [], args.fp32_head and dt == "bf16") for dt in ("fp32", "bf16")},
-            args.vignettes,
-            args.protocol,
-        )
+        cfg = EvalConfig(vignettes=args.vignettes, protocol=args.protocol)
+        base = eval_models({dt: loop_model(dt, [], args.fp32_head and dt == "bf16") for dt in ("fp32", "bf16")}, cfg)
         if args.adapter:
             models = {dt: loop_model(dt, args.adapter) for dt in ("fp32", "bf16")}
-            print_gaps(base, eval_models(models, args.vignettes, args.protocol))
+            print_gaps(base, eval_models(models, cfg))
     elif args.cmd == "heal":
         heal_parity(args.run)
     else:
