@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from . import SteerhealError
@@ -36,6 +35,7 @@ from .models import (
     BaseView,
     LoadedModel,
     TokenMeter,
+    auto_dtype,
     describe_dtype,
     dtype_name,
     keep_base,
@@ -458,9 +458,7 @@ def dtype_before_recorded(old: dict, device: str) -> str:
     """The dtype a run made before config.yaml recorded it ran in: `auto` was bf16 on CUDA, fp32 on a CPU."""
     dev = pick_device(old.get("device") or device)
     raw = old.get("dtype") or "auto"
-    return dtype_name(
-        pick_dtype(dev, raw) if raw != "auto" else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    )
+    return dtype_name(pick_dtype(dev, raw) if raw != "auto" else auto_dtype(dev.type, frozenset()))  # no CPU flags
 
 
 def run_seeds(
