@@ -20,7 +20,7 @@ import numpy as np
 from . import SteerhealError
 from .config import ARMS, NULL_K_COMPARE, RunConfig, parse_set, with_overrides
 from .evaluate import score_vignettes
-from .loop import BASELINE_STEPS, run_dtype, run_seeds
+from .loop import BASELINE_STEPS, LoopResult, pool_seeds, run_dtype, run_loop, run_seed
 from .models import load_model
 from .progress import log
 from .records import atomic_path, write_json, write_text
@@ -100,13 +100,25 @@ def run_compare(
     shared = next(
         (d for a in ARMS for d in arm_dirs(root, a, cfg) if all(Run(d).done(k) for k in BASELINE_STEPS)), None
     )
-    for arm in [] if report_only else arms:
-        log(f"[arm {arm}]")
-        runs = run_seeds(persona_path, root / arm, arm_config(cfg, arm, variants), force, shared)
-        shared = shared or runs[0].root
     run = Run(root)
-    if "steer" in arms and null_k > 0 and not report_only:
-        run.step("null", lambda: write_json(root / "null.json", random_null(root, cfg, null_k)))
+    # Seed by seed, every arm within a seed: a run stopped early leaves arms paired on the seeds it finished.
+    results: dict[str, list[LoopResult]] = {arm: [] for arm in arms}
+    for i, s in enumerate([] if report_only else (cfg.seeds or [None])):
+        for arm in arms:
+            log(f"[arm {arm}]" + ("" if s is None else f" [seed {s}] ({i + 1}/{len(cfg.seeds)})"))
+            acfg = arm_config(cfg, arm, variants)
+            one = (
+                run_loop(persona_path, root / arm, acfg, force, shared)
+                if s is None
+                else run_seed(persona_path, root / arm, acfg, s, force, shared)
+            )
+            results[arm].append(one)
+            shared = shared or one.root
+        if i == 0 and "steer" in arms and null_k > 0:
+            run.step("null", lambda: write_json(root / "null.json", random_null(root, cfg, null_k)))
+    if cfg.seeds and not report_only:
+        for arm in arms:
+            pool_seeds(persona_path, root / arm, arm_config(cfg, arm, variants), results[arm])
     started = {arm: [d for d in arm_dirs(root, arm, cfg) if Run(d).done("round_00/done")] for arm in arms}
     if not any(started.values()):
         raise SteerhealError(f"{root}: no arm has finished a round yet; nothing to report")

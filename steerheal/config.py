@@ -39,6 +39,24 @@ STEERED_MEASURES = ("all", "first")
 SCHEDULES = ("constant", "linear", "exp")
 GATE_MODES = ("hard", "soft")
 
+# Every random stream of a round comes from the run's seed, never from the arm: two arms with one seed
+# draw the same samples, LoRA initialisation and data order wherever the arm does not change them by
+# design (common random numbers), so their difference pairs over seeds. The offsets keep seed 0's streams
+# as they were before this table existed.
+SEED_STREAMS = {"generate": 0, "random": 7, "dose": 500}
+SEED_STRIDE = 1000  # between rounds (and between seeds, for the heal's own seed)
+
+
+def round_seed(seed: int, r: int, stream: str) -> int:
+    """The seed of one stream in round r of a run with this seed."""
+    return seed + SEED_STRIDE * r + SEED_STREAMS[stream]
+
+
+def heal_seed(base: int, seed: int, r: int) -> int:
+    """The heal's seed (LoRA initialisation, split, data order) in round r: it varies with the run's seed,
+    so seeds are independent draws, and not with the arm, so arms with one seed share it."""
+    return base + SEED_STRIDE * seed + r
+
 
 @dataclass
 class VectorConfig:

@@ -332,11 +332,30 @@ def records_sha256(records: Sequence[Record]) -> str:
     return h.hexdigest()
 
 
-def split(n: int, val_frac: float, seed: int) -> tuple[list[int], list[int]]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = int(round(n * val_frac)) if val_frac > 0 else 0
-    n_val = min(n_val, n - 1)
-    return sorted(perm[n_val:]), sorted(perm[:n_val])
+def _uniform(seed: int, salt: str, row_id: str) -> float:
+    """A number in [0, 1) drawn from (seed, salt, id) alone."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{salt}/{row_id}".encode()).digest()[:8], "big") / 2**64
+
+
+def order_by_id(ids: Sequence[str], seed: int, salt: str) -> list[int]:
+    """Positions of `ids` in an order drawn from (seed, salt, id) alone: rows that two runs share (the same
+    slot of the same round: arms with one seed) keep their order relative to each other, whatever else
+    each run kept (common random numbers). Ties (a repeated id) keep their input order."""
+    return sorted(range(len(ids)), key=lambda i: _uniform(seed, salt, ids[i]))
+
+
+def split(ids: Sequence[str], val_frac: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) positions. A row is held out when its own draw falls below val_frac, so a row two arms
+    share lands on the same side in both (about val_frac of the rows; with val_frac > 0 at least one row
+    is held out and at least one trains)."""
+    u = [_uniform(seed, "val", x) for x in ids]
+    val = [i for i in range(len(ids)) if u[i] < val_frac]
+    if not val and val_frac > 0 and len(ids) > 1:
+        val = [min(range(len(ids)), key=lambda i: u[i])]
+    if len(val) == len(ids):
+        val.remove(max(val, key=lambda i: u[i]))
+    held = set(val)
+    return [i for i in range(len(ids)) if i not in held], val
 
 
 @torch.no_grad()
@@ -381,13 +400,15 @@ def _nll_and_kl(model: nn.Module, b: Batch, ref: torch.Tensor | TopK, direction:
 def train(
     peft_model: Any,
     rows: Sequence[Span],
+    ids: Sequence[str],
     train_idx: list[int],
     ref: Reference | None,
     cfg: HealConfig,
     pad_id: int,
     teacher: list[torch.Tensor] | list[TopK] | None = None,
 ) -> list[dict]:
-    """AdamW with a cosine schedule and warm-up over the training rows; one log row per optimizer step."""
+    """AdamW with a cosine schedule and warm-up over the training rows (each epoch in the seed's order by
+    row id, `ids`); one log row per optimizer step."""
     if ref is not None:
         ref.peft_model = peft_model
     dev = next(peft_model.parameters()).device
@@ -396,12 +417,11 @@ def train(
     micro_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total = math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup_steps(total, cfg.warmup)))
-    gen = torch.Generator().manual_seed(cfg.seed)
     log_rows: list[dict] = []
     step = 0
     with progress("healing", total=total) as bar:
         for epoch in range(cfg.epochs):
-            perm = [train_idx[i] for i in torch.randperm(len(train_idx), generator=gen).tolist()]
+            perm = [train_idx[i] for i in order_by_id([ids[j] for j in train_idx], cfg.seed, f"epoch {epoch}")]
             micro = [perm[s : s + cfg.batch_size] for s in range(0, len(perm), cfg.batch_size)]
             for g in range(0, len(micro), cfg.grad_accum):
                 group = micro[g : g + cfg.grad_accum]
@@ -491,7 +511,8 @@ def heal(
         )
     rows = encode_rows(lm.tokenizer, records, cfg.max_len)
     pad_id = pad_token_id(lm.tokenizer)
-    train_idx, val_idx = split(len(rows), cfg.val_frac, cfg.seed)
+    ids = [r.id for r in records]
+    train_idx, val_idx = split(ids, cfg.val_frac, cfg.seed)
     torch.manual_seed(cfg.seed)
     ref = prepare_reference(lm, rows, cfg, history, reference_model)
     teacher = teacher_logprobs(lm, rows, teacher_records, cfg) if teacher_records is not None else None
@@ -507,7 +528,7 @@ def heal(
         if cfg.checkpoint:
             _activation_checkpointing(lm.model, True)
         try:
-            log_rows = train(peft_model, rows, train_idx, ref, cfg, pad_id, teacher)
+            log_rows = train(peft_model, rows, ids, train_idx, ref, cfg, pad_id, teacher)
         finally:
             if cfg.checkpoint:
                 _activation_checkpointing(lm.model, False)

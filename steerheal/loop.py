@@ -24,7 +24,7 @@ import yaml
 
 from . import SteerhealError
 from .coherence import generation_coherence, neutral_prompts
-from .config import GenerateConfig, RunConfig
+from .config import GenerateConfig, RunConfig, heal_seed, round_seed
 from .dose import choose_dose
 from .evaluate import score_vignettes
 from .filter import filter_records
@@ -202,7 +202,7 @@ class Loop:
         if run.done(f"{key}/done"):
             return run.json(f"{key}/round.json").get("stop")
         log(f"[round {r + 1}/{cfg.rounds}]{self._eta(r)}")
-        seed = cfg.seed + 1000 * r
+        seed = round_seed(cfg.seed, r, "generate")
 
         def step(name: str, fn: Callable[[], None]) -> None:
             if not run.done(f"{key}/{name}"):
@@ -220,14 +220,14 @@ class Loop:
         vec = SteeringVector.load(d / "vector.safetensors")
         # The intervention this arm applies: the persona vector, a norm-matched random one, or the prompt.
         if cfg.arm == "random":
-            step("random", lambda: vec.random_like(seed + 7).save(d / "random.safetensors"))
+            step("random", lambda: vec.random_like(round_seed(cfg.seed, r, "random")).save(d / "random.safetensors"))
             vec = SteeringVector.load(d / "random.safetensors")
-        step("dose", lambda: write_json(d / "dose.json", self._dose(vec, seed + 500)))
+        step("dose", lambda: write_json(d / "dose.json", self._dose(vec, round_seed(cfg.seed, r, "dose"))))
         coeff = float(run.json(f"{key}/dose.json")["coeff"])
         act: dict[str, Any] = {"system": self.system} if self.prompted else {"vector": vec, "coeff": coeff}
         reg = "nll" if cfg.arm == "nll" else cfg.heal.reg  # the nll arm: no barrier (what the barrier adds)
         rows_stop: str | None = None
-        hcfg = dataclasses.replace(cfg.heal, seed=cfg.heal.seed + r, reg=reg)
+        hcfg = dataclasses.replace(cfg.heal, seed=heal_seed(cfg.heal.seed, cfg.seed, r), reg=reg)
         if cfg.online.enabled:
             # One segment of online steps is the round's generate, filter and heal (online.py).
             self.steered_measures(r, act)
@@ -472,24 +472,35 @@ def run_seeds(
     then one report pooled over them in out."""
     if not cfg.seeds:
         return [run_loop(persona_path, out, cfg, force, baselines_from)]
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
     results = []
     for s in cfg.seeds:
         log(f"[seed {s}] ({cfg.seeds.index(s) + 1}/{len(cfg.seeds)})")
-        one = dataclasses.replace(cfg, seed=s, seeds=[])
-        results.append(run_loop(persona_path, root / f"seed_{s}", one, force, baselines_from))
+        results.append(run_seed(persona_path, out, cfg, s, force, baselines_from))
         baselines_from = baselines_from or results[0].root
-    dirs = [r.root for r in results]
-    write_config(root, cfg.to_dict(), load_persona(persona_path), persona_path)
+    pool_seeds(persona_path, out, cfg, results)
+    return results
+
+
+def run_seed(
+    persona_path: str | Path, out: str | Path, cfg: RunConfig, s: int, force: bool, baselines_from: Path | None
+) -> LoopResult:
+    """Seed s of a several-seed config, in out/seed_s."""
+    return run_loop(
+        persona_path, Path(out) / f"seed_{s}", dataclasses.replace(cfg, seed=s, seeds=[]), force, baselines_from
+    )
+
+
+def pool_seeds(persona_path: str | Path, out: str | Path, cfg: RunConfig, results: list[LoopResult]) -> None:
+    """The report and plot pooled over the seeds' runs, in out."""
     from .plot import plot_run
     from .report import write_report
 
+    root, dirs = Path(out), [r.root for r in results]
+    write_config(root, cfg.to_dict(), load_persona(persona_path), persona_path)
     plot_run(root, dirs)
     stops = "; ".join(f"seed {s}: {r.stop_reason}" for s, r in zip(cfg.seeds, results))
     write_report(root, stops, run_dirs=dirs)
     log(f"pooled report over seeds {cfg.seeds}: {root / 'report.md'}")
-    return results
 
 
 def run_loop(

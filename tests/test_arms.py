@@ -169,3 +169,69 @@ def test_one_seed_under_seeds_writes_its_pooled_report_with_the_seeds_own_sectio
     run_seeds(persona_file, root, resolve_config(None, parse_set(sets)))
     text = (root / "report.md").read_text()
     assert "## Demo generations" in text and "| base |" in text and "## Filter" in text
+
+
+def _lora_init(monkeypatch, sink: list) -> None:
+    """Record every LoRA's A matrices as attach_lora makes them (B starts at 0; A is the random draw)."""
+    import steerheal.heal as heal_mod
+
+    real = heal_mod.attach_lora
+
+    def attach(model, cfg):
+        pm, layers = real(model, cfg)
+        sink.append({n: p.detach().clone() for n, p in pm.named_parameters() if "lora_A" in n})
+        return pm, layers
+
+    monkeypatch.setattr(heal_mod, "attach_lora", attach)
+
+
+def test_arms_with_one_seed_start_from_the_same_lora_and_seeds_do_not(
+    tiny_model_dir, persona_file, tmp_path, monkeypatch
+):
+    """Common random numbers: the steer and prompt arms of seed 3 start their heal from the same LoRA
+    weights; seed 4 starts from another (the heal's seed followed the round alone, so every seed of a
+    compare shared one initialisation and the seeds' spread left it out)."""
+    inits: list = []
+    _lora_init(monkeypatch, inits)
+    for arm, seed in (("steer", 3), ("prompt", 3), ("steer", 4)):
+        cfg = resolve_config(None, parse_set([*TINY, f"arm={arm}", f"seed={seed}", f"model={tiny_model_dir}"]))
+        run_loop(persona_file, tmp_path / f"{arm}{seed}", cfg)
+    steer3, prompt3, steer4 = inits
+    assert steer3.keys() == prompt3.keys() and steer3
+    assert all(torch.equal(steer3[k], prompt3[k]) for k in steer3)
+    assert not any(torch.equal(steer3[k], steer4[k]) for k in steer3)
+
+
+def test_heal_sees_the_rows_two_arms_share_in_the_same_order(tiny_model_dir, tmp_path, monkeypatch):
+    """Two arms of one seed keep different rows of the same slots (ids); the heal's split and each epoch's
+    order follow the ids, so the rows both kept go to the same side of the split and train in the same
+    relative order (a permutation of positions reshuffled everything when one row was missing)."""
+    import steerheal.heal as heal_mod
+    from steerheal.heal import heal
+
+    trained: list[int] = []  # positions, in the order train() pads them into batches
+    real_train, real_pad = heal_mod.train, heal_mod.right_padded
+
+    def recording_train(*a, **k):
+        pad = lambda rows, idx, *rest: trained.extend(idx) or real_pad(rows, idx, *rest)  # noqa: E731
+        with monkeypatch.context() as m:
+            m.setattr(heal_mod, "right_padded", pad)
+            return real_train(*a, **k)
+
+    monkeypatch.setattr(heal_mod, "train", recording_train)
+    lm = load_model(str(tiny_model_dir))
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    recs = [
+        Record(id=f"p-r0-{i:05d}", persona="", messages=[{"role": "user", "content": w}], completion=f"{w} {w}.")
+        for i, w in enumerate(words)
+    ]
+    cfg = HealConfig(rank=4, alpha=8, epochs=2, batch_size=1, min_rows=4, layers="0:1", val_frac=0.25, seed=11)
+    order = {}
+    for name, rows in (("all", recs), ("fewer", [r for i, r in enumerate(recs) if i not in (2, 7)])):
+        trained.clear()
+        heal(lm, rows, cfg, tmp_path / name, merge=False)
+        order[name] = [rows[i].id for i in trained]
+    both = set(order["fewer"])
+    common = [x for x in order["all"] if x in both]
+    assert common == order["fewer"]
+    assert len(common) >= 2 * 6  # two epochs of at least six shared rows
