@@ -4,13 +4,14 @@ plain fine-tuning?
 Each arm is a full loop (every seed) in out/<arm>/, built by loop.run_seeds, so a finished arm
 or seed is never rerun. The random null: K random directions, norm-matched to the steer arm's
 round-0 vector at its round-0 dose, each scored raw on the eval (null.json); every arm's
-round-0 shift is placed in that distribution (percentile, z), and a shift counts as
-persona-specific only above the null's central 95% (the persona's way).
+round-0 raw shift is placed among them, and each healed arm among the random arm's healed seeds, by
+a rank p-value (a shift is persona-specific at p <= 0.05 the persona's way, which needs K >= 19).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .models import load_model
 from .progress import log
 from .records import atomic_path, write_json, write_text
 from .report import collect
-from .rundir import Run
+from .rundir import Run, protocol_path
 from .stats import EvalRows, beats, compare, difference, holm, intervals, seed_ci_text, verdict
 from .vector import SteeringVector
 from .vignettes import load_vignettes
@@ -33,6 +34,9 @@ from .vignettes import load_vignettes
 # A variant changes how a round runs, never what the shared baselines measure.
 VARIANT_SECTIONS = ("arm", "vector", "dose", "generate", "filter", "heal", "online")
 
+
+# A shift counts as persona-specific when its rank p among the null's draws is at most this.
+NULL_ALPHA = 0.05
 
 # The arm every other one is set against unless --reference says otherwise.
 REFERENCE = "steer"
@@ -126,6 +130,11 @@ def run_compare(
     if reference in arms and reference not in numbers:
         log(f"compare: {reference} has no finished round yet, so no arm is set against it")
     summary = summarize(root, numbers, cfg, reference)
+    # The same trained models read under each protocol of eval.also (the null is the run's own protocol's).
+    summary["protocols"] = {
+        p: summarize(root, {arm: collect(dirs, p) for arm, dirs in started.items() if dirs}, cfg, reference, null=False)
+        for p in cfg.eval.also
+    }
     write_json(root / "compare.json", summary)
     plot_compare(root, numbers)
     write_text(root / "compare.md", render(summary, numbers))
@@ -153,33 +162,42 @@ def random_null(root: Path, cfg: RunConfig, k: int) -> dict[str, Any]:
 
 
 def place(value: float, null: list[float]) -> dict[str, Any]:
-    """Where `value` falls in the null draws: percentile, z-score, and outside the central 95%?"""
+    """Where `value` falls among K null draws: rank p-values each way, p = (1 + #draws at least as far that
+    way) / (K + 1), exact under the null for any K (the central 95% of a handful of draws, read as a
+    quantile, fired for a random direction ~12% of the time at K = 8). Percentile and z for reading."""
     x = np.asarray(null, dtype=np.float64)
-    lo, hi = np.quantile(x, [0.025, 0.975])
-    sd = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+    k = len(x)
+    sd = float(x.std(ddof=1)) if k > 1 else float("nan")
+    p_above, p_below = (1 + int((x >= value).sum())) / (k + 1), (1 + int((x <= value).sum())) / (k + 1)
     return {
+        "k": k,
         "percentile": float((x < value).mean() * 100),
         "z": (value - float(x.mean())) / sd if sd > 0 else math.nan,
-        "null_95": [float(lo), float(hi)],
-        "outside": bool(value < lo or value > hi),
-        "above": bool(value > hi),  # persona-specific: beyond the null the persona's way
+        "p_above": p_above,
+        "p_below": p_below,
+        "above": p_above <= NULL_ALPHA,  # persona-specific: beyond the null the persona's way
+        "below": p_below <= NULL_ALPHA,
     }
 
 
 def _null_word(p: dict[str, Any]) -> str:
-    if p.get("above"):
-        return "persona-specific (above the null's central 95%)"
-    if p["outside"]:
-        return "below the null's central 95% (further the wrong way than random directions)"
-    return "not distinguishable from a random direction"
+    k, floor = p["k"], 1 / (p["k"] + 1)
+    if p["above"]:
+        return f"persona-specific (rank p {p['p_above']:.3f} of K = {k})"
+    if p["below"]:
+        return f"further the wrong way than random directions (rank p {p['p_below']:.3f} of K = {k})"
+    reach = "" if floor <= NULL_ALPHA else f"; with K = {k} no p can reach {NULL_ALPHA} (the smallest is {floor:.2f})"
+    return f"not distinguishable from a random direction (rank p {p['p_above']:.2f} of K = {k}{reach})"
 
 
-def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig, reference: str) -> dict[str, Any]:
+def summarize(
+    root: Path, numbers: dict[str, dict], cfg: RunConfig, reference: str, null: bool = True
+) -> dict[str, Any]:
     """Per arm: the last healed round against base, against the prompting baseline and against the
     reference arm (selectivity, shift and pmass ratio, paired), and its round-0 raw shift placed in the
-    random null."""
-    null = Run(root).json("null.json") if (root / "null.json").is_file() else None
-    out: dict[str, Any] = {"arms": {}, "null": null}
+    random null (`null`: when the numbers are under the protocol the null was scored in)."""
+    draws = Run(root).json("null.json") if null and (root / "null.json").is_file() else None
+    out: dict[str, Any] = {"protocol": next(iter(numbers.values()))["protocol"], "arms": {}, "null": draws}
     for arm, c in numbers.items():
         healed = [r for r in c["rounds"] if r["healed"]]
         entry: dict[str, Any] = {"rounds": len(c["rounds"]), "healed_rounds": len(healed)}
@@ -200,11 +218,20 @@ def summarize(root: Path, numbers: dict[str, dict], cfg: RunConfig, reference: s
             entry["vs_prompting"] = healed[-1]["heal_vs_prompt"]
         # The null is directions at the steer arm's round-0 C: only an arm that steered at that C is placed in it
         # (not the prompt arms, nor the random arm, whose own dose rule picks another C).
-        if null and c["rounds"] and all(abs(x - null["coeff"]) < 1e-3 for x in c["rounds"][0]["coeff"]):
-            shifts = [d["target_shift"] for d in null["draws"]]
+        if draws and c["rounds"] and all(abs(x - draws["coeff"]) < 1e-3 for x in c["rounds"][0]["coeff"]):
+            shifts = [d["target_shift"] for d in draws["draws"]]
             entry["null_raw"] = place(c["rounds"][0]["steered"]["target_shift"], shifts)
-            if c["rounds"][0]["healed"]:
-                entry["null_healed"] = place(c["rounds"][0]["healed"]["target_shift"], shifts)
+        # Healed, like for like: the arm's mean healed shift among the random arm's healed seeds (each seed
+        # its own random direction, distilled and healed the same way), at the arm's last healed round.
+        rnd = numbers.get("random")
+        if arm != "random" and rnd and healed:
+            r = healed[-1]["round"]
+            same = [x for x in rnd["rounds"] if x["round"] == r and x["healed"]]
+            if same:
+                entry["null_healed"] = place(
+                    healed[-1]["healed"]["target_shift"], same[0]["healed"]["target_shift_per_seed"]
+                )
+                entry["null_healed"]["round"] = r
         out["arms"][arm] = entry
     out["reference"] = reference
     if reference in numbers:
@@ -226,25 +253,43 @@ def holm_family(arms: dict[str, dict]) -> None:
 
 def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[str, dict]) -> dict | None:
     """Selectivity of arm a minus arm b at the last healed round both reached (a partial run is not set
-    against a finished one's later round), paired over vignettes and pooled over seeds."""
+    against a finished one's later round), paired over vignettes, and over seeds where both arms ran the
+    seed (common random numbers: the paired t over those seeds; Welch over all seeds when fewer than two
+    are shared)."""
     both = {r["round"] for r in numbers[a]["rounds"] if r["healed"]}
     both &= {r["round"] for r in numbers[b]["rounds"] if r["healed"]}
     if not both:
         return None
     last = max(both)
-    base = EvalRows.from_report(numbers[a]["base"])
-    # A seed counts once its round.json is written (as in the table), not when its eval lands mid-round.
-    rows = lambda arm, r: [
-        EvalRows.from_report(Run(d).json(f"round_{r:02d}/eval_healed.json"))  # noqa: E731
-        for d in arm_dirs(root, arm, cfg)
-        if (d / f"round_{r:02d}" / "round.json").is_file() and Run(d).json(f"round_{r:02d}/round.json")["healed"]
-    ]
-    c, ra, rb = numbers[a], rows(a, last), rows(b, last)
-    d = difference(base, ra, rb, c["target"], c["direction"], "selectivity")
+    c = numbers[a]
+    base = EvalRows.from_report(c["base"])
+
+    def healed(arm: str) -> dict[int, EvalRows]:
+        # A seed counts once its round.json is written (as in the table), not when its eval lands mid-round.
+        out = {}
+        for s, d in zip(cfg.seeds or [cfg.seed], arm_dirs(root, arm, cfg)):
+            rd = d / f"round_{last:02d}"
+            if (rd / "round.json").is_file() and Run(d).json(f"round_{last:02d}/round.json")["healed"]:
+                path = protocol_path(rd / "eval_healed.json", c.get("alt_protocol"))
+                out[s] = EvalRows.from_report(json.loads(path.read_text()))
+        return out
+
+    ha, hb = healed(a), healed(b)
+    shared = sorted(set(ha) & set(hb))
+    paired = len(shared) >= 2
+    ra, rb = ([h[s] for s in shared] for h in (ha, hb)) if paired else (list(ha.values()), list(hb.values()))
+    d = difference(base, ra, rb, c["target"], c["direction"], "selectivity", paired=paired)
     # The Pareto question (shift against coherence), arm b minus arm a on each axis.
-    axes = {m: difference(base, rb, ra, c["target"], c["direction"], m) for m in ("target_shift", "pmass_ratio")}
+    axes = {
+        m: difference(base, rb, ra, c["target"], c["direction"], m, paired=paired)
+        for m in ("target_shift", "pmass_ratio")
+    }
     front = pareto_word(axes["target_shift"]["verdict"], axes["pmass_ratio"]["verdict"])
-    return {"round": last, "seeds": [len(ra), len(rb)]} | d | {"arm_minus_reference": axes, "front": front}
+    return (
+        {"round": last, "seeds": [len(ra), len(rb)], "paired_seeds": shared if paired else []}
+        | d
+        | {"arm_minus_reference": axes, "front": front}
+    )
 
 
 def pareto_word(shift: str, coherence: str) -> str:
@@ -336,8 +381,11 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
                 )
     L += ["", "![compare](compare.png)", ""]
     L += per_seed_lines(numbers)
-    L += ["", "## Verdict (computed from the intervals)", ""]
+    L += ["", f"## Verdict (computed from the intervals), {summary['protocol']} protocol", ""]
     L += verdict_lines(summary, t)
+    for p, other in summary.get("protocols", {}).items():
+        L += ["", f"## Verdict under the {p} protocol (the same trained models, scored again)", ""]
+        L += verdict_lines(other, t)
     return "\n".join(L) + "\n"
 
 
@@ -393,12 +441,14 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
                 f"(selectivity difference {vp['difference']:+.2f} "
                 f"[{vp['difference_ci'][0]:+.2f}, {vp['difference_ci'][1]:+.2f}]{seed_ci_text(vp)})"
             )
-        for key, name in (("null_raw", "raw round 0"), ("null_healed", "healed round 0")):
+        for key, name in (
+            ("null_raw", "raw round 0 among the random directions"),
+            ("null_healed", "healed among the random arm's healed seeds"),
+        ):
             if key in e:
                 p = e[key]
-                parts.append(
-                    f"{name} in the random null: percentile {p['percentile']:.0f}, z {p['z']:+.2f}, {_null_word(p)}"
-                )
+                where = f" (round {p['round']})" if "round" in p else ""
+                parts.append(f"{name}{where}: percentile {p['percentile']:.0f}, z {p['z']:+.2f}, {_null_word(p)}")
         d = e.get("reference_minus_arm")
         if d:
             parts.append(

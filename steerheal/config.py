@@ -24,9 +24,9 @@ from . import SteerhealError
 FOUNDATIONS: tuple[str, ...] = ("care", "fairness", "loyalty", "authority", "sanctity", "liberty", "social")
 
 REGS = ("kl_rev", "kl_fwd", "nll")
-# Random directions in the nulls: compare's (at the round-0 dose) and sweep's (at every grid point; the
-# arms issue asks for at least 5, and 3 left a 95% range no draw can define).
-NULL_K_COMPARE = 8
+# Random directions in the nulls: compare's (at the round-0 dose; a rank p-value needs K >= 19 to reach
+# 0.05) and sweep's (at every grid point: a z and "beyond every draw", read as descriptive).
+NULL_K_COMPARE = 19
 NULL_K_SWEEP = 5
 AGGS = ("rmse", "mean", "p95", "max")
 REFS = ("prev", "base")
@@ -226,10 +226,17 @@ class EvalConfig:
     think_tokens: int = 0
     batch_size: int = 16
     protocol: str = "kshot"  # kshot: seven worked examples first (our own); zero-shot: tinymfv's published protocol
+    # Protocols each model is also scored under (<eval>.<protocol>.json beside each eval): one set of trained
+    # models read both ways, at the cost of an eval each, and compare gives each verdict under each.
+    also: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         _choice("eval.condition", self.condition, CONDITIONS)
         _choice("eval.protocol", self.protocol, PROTOCOLS)
+        for p in self.also:
+            _choice("eval.also", p, PROTOCOLS)
+        if self.protocol in self.also or len(set(self.also)) != len(self.also):
+            raise SteerhealError(f"eval.also {self.also}: each protocol once, and not the run's own ({self.protocol})")
         if self.think_tokens < 0:
             raise SteerhealError(f"eval.think_tokens (--think-tokens) {self.think_tokens}: must be 0 or more")
         if self.batch_size < 1:

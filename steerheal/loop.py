@@ -5,6 +5,7 @@ Run directory:
   config.yaml  manifest.json  baselines/{base,prompt}.json  baselines/demo.jsonl
   round_XX/{vector.safetensors, dose.json, completions.jsonl, kept.jsonl, rejected.jsonl,
             eval_steered.json, demo_steered.jsonl, adapter/, eval_healed.json, demo_healed.jsonl, round.json}
+  each eval also as <eval>.<protocol>.json for every protocol in eval.also
   metrics.jsonl  trajectory.png  report.md
 
 Over 400 lines: a round is one readable sequence of named steps (round()), plus the baselines and seeds around it.
@@ -55,6 +56,7 @@ from .rundir import (
     check_resume,
     finished_adapters,
     model_fingerprint,
+    protocol_path,
     remove_stale_temps,
     write_config,
     write_metrics,
@@ -67,6 +69,13 @@ BASELINE_STEPS = tuple(f"baselines/{k}" for k in ("base", "prompt", "demo", "gen
 BASELINE_FILES = tuple(
     f"baselines/{f}" for f in ("base.json", "prompt.json", "demo.jsonl", "gen_base.json", "gen_prompt.json")
 )
+
+
+def baseline_steps(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The baselines' steps and files, with base and prompt under each protocol of eval.also."""
+    alt = [(f"baselines/{k}.{p}", f"baselines/{k}.{p}.json") for p in cfg.eval.also for k in ("base", "prompt")]
+    return BASELINE_STEPS + tuple(s for s, _ in alt), BASELINE_FILES + tuple(f for _, f in alt)
+
 
 ROUND_STEPS = (
     "vector",
@@ -164,8 +173,16 @@ class Loop:
     def finished_adapters(self) -> list[str]:
         return finished_adapters(self.run, self.cfg.rounds)
 
-    def eval(self, **kw: Any) -> dict:
-        return score_vignettes(self.lm, self.vignettes, self.cfg.eval, **kw)
+    def eval(self, protocol: str | None = None, **kw: Any) -> dict:
+        """The current model (steered or prompted through kw) on the vignettes, under the run's protocol or another."""
+        cfg = self.cfg.eval if protocol is None else dataclasses.replace(self.cfg.eval, protocol=protocol, also=[])
+        return score_vignettes(self.lm, self.vignettes, cfg, **kw)
+
+    def evals(self, step: Callable[[str, Callable[[], None]], None], name: str, path: Path, **kw: Any) -> None:
+        """An eval step under the run's protocol, then one under each protocol of eval.also (<name>.<protocol>)."""
+        step(name, lambda: write_json(path, self.eval(**kw)))
+        for p in self.cfg.eval.also:
+            step(f"{name}.{p}", lambda p=p: write_json(protocol_path(path, p), self.eval(protocol=p, **kw)))
 
     def baselines(self) -> None:
         """The base model and the prompting baseline (the persona's first pos prompt as a system prompt)."""
@@ -177,13 +194,15 @@ class Loop:
                     f"{self.baselines_from}: its baselines ran in {theirs} and this run in {ours}; "
                     f"share baselines within one dtype (--dtype {theirs}) or give this run its own"
                 )
-        if self.baselines_from is not None and run.adopt(Run(self.baselines_from), BASELINE_STEPS, BASELINE_FILES):
+        steps, files = baseline_steps(self.cfg)
+        if self.baselines_from is not None and run.adopt(Run(self.baselines_from), steps, files):
             log(f"[baselines] shared from {self.baselines_from}")
-        if not all(run.done(k) for k in BASELINE_STEPS):
+        if not all(run.done(k) for k in steps):
             log("[baselines] base model and the prompting baseline (persona as system prompt)")
         m = self.meter
-        run.step("baselines/base", lambda: write_json(d / "base.json", self.eval()), m)
-        run.step("baselines/prompt", lambda: write_json(d / "prompt.json", self.eval(system=system)), m)
+        step = lambda name, fn: run.step(f"baselines/{name}", fn, m)  # noqa: E731
+        self.evals(step, "base", d / "base.json")
+        self.evals(step, "prompt", d / "prompt.json", system=system)
         run.step(
             "baselines/demo",
             lambda: write_records(
@@ -204,10 +223,7 @@ class Loop:
         log(f"[round {r + 1}/{cfg.rounds}]{self._eta(r)}")
         seed = round_seed(cfg.seed, r, "generate")
 
-        def step(name: str, fn: Callable[[], None]) -> None:
-            if not run.done(f"{key}/{name}"):
-                log(f"[round {r + 1}/{cfg.rounds}] {name}")
-            run.step(f"{key}/{name}", fn, self.meter)
+        step = lambda name, fn: self.step(r, name, fn)  # noqa: E731
 
         layers = parse_layers(cfg.vector.layers, self.lm.n_layers)
         v = cfg.vector
@@ -290,7 +306,7 @@ class Loop:
                 ),
                 self.meter,
             )  # lm is now healed
-        step("eval_healed", lambda: write_json(d / "eval_healed.json", self.eval()))
+        self.evals(step, "eval_healed", d / "eval_healed.json")
         step(
             "demo_healed",
             lambda: write_records(demo_records(self.lm, persona, cfg, f"r{r}-healed"), d / "demo_healed.jsonl"),
@@ -300,24 +316,27 @@ class Loop:
         self.finish_round(r, end, healed=True)
         return end
 
+    def step(self, r: int, name: str, fn: Callable[[], None]) -> None:
+        """Round r's step `name`, unless the manifest says it finished."""
+        key = f"round_{r:02d}/{name}"
+        if not self.run.done(key):
+            log(f"[round {r + 1}/{self.cfg.rounds}] {name}")
+        self.run.step(key, fn, self.meter)
+
     def steered_measures(self, r: int, act: dict[str, Any]) -> None:
         """The raw-steered (or prompted) model's eval, demo and generation coherence: round 0, or every round."""
         if r > 0 and self.cfg.steered_measures != "all":
             return
-        d, key = self.rdir(r), f"round_{r:02d}"
-        for name, fn in (
-            ("eval_steered", lambda: write_json(d / "eval_steered.json", self.eval(**act))),
-            (
-                "demo_steered",
-                lambda: write_records(
-                    demo_records(self.lm, self.persona, self.cfg, f"r{r}-steered", **act), d / "demo_steered.jsonl"
-                ),
+        d = self.rdir(r)
+        step = lambda name, fn: self.step(r, name, fn)  # noqa: E731
+        self.evals(step, "eval_steered", d / "eval_steered.json", **act)
+        step(
+            "demo_steered",
+            lambda: write_records(
+                demo_records(self.lm, self.persona, self.cfg, f"r{r}-steered", **act), d / "demo_steered.jsonl"
             ),
-            ("gen_steered", lambda: self.coherence(d / "gen_steered.json", **act)),
-        ):
-            if not self.run.done(f"{key}/{name}"):
-                log(f"[round {r + 1}/{self.cfg.rounds}] {name}")
-            self.run.step(f"{key}/{name}", fn, self.meter)
+        )
+        step("gen_steered", lambda: self.coherence(d / "gen_steered.json", **act))
 
     @property
     def teacher_system(self) -> str | None:

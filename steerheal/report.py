@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .records import read_records, write_text
+from .rundir import protocol_path
 from .stats import EvalRows, beats, compare, difference, intervals, seed_ci_text, verdict
 
 # A coherence ratio (healed pmass / base pmass) at or above this counts as "coherence held".
@@ -29,23 +30,27 @@ def _rows(p: Path) -> EvalRows:
     return EvalRows.from_report(_json(p))
 
 
-def collect(run_dirs: list[Path]) -> dict[str, Any]:
-    """Every number of the report, pooled over the run directories (seeds) that share base and vignettes."""
+def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]:
+    """Every number of the report, pooled over the run directories (seeds) that share base and vignettes;
+    `protocol`: the evals as scored under another protocol of eval.also (None: the run's own)."""
+    at = lambda p: protocol_path(p, protocol)  # noqa: E731
     first = run_dirs[0]
     rounds_by_seed = [
         [_json(d / "round.json") for d in sorted(r.glob("round_*")) if (d / "round.json").is_file()] for r in run_dirs
     ]
     conf = yaml.safe_load((first / "config.yaml").read_text())
-    base_rep = _json(first / "baselines" / "base.json")
-    base = _rows(first / "baselines" / "base.json")
+    base_rep = _json(at(first / "baselines" / "base.json"))
+    base = EvalRows.from_report(base_rep)
     target, direction = conf["target"], int(conf["direction"])
-    prompts = [_rows(r / "baselines" / "prompt.json") for r in run_dirs]
+    prompts = [_rows(at(r / "baselines" / "prompt.json")) for r in run_dirs]
     out: dict[str, Any] = {
         "persona": conf["persona"],
+        "protocol": protocol or conf["config"].get("eval", {}).get("protocol"),
+        "alt_protocol": protocol,  # the files read: None for the run's own
         "config": conf["config"],
         "target": target,
         "direction": direction,
-        "seeds": [_json_seed(r) for r in run_dirs],
+        "seeds": [seed_of(r) for r in run_dirs],
         "base": base_rep,
         "prompt": compare(base, prompts, target, direction),
         "rounds": [],
@@ -56,8 +61,8 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
         infos = [x[r] for x in rounds_by_seed if len(x) > r]
         dirs = [d / f"round_{r:02d}" for d, x in zip(run_dirs, rounds_by_seed) if len(x) > r]
         # steered_measures=first: no raw-steered eval after round 0
-        steered = [_rows(d / "eval_steered.json") for d in dirs if (d / "eval_steered.json").is_file()]
-        healed = [_rows(d / "eval_healed.json") for d, i in zip(dirs, infos) if i["healed"]]
+        steered = [_rows(at(d / "eval_steered.json")) for d in dirs if at(d / "eval_steered.json").is_file()]
+        healed = [_rows(at(d / "eval_healed.json")) for d, i in zip(dirs, infos) if i["healed"]]
         seed_ids = [s for s, x in zip(out["seeds"], rounds_by_seed) if len(x) > r]
         row: dict[str, Any] = {
             "round": r,
@@ -97,7 +102,8 @@ def collect(run_dirs: list[Path]) -> dict[str, Any]:
     return out
 
 
-def _json_seed(run_dir: Path) -> int:
+def seed_of(run_dir: Path) -> int:
+    """The seed a run directory ran with (its config.yaml)."""
     return int(yaml.safe_load((run_dir / "config.yaml").read_text())["config"]["seed"])
 
 

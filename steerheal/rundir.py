@@ -167,6 +167,12 @@ def finished_adapters(run: Run, rounds: int) -> list[str]:
     return [str(run.root / f"round_{r:02d}" / "adapter") for r in range(rounds) if run.done(f"round_{r:02d}/heal")]
 
 
+def protocol_path(path: Path, protocol: str | None) -> Path:
+    """An eval file as scored under another protocol (eval.also): eval_healed.json → eval_healed.kshot.json.
+    None: the run's own protocol, the file itself."""
+    return path if protocol is None else path.with_name(f"{path.stem}.{protocol}{path.suffix}")
+
+
 def write_config(
     root: Path, cfg: dict, persona: Persona, persona_path: str | Path, inputs: dict[str, str] | None = None
 ) -> None:

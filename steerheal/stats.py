@@ -88,7 +88,10 @@ def seed_ci_text(d: dict[str, Any]) -> str:
     if "seed_ci" not in d:
         return ""
     lo, hi = d["seed_ci"]
-    return f"; over seeds {lo:+.2f} to {hi:+.2f} ({d['seed_test']}, {len(d['per_seed'][0])} vs {len(d['per_seed'][1])})"
+    n_a, n_b = len(d["per_seed"][0]), len(d["per_seed"][1])
+    how = f"{n_a} paired seeds" if d["seed_test"] == "paired t" else f"{n_a} vs {n_b}"
+    corr = f", within-seed r {d['seed_corr']:+.2f}" if "seed_corr" in d else ""
+    return f"; over seeds {lo:+.2f} to {hi:+.2f} ({d['seed_test']}, {how}{corr})"
 
 
 def _stratified_draws(label: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -222,6 +225,9 @@ def difference(
         out["per_seed"] = [va, vb]
         out["seed_ci"], out["seed_p"] = t_test([x - y for x, y in zip(va, vb)]) if paired else t_test(va, vb)
         out["seed_test"] = "paired t" if paired else "Welch t"
+        if paired and len(va) > 2 and np.std(va) > 0 and np.std(vb) > 0:
+            # How much pairing buys: var(a − b) = var a + var b − 2 r sd a sd b.
+            out["seed_corr"] = float(np.corrcoef(va, vb)[0, 1])
     out["verdict"] = verdict(interval, out.get("seed_ci"))
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -34,11 +35,27 @@ def eval_report(rng: np.random.Generator, shift: float) -> dict:
 def test_place_in_the_null():
     null = [float(x) for x in range(100)]
     p = place(120.0, null)
-    assert p["percentile"] == 100 and p["outside"] and p["z"] > 1.5
+    assert p["percentile"] == 100 and p["above"] and p["p_above"] == pytest.approx(1 / 101) and p["z"] > 1.5
     q = place(50.0, null)
-    assert 49 <= q["percentile"] <= 51 and not q["outside"] and abs(q["z"]) < 0.1
-    low = place(-20.0, null)  # far the wrong way: outside, but not persona-specific
-    assert low["outside"] and not low["above"] and p["above"]
+    assert 49 <= q["percentile"] <= 51 and not q["above"] and not q["below"] and abs(q["z"]) < 0.1
+    assert q["p_above"] == pytest.approx(51 / 101)  # 1 + the 50 draws at 50 or above
+    low = place(-20.0, null)  # far the wrong way: not persona-specific
+    assert low["below"] and not low["above"]
+
+
+@pytest.mark.parametrize("k", [8, 19, 49])
+def test_the_nulls_rank_p_fires_at_most_5_percent_for_a_random_direction(k):
+    """Under the null (the value is one more draw from the same distribution) p <= 0.05 fires at most 5% of
+    the time, for any K: exactly floor(0.05 (K + 1)) / (K + 1). The old rule, "outside the central 95%
+    of the draws" by np.quantile, fired about 12% of the time at K = 8."""
+    rng = np.random.default_rng(k)
+    sims = 20_000
+    x = rng.normal(size=(sims, k + 1))
+    fired = np.mean([place(float(row[0]), row[1:].tolist())["above"] for row in x])
+    want = math.floor(0.05 * (k + 1)) / (k + 1)
+    assert abs(fired - want) < 4 * math.sqrt(0.05 * 0.95 / sims) + 1e-9
+    old = np.mean([not (lo <= row[0] <= hi) for row in x[:4000] for lo, hi in [np.quantile(row[1:], [0.025, 0.975])]])
+    assert k != 8 or old > 0.09  # what the quantile rule did
 
 
 def test_compare_runs_arms_resumes_after_sigkill_and_reports(tiny_model_dir, persona_file, tmp_path):
@@ -317,3 +334,43 @@ def test_holm_over_the_arms_set_against_the_reference():
     assert {e["reference_minus_arm"]["verdict_holm"] for e in arms.values()} == {"unclear"}
     line = verdict_lines({"arms": arms, "reference": "const"}, "authority")[0]
     assert "const better: yes (Holm over the 3 arms set against const: p 0.060, unclear)" in line
+
+
+def test_paired_seeds_and_both_protocols_from_one_set_of_models(tiny_model_dir, persona_file, tmp_path):
+    """Three seeds of two arms, run seed by seed: the difference is a paired t over the shared seeds with
+    its within-seed correlation, and every eval is scored under the second protocol too (eval.also), so
+    compare gives each verdict under each protocol from the same trained models."""
+    from steerheal.compare import run_compare
+    from steerheal.config import parse_set, resolve_config
+    from steerheal.report import collect
+
+    sets = [*TINY_RUN, "rounds=1", "seeds=0,1,2", "eval.also=zero-shot", "coherence_prompts=0"]
+    cfg = resolve_config(None, parse_set([*sets, f"model={tiny_model_dir}"]))
+    out = tmp_path / "cmp"
+    run_compare(persona_file, out, cfg, ["steer", "prompt"], null_k=0)
+    # seed by seed: seed 0 of both arms finished before seed 1 of either began
+    done = {
+        (arm, s): json.loads((out / arm / f"seed_{s}" / "manifest.json").read_text())["steps"]["round_00/done"]["at"]
+        for arm in ("steer", "prompt")
+        for s in (0, 1)
+    }
+    assert max(done["steer", 0], done["prompt", 0]) <= min(done["steer", 1], done["prompt", 1])
+    for rel in (
+        "baselines/base.zero-shot.json",
+        "round_00/eval_healed.zero-shot.json",
+        "round_00/eval_steered.zero-shot.json",
+    ):
+        assert (out / "prompt" / "seed_2" / rel).is_file()
+    kshot = json.loads((out / "steer" / "seed_0" / "round_00" / "eval_healed.json").read_text())
+    zero = json.loads((out / "steer" / "seed_0" / "round_00" / "eval_healed.zero-shot.json").read_text())
+    assert kshot["settings"]["protocol"]["name"] == "kshot" and zero["settings"]["protocol"]["name"] == "zero-shot"
+    assert kshot["rows"][0]["logp"] != zero["rows"][0]["logp"]
+    dirs = [out / "steer" / f"seed_{s}" for s in (0, 1, 2)]
+    assert collect(dirs, "zero-shot")["rounds"][0]["healed"] != collect(dirs)["rounds"][0]["healed"]
+    summary = json.loads((out / "compare.json").read_text())
+    d = summary["arms"]["prompt"]["reference_minus_arm"]
+    assert d["seed_test"] == "paired t" and d["paired_seeds"] == [0, 1, 2] and -1 <= d["seed_corr"] <= 1
+    other = summary["protocols"]["zero-shot"]["arms"]["prompt"]["reference_minus_arm"]
+    assert other["seed_test"] == "paired t" and other["difference"] != d["difference"]
+    md = (out / "compare.md").read_text()
+    assert "## Verdict under the zero-shot protocol" in md and "3 paired seeds, within-seed r" in md
