@@ -548,6 +548,13 @@ def compare(
     report_only: Annotated[
         bool, typer.Option(help="Run nothing: report what the arms have so far (others may still be running).")
     ] = False,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            help="Run nothing: from the seeds so far, the seeds per arm each decision needs and the hours they "
+            "take (plan.md)."
+        ),
+    ] = False,
     reference: Annotated[
         Optional[str],
         typer.Option(help="The arm every other one is set against (an arm or a --variant; default steer)."),
@@ -565,7 +572,7 @@ def compare(
     quiet: QuietOpt = False,
 ) -> None:
     """Run several arms (each a full, resumable loop) and write one report: compare.md, compare.png, compare.json."""
-    from .compare import parse_variant, run_compare
+    from .compare import parse_variant, run_compare, write_plan
 
     variants = dict(parse_variant(v) for v in variant or [])
     cfg = _run_config(
@@ -580,6 +587,9 @@ def compare(
         trust_remote_code=trust_remote_code,
     )
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
+    if plan:
+        write_plan(output, cfg, arm_list, variants, reference)
+        return
     run_compare(persona, output, cfg, arm_list, null_k, force, variants, report_only, reference)
 
 

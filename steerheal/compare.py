@@ -19,15 +19,27 @@ from typing import Any
 import numpy as np
 
 from . import SteerhealError
-from .config import ARMS, NULL_K_COMPARE, RunConfig, parse_set, with_overrides
+from .config import ARMS, NULL_K_COMPARE, DecideConfig, RunConfig, parse_set, with_overrides
 from .evaluate import score_vignettes
-from .loop import BASELINE_STEPS, LoopResult, pool_seeds, run_dtype, run_loop, run_seed
+from .loop import LoopResult, baseline_steps, pool_seeds, run_dtype, run_loop, run_seed
 from .models import load_model
 from .progress import log
 from .records import atomic_path, write_json, write_text
 from .report import collect
 from .rundir import Run, protocol_path
-from .stats import EvalRows, beats, compare, difference, holm, intervals, seed_ci_text, verdict
+from .stats import (
+    EvalRows,
+    beats,
+    compare,
+    decision,
+    difference,
+    holm,
+    intervals,
+    sd_upper,
+    seed_ci_text,
+    seeds_needed,
+    verdict,
+)
 from .vector import SteeringVector
 from .vignettes import load_vignettes
 
@@ -90,19 +102,13 @@ def run_compare(
     other one is set against (a variant such as constant-dose steer on the same code, say); by
     default steer, when it is among the arms."""
     variants = variants or {}
-    arms = arms + [v for v in variants if v not in arms]
-    bad = [a for a in arms if a not in ARMS and a not in variants]
-    if bad:
-        raise SteerhealError(f"--arms {','.join(bad)}: unknown; arms are {', '.join(ARMS)} (or a --variant)")
-    if reference is not None and reference not in arms:
-        raise SteerhealError(f"--reference {reference}: not among the arms ({', '.join(arms)}); add it to --arms")
-    reference = reference or REFERENCE
+    arms, reference = check_arms(arms, variants, reference)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     # The baselines are computed once (by the first run to get there) and reused by every arm and seed,
     # also by a second compare process running other arms into the same directory.
     shared = next(
-        (d for a in ARMS for d in arm_dirs(root, a, cfg) if all(Run(d).done(k) for k in BASELINE_STEPS)), None
+        (d for a in ARMS for d in arm_dirs(root, a, cfg) if all(Run(d).done(k) for k in baseline_steps(cfg)[0])), None
     )
     run = Run(root)
     # Seed by seed, every arm within a seed: a run stopped early leaves arms paired on the seeds it finished.
@@ -123,6 +129,28 @@ def run_compare(
     if cfg.seeds and not report_only:
         for arm in arms:
             pool_seeds(persona_path, root / arm, arm_config(cfg, arm, variants), results[arm])
+    summary, numbers = gather(root, cfg, arms, reference)
+    write_json(root / "compare.json", summary)
+    plot_compare(root, numbers)
+    write_text(root / "compare.md", render(summary, numbers))
+    log(f"compare report: {root / 'compare.md'}")
+    return root / "compare.md"
+
+
+def check_arms(arms: list[str], variants: dict[str, dict[str, Any]], reference: str | None) -> tuple[list[str], str]:
+    """The arms with the variants added, and the reference; an unknown arm or reference is refused."""
+    arms = arms + [v for v in variants if v not in arms]
+    bad = [a for a in arms if a not in ARMS and a not in variants]
+    if bad:
+        raise SteerhealError(f"--arms {','.join(bad)}: unknown; arms are {', '.join(ARMS)} (or a --variant)")
+    if reference is not None and reference not in arms:
+        raise SteerhealError(f"--reference {reference}: not among the arms ({', '.join(arms)}); add it to --arms")
+    return arms, reference or REFERENCE
+
+
+def gather(root: Path, cfg: RunConfig, arms: list[str], reference: str) -> tuple[dict[str, Any], dict[str, dict]]:
+    """What the arms have so far (seeds pooled as far as each got): the summary under the run's own protocol,
+    with one more per protocol of eval.also, and the collected numbers."""
     started = {arm: [d for d in arm_dirs(root, arm, cfg) if Run(d).done("round_00/done")] for arm in arms}
     if not any(started.values()):
         raise SteerhealError(f"{root}: no arm has finished a round yet; nothing to report")
@@ -135,11 +163,77 @@ def run_compare(
         p: summarize(root, {arm: collect(dirs, p) for arm, dirs in started.items() if dirs}, cfg, reference, null=False)
         for p in cfg.eval.also
     }
-    write_json(root / "compare.json", summary)
-    plot_compare(root, numbers)
-    write_text(root / "compare.md", render(summary, numbers))
-    log(f"compare report: {root / 'compare.md'}")
-    return root / "compare.md"
+    summary["seed_cost_s"] = {arm: seed_cost(dirs) for arm, dirs in started.items() if dirs}
+    return summary, numbers
+
+
+def seed_cost(dirs: list[Path]) -> float | None:
+    """Mean seconds a finished seed took (every step in its manifest; shared baselines count 0)."""
+    done = [Run(d) for d in dirs if (d / "report.md").is_file()]
+    secs = [sum(float(x.get("time_s", 0.0)) for x in r.manifest["steps"].values()) for r in done]
+    return sum(secs) / len(secs) if secs else None
+
+
+def write_plan(
+    out: str | Path, cfg: RunConfig, arms: list[str], variants: dict[str, dict[str, Any]], reference: str | None
+) -> Path:
+    """plan.md and plan.json: for each difference against the reference, the seeds per arm the decision
+    needs (from the seeds so far), and the wall time of the seeds still to run at the measured cost of a
+    seed. Runs nothing."""
+    arms, reference = check_arms(arms, variants, reference)
+    root = Path(out)
+    summary, _ = gather(root, cfg, arms, reference)
+    cost = summary["seed_cost_s"]
+    per_seed = sum(c for c in cost.values() if c) if all(cost.get(a) for a in arms) else None
+    rows, L = [], []
+    for protocol, summ in [(summary["protocol"], summary), *summary["protocols"].items()]:
+        family = {a: e["reference_minus_arm"] for a, e in summ["arms"].items() if e.get("reference_minus_arm")}
+        for arm, d in family.items():
+            diffs = {"selectivity": d} | {
+                f"{arm} minus {reference}: {m}": x for m, x in d["arm_minus_reference"].items()
+            }
+            for name, x in diffs.items():
+                e = plan_entry(x, cfg.decide, len(family))
+                if e is None:
+                    continue
+                need = (
+                    max(e["seeds_to_detect"], e["seeds_for_equivalence"])
+                    if x.get("decision") == "undecided"
+                    else e["seeds"]
+                )
+                more = max(0, need - e["seeds"])
+                rows.append(
+                    {"protocol": protocol, "arm": arm, "measure": name, "decision": x.get("decision")}
+                    | e
+                    | {"more_seeds": more, "more_hours": more * per_seed / 3600 if per_seed else None}
+                )
+    L = [
+        "# steerheal compare --plan",
+        "",
+        f"From the seeds so far in {root}: for each difference against {reference}, the SD over seeds (of the "
+        f"per-seed paired differences where the arms share seeds), read at its {cfg.decide.sd_confidence:.0%} "
+        f"upper confidence bound; the seeds per arm for {cfg.decide.power:.0%} power to detect ±delta (two-sided "
+        "t at 5% / m, Holm's first step over the m arms set against the reference) or to show equivalence "
+        "within ±delta when the truth is 0 (two one-sided tests at 5% / m). An undecided difference needs the "
+        "larger of the two; the hours are for the seeds still to run, every arm, at the measured cost of a seed"
+        + (f" ({per_seed / 60:.1f} min for all arms)." if per_seed else " (no seed of every arm has finished yet)."),
+        "",
+        "| protocol | arm | difference | now | seeds | SD | SD upper | delta | to detect | for equivalence | more seeds | more hours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        hours = "–" if r["more_hours"] is None else f"{r['more_hours']:.1f}"
+        L.append(
+            f"| {r['protocol']} | {r['arm']} | {r['measure']} | {r['decision']} | {r['seeds']}{' paired' if r['paired'] else ''} | "
+            f"{r['sd']:.3f} | {r['sd_upper']:.3f} | {r['delta']:g} | {r['seeds_to_detect']} | "
+            f"{r['seeds_for_equivalence']} | {r['more_seeds']} | {hours} |"
+        )
+    if not rows:
+        L.append("| – | – | no difference has three seeds a side yet | | | | | | | | | |")
+    write_json(root / "plan.json", {"seed_cost_s": cost, "rows": rows, "decide": dataclasses.asdict(cfg.decide)})
+    write_text(root / "plan.md", "\n".join(L) + "\n")
+    log(f"compare plan: {root / 'plan.md'}")
+    return root / "plan.md"
 
 
 def random_null(root: Path, cfg: RunConfig, k: int) -> dict[str, Any]:
@@ -238,17 +332,55 @@ def summarize(
         for arm in numbers:
             if arm != reference:
                 out["arms"][arm]["reference_minus_arm"] = _arm_difference(root, cfg, reference, arm, numbers)
-    holm_family(out["arms"])
+    holm_family(out["arms"], cfg.decide)
     return out
 
 
-def holm_family(arms: dict[str, dict]) -> None:
+def holm_family(arms: dict[str, dict], decide: DecideConfig | None = None) -> None:
     """Several arms against one reference: Holm over that family keeps the chance of any false "better"
-    at 5%, which each verdict alone does not. Adds seed_p_holm, holm_m and verdict_holm in place. An arm
-    with one seed has no seed test: it counts in the family with p = 1, so it is never called after Holm."""
+    (and, for the TOST p's, of any false "equivalent") at 5%, which each verdict alone does not. Adds
+    seed_p_holm, holm_m, verdict_holm, and with decide the decision after Holm and the plan's seeds, in
+    place. An arm with one seed has no seed test: it counts in the family with p = 1, so it is never called
+    after Holm."""
     family = [e["reference_minus_arm"] for e in arms.values() if e.get("reference_minus_arm")]
-    for d, p in zip(family, holm([d.get("seed_p", 1.0) for d in family])):
+    tost = holm([_p(d.get("tost_p")) for d in family])
+    for d, p, q in zip(family, holm([_p(d.get("seed_p")) for d in family]), tost):
         d |= {"seed_p_holm": p, "holm_m": len(family), "verdict_holm": d["verdict"] if p < 0.05 else "unclear"}
+        if decide is not None and "delta" in d:
+            d |= {"tost_p_holm": q, "decision_holm": decision(d, p, q), "plan": plan_entry(d, decide, len(family))}
+
+
+def _p(p: float | None) -> float:
+    return 1.0 if p is None or math.isnan(p) else p
+
+
+def plan_entry(d: dict[str, Any], decide: DecideConfig, m: int) -> dict[str, Any] | None:
+    """Seeds per arm the difference needs, from its seeds so far: the SD of the per-seed differences (paired)
+    or of the arms' values (Welch), read at its upper confidence bound, for the power to detect ±delta or
+    to show equivalence within ±delta, Holm's family of m included. None with fewer than three seeds."""
+    if "per_seed" not in d or min(len(x) for x in d["per_seed"]) < 3:
+        return None
+    va, vb = d["per_seed"]
+    paired = d["seed_test"] == "paired t"
+    if paired:
+        values, n = [x - y for x, y in zip(va, vb)], len(va)
+        sd = float(np.std(values, ddof=1))
+    else:
+        n = min(len(va), len(vb))
+        sd = float(math.sqrt((np.var(va, ddof=1) + np.var(vb, ddof=1)) / 2))
+    ucl = sd_upper(sd, n, decide.sd_confidence)
+    need = lambda eq: seeds_needed(ucl, d["delta"], 0.05, decide.power, m, eq, paired)  # noqa: E731
+    return {
+        "seeds": n,
+        "paired": paired,
+        "sd": sd,
+        "sd_upper": ucl,
+        "sd_confidence": decide.sd_confidence,
+        "power": decide.power,
+        "delta": d["delta"],
+        "seeds_to_detect": need(False),
+        "seeds_for_equivalence": need(True),
+    }
 
 
 def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[str, dict]) -> dict | None:
@@ -278,10 +410,11 @@ def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[st
     shared = sorted(set(ha) & set(hb))
     paired = len(shared) >= 2
     ra, rb = ([h[s] for s in shared] for h in (ha, hb)) if paired else (list(ha.values()), list(hb.values()))
-    d = difference(base, ra, rb, c["target"], c["direction"], "selectivity", paired=paired)
+    margin = cfg.decide.margin
+    d = difference(base, ra, rb, c["target"], c["direction"], "selectivity", paired=paired, delta=margin("selectivity"))
     # The Pareto question (shift against coherence), arm b minus arm a on each axis.
     axes = {
-        m: difference(base, rb, ra, c["target"], c["direction"], m, paired=paired)
+        m: difference(base, rb, ra, c["target"], c["direction"], m, paired=paired, delta=margin(m))
         for m in ("target_shift", "pmass_ratio")
     }
     front = pareto_word(axes["target_shift"]["verdict"], axes["pmass_ratio"]["verdict"])
@@ -466,6 +599,8 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
                     else ""
                 )
             )
+            if "decision_holm" in d:
+                parts.append(decision_text(d, ref, arm))
             if "arm_minus_reference" in d:
                 sh, pm = d["arm_minus_reference"]["target_shift"], d["arm_minus_reference"]["pmass_ratio"]
                 parts.append(
@@ -476,6 +611,26 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
                 )
         out.append("- " + "; ".join(parts) + ".")
     return out
+
+
+def decision_text(d: dict[str, Any], ref: str, arm: str) -> str:
+    """The decision on selectivity after Holm, in words, and for an undecided one what the plan expects."""
+    word, delta = d["decision_holm"], d["delta"]
+    said = {
+        "better": f"{ref} better than {arm}",
+        "worse": f"{ref} worse than {arm}",
+        "equivalent": f"{ref} and {arm} equivalent within ±{delta:g} (TOST, Holm p {d['tost_p_holm']:.3f})",
+        "undecided": "undecided",
+    }[word]
+    plan = d.get("plan")
+    if word == "undecided" and plan:
+        said += (
+            f": the plan expects {plan['seeds_to_detect']} seeds per arm to detect ±{delta:g}, or "
+            f"{plan['seeds_for_equivalence']} to show equivalence within it (now {plan['seeds']}; SD of the "
+            f"{'paired differences' if plan['paired'] else 'seeds'} {plan['sd']:.3f}, read at its "
+            f"{plan['sd_confidence']:.0%} upper bound {plan['sd_upper']:.3f})"
+        )
+    return f"**decision: {said}**"
 
 
 def plot_compare(root: Path, numbers: dict[str, dict]) -> Path:

@@ -244,6 +244,32 @@ class EvalConfig:
 
 
 @dataclass
+class DecideConfig:
+    """How compare turns intervals into decisions: better, worse, equivalent within ±delta, or undecided
+    (with the seeds the plan expects to decide it). Reporting only: a run never depends on it."""
+
+    # Equivalence margins. 0.1 nats of selectivity (or of target shift) is about a 10% change in the odds
+    # of the target foundation, and about the half-width of one model's interval over the 132 classic
+    # vignettes: a smaller difference is below what one eval of this benchmark resolves.
+    delta: float = 0.1
+    delta_shift: float = 0.1
+    delta_pmass_ratio: float = 0.05  # 5% of base coherence
+    power: float = 0.8  # the plan's power, to detect ±delta or to show equivalence within it
+    sd_confidence: float = 0.8  # the plan reads the SD of a difference at this one-sided upper confidence bound
+
+    def check(self) -> None:
+        if min(self.delta, self.delta_shift, self.delta_pmass_ratio) <= 0:
+            raise SteerhealError("decide.delta, delta_shift and delta_pmass_ratio must be above 0")
+        if not (0.5 <= self.power < 1 and 0.5 <= self.sd_confidence < 1):
+            raise SteerhealError("decide.power and decide.sd_confidence must lie in [0.5, 1)")
+
+    def margin(self, measure: str) -> float:
+        return {"selectivity": self.delta, "target_shift": self.delta_shift, "pmass_ratio": self.delta_pmass_ratio}[
+            measure
+        ]
+
+
+@dataclass
 class RunConfig:
     """A whole `loop` run. Sections are the steps' own configs."""
 
@@ -268,6 +294,7 @@ class RunConfig:
     heal: HealConfig = field(default_factory=HealConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decide: DecideConfig = field(default_factory=DecideConfig)
 
     def check(self) -> None:
         if self.rounds < 1:
@@ -287,6 +314,7 @@ class RunConfig:
                 "online mode's reference is the trailing student (online.ref_every): drop heal.ref base"
             )
         self.eval.check()
+        self.decide.check()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

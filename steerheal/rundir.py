@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from .models import TokenMeter
 
 # Config keys not compared as written on resume: rounds may change; dtype is compared as resolved
-# (the `dtype` input), since `auto` is bf16 on one CPU and fp32 on another.
-RESUMABLE_KEYS = ("rounds", "dtype")
+# (the `dtype` input), since `auto` is bf16 on one CPU and fp32 on another; decide only reads results.
+RESUMABLE_KEYS = ("rounds", "dtype", "decide")
 
 
 class Run:

@@ -5,10 +5,13 @@ foundation keeps its count), and a difference between two models always resample
 vignettes for both (paired). With several seeds, each bootstrap draw first resamples the seeds,
 then the vignettes (a two-level bootstrap), so the interval carries both sources of noise.
 
-Selectivity (the headline; after moralmaps): on-target shift, minus 0.1 × the mean absolute
-shift of the other six foundations, times the coherence gate min(1, pmass / base pmass)². The
-on-target shift is signed by the persona's direction, so positive = moved the way the persona
-asks.
+Selectivity (the headline; after moralmaps): the raw score s = on-target shift − 0.1 × the mean
+absolute shift of the other six foundations, then the coherence gate g = min(1, pmass / base pmass)²
+takes away the share 1 − g of its size: selectivity = s − |s| (1 − g). A coherent model (g = 1)
+keeps s; lower coherence always lowers the score, whether s is positive (toward 0) or negative
+(further below it). (moralmaps' s × g pulls a negative score toward 0 as coherence falls, so a
+broken model looked less bad.) The on-target shift is signed by the persona's direction, so
+positive = moved the way the persona asks.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -123,16 +127,21 @@ def _measures(base: EvalRows, model: EvalRows, idx: np.ndarray, target: int, dir
     others = [k for k in range(len(FOUNDATIONS)) if k != target]
     off = np.nanmean(np.abs(d_nats[:, others]), axis=1)
     pm_b, pm_m = base.pmass[idx].mean(1), model.pmass[idx].mean(1)
-    coh = np.minimum(1.0, pm_m / pm_b)
+    gate = np.minimum(1.0, pm_m / pm_b) ** 2
     return {
         "shift": d_nats,
         "target_shift": on,
         "off_target": off,
         "pmass": pm_m,
         "pmass_ratio": pm_m / pm_b,
-        "coherence_gate": coh**2,
-        "selectivity": (on - OFF_TARGET_WEIGHT * off) * coh**2,
+        "coherence_gate": gate,
+        "selectivity": gated(on - OFF_TARGET_WEIGHT * off, gate),
     }
+
+
+def gated(score: np.ndarray, gate: np.ndarray) -> np.ndarray:
+    """The score less the share 1 − gate of its size: never raised by lower coherence, of either sign."""
+    return score - np.abs(score) * (1.0 - gate)
 
 
 def compare(
@@ -191,13 +200,16 @@ def difference(
     n_boot: int = N_BOOT,
     seed: int = 0,
     paired: bool = False,
+    delta: float | None = None,
 ) -> dict[str, Any]:
     """measure(a) − measure(b), both against base, on the same vignette draws: 'does a beat b?' with a CI.
 
     With at least two seeds a side, `seed_ci` is the t-interval of the difference over the seeds'
-    point values (`paired`: a[i] and b[i] are the same seed's run, as for two rounds of one loop;
-    otherwise Welch), and the verdict needs it and the bootstrap interval to agree. With one seed on a
-    side there is no such interval and the verdict rests on the bootstrap (compare.md says so)."""
+    point values (`paired`: a[i] and b[i] are the same seed's run, as for two rounds of one loop, or two
+    arms of one seed; otherwise Welch), and the verdict needs it and the bootstrap interval to agree.
+    With one seed on a side there is no such interval and the verdict rests on the bootstrap (compare.md
+    says so). `delta`: also test equivalence within ±delta (two one-sided tests at 5%: the 90%
+    intervals inside ±delta), and give a `decision`: better, worse, equivalent or undecided."""
     t = FOUNDATIONS.index(target)
     rng = np.random.default_rng(seed)
     draws = _stratified_draws(base.label, n_boot, rng)
@@ -220,16 +232,42 @@ def difference(
         "difference": float(np.mean(va) - np.mean(vb)),
         "difference_ci": interval,
     }
+    seeds: tuple[list[float], list[float] | None] = ([x - y for x, y in zip(va, vb)], None) if paired else (va, vb)
     if len(a) > 1 and len(b) > 1:
         # The seeds' own interval: resampling 3 seeds cannot see how far a fourth would land.
         out["per_seed"] = [va, vb]
-        out["seed_ci"], out["seed_p"] = t_test([x - y for x, y in zip(va, vb)]) if paired else t_test(va, vb)
+        out["seed_ci"], out["seed_p"] = t_test(*seeds)
         out["seed_test"] = "paired t" if paired else "Welch t"
         if paired and len(va) > 2 and np.std(va) > 0 and np.std(vb) > 0:
             # How much pairing buys: var(a − b) = var a + var b − 2 r sd a sd b.
             out["seed_corr"] = float(np.corrcoef(va, vb)[0, 1])
     out["verdict"] = verdict(interval, out.get("seed_ci"))
+    if delta is not None:
+        out["delta"] = delta
+        out["difference_ci90"] = ci(ba - bb, 1 - 2 * (1 - LEVEL) / 2)
+        if "seed_ci" in out:
+            out["seed_ci90"] = t_test(*seeds, level=1 - 2 * (1 - LEVEL) / 2)[0]
+            out["tost_p"] = tost_p(*seeds, delta)
+        out["decision"] = decision(out)
     return out
+
+
+DECISIONS = ("better", "worse", "equivalent", "undecided")
+
+
+def decision(d: dict[str, Any], p_holm: float | None = None, tost_holm: float | None = None) -> str:
+    """One of DECISIONS for a difference from `difference(..., delta=)`: better or worse when every 95%
+    interval leaves 0 on that side (and, given, Holm's p of the seed test is below 5%); equivalent when
+    every 90% interval (two one-sided tests at 5%) lies inside ±delta (and, given, Holm's TOST p is below
+    5%); else undecided. A small but resolved difference is both; better or worse is read first."""
+    v = verdict(d["difference_ci"], d.get("seed_ci"))
+    if v != "unclear" and (p_holm is None or p_holm < 1 - LEVEL):
+        return "better" if v == "yes" else "worse"
+    delta = d["delta"]
+    inside = all(-delta < lo and hi < delta for lo, hi in [d["difference_ci90"], d.get("seed_ci90", [0.0, 0.0])])
+    if inside and (tost_holm is None or tost_holm < 1 - LEVEL):
+        return "equivalent"
+    return "undecided"
 
 
 def measurement_gap(
@@ -255,6 +293,44 @@ def measurement_gap(
     return {"measure": measure, "difference": float(point), "difference_ci": ci(boot)}
 
 
+def sd_upper(sd: float, n: int, confidence: float) -> float:
+    """One-sided upper confidence bound of a standard deviation estimated from n values: sd · sqrt((n − 1) /
+    χ²_{1−confidence}(n − 1)), the χ² quantile by Wilson–Hilferty (within 1% of the exact one from n = 3).
+    Three seeds' SD has 2 df: its 80% upper bound is 2.1 times the estimate."""
+    k = n - 1
+    z = NormalDist().inv_cdf(1 - confidence)
+    chi = k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
+    return sd * math.sqrt(k / chi) if chi > 0 else math.inf
+
+
+def seeds_needed(
+    sd: float, delta: float, alpha: float, power: float, m: int = 1, equivalence: bool = False, paired: bool = True
+) -> int:
+    """Seeds per arm for `power`: to detect a true difference of ±delta (two-sided t at α/m, the first and
+    strictest step of Holm over m comparisons) or, with `equivalence`, to show equivalence within ±delta
+    when the truth is 0 (two one-sided t tests at α/m). `sd`: of the per-seed paired differences, or of one
+    arm's values when not paired (then both arms count, df 2(n − 1))."""
+
+    def enough(n: int) -> bool:
+        df, se = (n - 1.0, sd / math.sqrt(n)) if paired else (2.0 * (n - 1), sd * math.sqrt(2 / n))
+        if equivalence:
+            return (t_quantile(1 - alpha / m, df) + t_quantile(1 - (1 - power) / 2, df)) * se <= delta
+        return (t_quantile(1 - alpha / (2 * m), df) + t_quantile(power, df)) * se <= delta
+
+    if sd == 0:
+        return 2
+    hi = 2
+    while not enough(hi):  # doubling, then bisection: each check costs two t quantiles
+        hi *= 2
+        if hi > 1 << 20:
+            return hi
+    lo = hi // 2
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return max(2, hi)
+
+
 def bootstrap_mean_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int = 0) -> list[float]:
     """95% percentile interval of the mean of independent values."""
     x = np.asarray(values, dtype=np.float64)
@@ -264,48 +340,54 @@ def bootstrap_mean_ci(values: Sequence[float], n_boot: int = N_BOOT, seed: int =
     return ci(x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1))
 
 
-# Degrees of freedom are rounded down and capped here (fewer df: wider intervals, larger p, the
-# conservative side); by 1000 df Student's t is the normal to 3 decimals, and the sums below stay short.
-_MAX_DF = 1000
-
-
-def _whole_df(df: float) -> int:
-    return min(_MAX_DF, max(1, math.floor(df)))
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified Lentz),
+    on the side where it converges fast; no scipy."""
+    if x <= 0.0 or x >= 1.0:
+        return max(0.0, min(1.0, x))
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
 
 
 def t_p_value(t: float, df: float) -> float:
-    """Two-sided P(|T| > |t|) for Student's t, df rounded down and capped at _MAX_DF; closed forms for
-    integer df (Abramowitz & Stegun 26.7.3-4), so no scipy."""
-    k = _whole_df(df)
-    theta = math.atan(abs(t) / math.sqrt(k))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if k % 2 == 0:  # sin θ · (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ... up to cos^(k-2)θ)
-        term = total = 1.0
-        for j in range(1, k // 2):
-            term *= c2 * (2 * j - 1) / (2 * j)
-            total += term
-        inside = s * total
-    else:  # 2/π · (θ + sin θ cos θ · (1 + 2/3 cos²θ + 2·4/(3·5) cos⁴θ + ... up to cos^(k-2)θ))
-        term, total = 1.0, 1.0 if k > 1 else 0.0
-        for j in range(1, (k - 1) // 2):
-            term *= c2 * (2 * j) / (2 * j + 1)
-            total += term
-        inside = 2 / math.pi * (theta + s * math.cos(theta) * total)
-    return min(1.0, max(0.0, 1.0 - inside))
+    """Two-sided P(|T| > |t|) for Student's t with df degrees of freedom, fractional df included (Welch's):
+    I_{df/(df+t²)}(df/2, 1/2)."""
+    if math.isinf(df):
+        return math.erfc(abs(t) / math.sqrt(2))
+    return _betainc(df / 2, 0.5, df / (df + t * t))
 
 
 @functools.cache
-def _t975_whole(k: int) -> float:
-    lo, hi = 0.0, 1e4  # t_p_value falls from 1 to 0 as t grows: bisect for p = 0.05
-    for _ in range(100):
+def t_quantile(p: float, df: float) -> float:
+    """Student's t quantile t_p(df) for p in (0.5, 1), from t_p_value itself (so an interval leaves 0
+    exactly when its test rejects)."""
+    lo, hi = 0.0, 1e4
+    for _ in range(200):  # bisect for P(T > t) = 1 − p
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_p_value(mid, k) > 0.05 else (lo, mid)
+        lo, hi = (mid, hi) if t_p_value(mid, df) / 2 > 1 - p else (lo, mid)
     return hi
 
 
 def _t975(df: float) -> float:
-    """Student's t 97.5% quantile, from t_p_value itself, so an interval leaves 0 exactly when p < 0.05."""
-    return _t975_whole(_whole_df(df))
+    return t_quantile(0.975, df)
 
 
 def holm(ps: Sequence[float]) -> list[float]:
@@ -318,25 +400,48 @@ def holm(ps: Sequence[float]) -> list[float]:
     return out
 
 
-def t_test(a: Sequence[float], b: Sequence[float] | None = None) -> tuple[list[float], float]:
-    """95% t-interval and two-sided p of mean(a), or of mean(a) − mean(b) by Welch (Welch–Satterthwaite
-    df) for two small independent samples such as two arms' seeds. A side with no spread (a deterministic
-    baseline copied per seed) leaves the one-sample t of the other; nan with fewer than two a side."""
+def _t_parts(a: Sequence[float], b: Sequence[float] | None) -> tuple[float, float, float] | None:
+    """(mean difference, its variance, df): one-sample, or Welch–Satterthwaite; None with fewer than two a side."""
     x = np.asarray(a, dtype=np.float64)
     y = None if b is None else np.asarray(b, dtype=np.float64)
     if len(x) < 2 or (y is not None and len(y) < 2):
-        return [float("nan"), float("nan")], float("nan")
+        return None
     vx = x.var(ddof=1) / len(x)
     if y is None:
-        d, var, df = float(x.mean()), vx, len(x) - 1.0
-    else:
-        vy = y.var(ddof=1) / len(y)
-        d, var = float(x.mean() - y.mean()), vx + vy
-        df = var**2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1)) if var > 0 else 1.0
+        return float(x.mean()), vx, len(x) - 1.0
+    vy = y.var(ddof=1) / len(y)
+    var = vx + vy
+    df = var**2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1)) if var > 0 else 1.0
+    return float(x.mean() - y.mean()), var, df
+
+
+def t_test(a: Sequence[float], b: Sequence[float] | None = None, level: float = LEVEL) -> tuple[list[float], float]:
+    """t-interval (95% by default) and two-sided p of mean(a), or of mean(a) − mean(b) by Welch (Welch–
+    Satterthwaite df, fractional) for two small independent samples such as two arms' seeds. A side with
+    no spread (a deterministic baseline copied per seed) leaves the one-sample t of the other; nan with
+    fewer than two a side."""
+    parts = _t_parts(a, b)
+    if parts is None:
+        return [float("nan"), float("nan")], float("nan")
+    d, var, df = parts
     if var == 0:  # no spread anywhere: the difference is exact
         return [d, d], float(abs(d) < 1e-12)
+    se, q = math.sqrt(var), t_quantile(1 - (1 - level) / 2, df)
+    return [d - q * se, d + q * se], t_p_value(d / se, df)
+
+
+def tost_p(a: Sequence[float], b: Sequence[float] | None, delta: float) -> float:
+    """Two one-sided tests: p for "the mean difference lies within ±delta" (equivalence), the larger of the
+    two one-sided p's; it is below α exactly when the (1 − 2α) t-interval lies inside ±delta."""
+    parts = _t_parts(a, b)
+    if parts is None:
+        return float("nan")
+    d, var, df = parts
+    if var == 0:
+        return float(abs(d) >= delta)
     se = math.sqrt(var)
-    return [d - _t975(df) * se, d + _t975(df) * se], t_p_value(d / se, df)
+    one_sided = lambda t: t_p_value(t, df) / 2 if t > 0 else 1 - t_p_value(t, df) / 2  # noqa: E731  P(T > t)
+    return max(one_sided((d + delta) / se), one_sided((delta - d) / se))
 
 
 def t_interval(values: Sequence[float]) -> list[float]:

@@ -374,3 +374,20 @@ def test_paired_seeds_and_both_protocols_from_one_set_of_models(tiny_model_dir, 
     assert other["seed_test"] == "paired t" and other["difference"] != d["difference"]
     md = (out / "compare.md").read_text()
     assert "## Verdict under the zero-shot protocol" in md and "3 paired seeds, within-seed r" in md
+    assert d["decision_holm"] in ("better", "worse", "equivalent", "undecided") and "decision: " in md
+    # compare --plan: from these three paired seeds, runs nothing
+    from steerheal.compare import plan_entry, write_plan
+    from steerheal.stats import sd_upper, seeds_needed
+
+    steps = {a: json.loads((out / a / "seed_0" / "manifest.json").read_text())["steps"] for a in ("steer", "prompt")}
+    write_plan(out, cfg, ["steer", "prompt"], {}, None)
+    assert {a: json.loads((out / a / "seed_0" / "manifest.json").read_text())["steps"] for a in steps} == steps
+    plan = json.loads((out / "plan.json").read_text())
+    row = next(r for r in plan["rows"] if r["measure"] == "selectivity" and r["protocol"] == "kshot")
+    diffs = [x - y for x, y in zip(*d["per_seed"])]
+    sd = float(np.std(diffs, ddof=1))
+    assert row["paired"] and row["seeds"] == 3 and row["sd"] == pytest.approx(sd)
+    assert row["sd_upper"] == pytest.approx(sd_upper(sd, 3, 0.8))
+    assert row["seeds_to_detect"] == seeds_needed(row["sd_upper"], 0.1, 0.05, 0.8, 1, False, True)
+    assert row == {**row, **plan_entry(d, cfg.decide, 1)}
+    assert plan["seed_cost_s"]["steer"] > 0 and "| kshot | prompt | selectivity |" in (out / "plan.md").read_text()

@@ -19,6 +19,7 @@ from steerheal.stats import (
     measurement_gap,
     t_interval,
     t_p_value,
+    t_quantile,
     t_test,
     verdict,
 )
@@ -77,10 +78,106 @@ def test_selectivity_formula_by_hand():
     assert out["target_shift"] == pytest.approx(1.0)
     assert out["off_target"] == pytest.approx(off)
     assert out["coherence_gate"] == pytest.approx(0.25)
-    assert out["selectivity"] == pytest.approx((1.0 - 0.1 * off) * 0.25)
+    assert out["selectivity"] == pytest.approx((1.0 - 0.1 * off) * 0.25)  # positive: scaled by the gate
     assert out["shift"]["care"] == pytest.approx(-0.6)
     lo, hi = out["target_shift_ci"]
     assert lo == pytest.approx(1.0) and hi == pytest.approx(1.0)  # every vignette moved by exactly 1
+
+
+def _moved(base: EvalRows, target_shift: float, pmass: float) -> EvalRows:
+    """base with authority moved by target_shift nats (persona-signed, direction -1) at the given pmass."""
+    a = FOUNDATIONS.index("authority")
+    logp = base.logp.copy()
+    logp[base.label == a, a] -= target_shift
+    return rows(logp, np.full(len(base.label), pmass), base.label)
+
+
+def test_lower_coherence_never_raises_selectivity_of_either_sign():
+    """A negative score (the wrong way) at half the base coherence: moralmaps' × coh² took −0.21 to −0.053,
+    so a broken model looked less bad. The gate now takes away the share 1 − g of the score's size."""
+    base = uniform(pmass=0.2)
+    for shift in (-0.21, 0.3):
+        sel = [compare(base, [_moved(base, shift, 0.2 * r)], "authority", -1)["selectivity"] for r in (1.0, 0.8, 0.5)]
+        assert sel[0] == pytest.approx(shift)  # coherent: the raw score
+        assert sel[0] > sel[1] > sel[2]  # less coherent, lower score, either sign
+    worse = compare(base, [_moved(base, -0.21, 0.1)], "authority", -1)["selectivity"]
+    assert worse == pytest.approx(-0.21 - 0.21 * (1 - 0.25))  # −0.3675, not −0.0525
+
+
+def test_more_coherent_than_base_is_not_rewarded():
+    """The gate caps the pmass ratio at 1: a model surer of its answers than base scores its raw score."""
+    base = uniform(pmass=0.2)
+    for shift in (0.4, -0.4):
+        out = compare(base, [_moved(base, shift, 0.3)], "authority", -1)
+        assert out["pmass_ratio"] == pytest.approx(1.5) and out["coherence_gate"] == pytest.approx(1.0)
+        assert out["selectivity"] == pytest.approx(shift)
+
+
+def test_the_bootstrap_resamples_seeds_before_vignettes():
+    """Two seeds a side that disagree (+1 and −1 nats) against two that agree: every vignette moves the
+    same, so only the seed stage can widen the interval; averaging the seeds in every draw gives [0, 0]."""
+    base = uniform()
+    a = [_moved(base, x, 0.2) for x in (1.0, -1.0)]
+    b = [_moved(base, 0.0, 0.2), _moved(base, 0.0, 0.2)]
+    lo, hi = difference(base, a, b, "authority", -1, "target_shift", n_boot=400)["difference_ci"]
+    assert lo <= -0.9 and hi >= 0.9
+
+
+def test_every_bootstrap_draw_keeps_each_foundations_count():
+    from steerheal.stats import _stratified_draws
+
+    label = np.array([0] * 3 + [1] * 1 + [2] * 9 + [3] * 2 + [4] * 5 + [5] * 4 + [6] * 7)
+    draws = _stratified_draws(label, 300, np.random.default_rng(0))
+    counts = np.stack([np.bincount(label[d], minlength=7) for d in draws])
+    assert (counts == np.bincount(label)).all()
+    # and the single vignette of foundation 1 is in every draw: its nats are never undefined
+    base = rows(np.full((len(label), 7), math.log(1 / 7)), np.full(len(label), 0.2), label)
+    out = compare(base, [base], "fairness", -1, n_boot=300)
+    assert not any(math.isnan(v) for v in out["target_shift_ci"])
+
+
+def test_tost_and_the_four_decisions():
+    from steerheal.stats import decision, tost_p
+
+    # TOST: p < 0.05 exactly when the 90% t-interval lies inside ±delta
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        x = rng.normal(rng.uniform(-0.15, 0.15), 0.1, int(rng.integers(3, 12)))
+        lo, hi = t_test(x, level=0.9)[0]
+        assert (tost_p(x, None, 0.1) < 0.05) == (-0.1 < lo and hi < 0.1)
+    base = uniform()
+    same = [_moved(base, x, 0.2) for x in (0.30, 0.32, 0.31, 0.29, 0.30, 0.31)]
+    near = [_moved(base, x, 0.2) for x in (0.31, 0.30, 0.32, 0.30, 0.29, 0.30)]
+    far = [_moved(base, x + 0.3, 0.2) for x in (0.30, 0.32, 0.31, 0.29, 0.30, 0.31)]
+    kw = dict(target="authority", direction=-1, measure="target_shift", paired=True, delta=0.1, n_boot=400)
+    assert difference(base, same, near, **kw)["decision"] == "equivalent"
+    assert difference(base, far, same, **kw)["decision"] == "better"
+    assert difference(base, same, far, **kw)["decision"] == "worse"
+    wide = [_moved(base, x, 0.2) for x in (0.0, 0.6, 0.1, 0.5, 0.3, 0.3)]
+    d = difference(base, wide, same, **kw)
+    assert d["decision"] == "undecided" and d["tost_p"] > 0.05
+    # Holm's p (from the family) can hold back a call the intervals alone would make
+    assert decision(difference(base, far, same, **kw), p_holm=0.2, tost_holm=1.0) == "undecided"
+
+
+def test_the_plans_seed_count_has_the_power_it_promises():
+    """seeds_needed against simulation: at a true paired difference of delta, a paired t at α/m rejects
+    about `power` of the time with that many seeds; at 0, TOST shows equivalence about `power` of the time."""
+    from steerheal.stats import sd_upper, seeds_needed, tost_p
+
+    rng = np.random.default_rng(7)
+    n = seeds_needed(0.2, 0.2, 0.05, 0.8, m=2)
+    hits = np.mean([t_test(rng.normal(0.2, 0.2, n))[1] < 0.025 for _ in range(1500)])
+    assert 0.76 <= hits <= 0.9 and n == seeds_needed(0.2, 0.2, 0.05, 0.8, m=2)
+    assert np.mean([t_test(rng.normal(0.2, 0.2, n - 2))[1] < 0.025 for _ in range(1500)]) < hits
+    n_eq = seeds_needed(0.2, 0.2, 0.05, 0.8, equivalence=True)
+    eq = np.mean([tost_p(rng.normal(0.0, 0.2, n_eq), None, 0.2) < 0.05 for _ in range(1500)])
+    assert 0.76 <= eq <= 0.9
+    # unpaired needs more: twice the variance per comparison at the same per-arm SD
+    assert seeds_needed(0.2, 0.16, 0.05, 0.8, paired=False) > seeds_needed(0.2, 0.16, 0.05, 0.8)
+    # the SD's upper confidence bound (scipy: chi2.ppf(0.2, 2) = 0.4463, chi2.ppf(0.2, 9) = 5.3801)
+    assert sd_upper(1.0, 3, 0.8) == pytest.approx(math.sqrt(2 / 0.4463), rel=0.01)
+    assert sd_upper(1.0, 10, 0.8) == pytest.approx(math.sqrt(9 / 5.3801), rel=0.01)
 
 
 def test_paired_interval_is_narrower_than_the_spread_between_vignettes():
@@ -146,9 +243,18 @@ def test_welch_interval_known_values():
     assert lo == pytest.approx(1 - 2.776445 * math.sqrt(2 / 3)) and hi == pytest.approx(1 + 2.776445 * math.sqrt(2 / 3))
     # A side with no spread leaves the one-sample t-interval of the other.
     assert welch([1.0, 2.0, 3.0], [0.5, 0.5]) == pytest.approx([v - 0.5 for v in t_interval([1.0, 2.0, 3.0])])
-    # Fractional df rounds down: var/n 1/3 and 1 give df = (4/3)^2 / (1/18 + 1) = 1.68, so t(1) = 12.706.
-    lo, hi = welch([1.0, 2.0, 3.0], [0.0, 2.0])
-    assert hi - 1 == pytest.approx(12.706 * math.sqrt(4 / 3), rel=1e-4)
+    # Fractional df as it is: var/n 1/3 and 1 give df = (4/3)^2 / (1/18 + 1) = 32/19, t_975(32/19) = 5.17623
+    # and p 0.49210 (scipy), where flooring df to 1 gave 12.706.
+    (lo, hi), p = t_test([1.0, 2.0, 3.0], [0.0, 2.0])
+    assert hi - 1 == pytest.approx(5.1762316 * math.sqrt(4 / 3), rel=1e-6) and p == pytest.approx(0.4920963, abs=1e-6)
+
+
+def test_welch_df_that_is_an_integer_in_exact_arithmetic_is_not_floored_below_it():
+    """var/n 1/300 a side: df is exactly 4, but floats to 3.9999999999999996; flooring it gave t(3) and
+    p 0.035 against scipy's 0.0213."""
+    (lo, hi), p = t_test([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    assert p == pytest.approx(0.02131164, abs=1e-7)
+    assert hi == pytest.approx(-0.3 + 2.776445 * math.sqrt(2 / 300), rel=1e-6)
 
 
 def test_t_p_value_matches_the_quantile_table_and_known_values():
@@ -159,7 +265,12 @@ def test_t_p_value_matches_the_quantile_table_and_known_values():
     assert t_p_value(0.0, 3) == pytest.approx(1.0) and t_p_value(-3.182, 3) == pytest.approx(0.05, abs=2e-4)
     assert t_p_value(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| > 1) = 1/2
     assert t_p_value(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6))  # t(2): P(|T| <= t) = t / sqrt(2 + t^2)
-    assert t_p_value(4.303, 2.9) == pytest.approx(0.05, abs=2e-4)  # fractional df rounds down, as the interval's
+    # Fractional df (Welch's), against scipy.stats.t: two-sided p and quantiles.
+    known_p = {(2.0, 4.5): 0.1082579072, (1.3, 1.68): 0.3435830367, (3.0, 2.9): 0.0602047655, (2.5, 30.5): 0.0180162459}
+    assert [t_p_value(t, df) for t, df in known_p] == pytest.approx(list(known_p.values()), abs=1e-9)
+    assert t_quantile(0.975, 2.9) == pytest.approx(3.2454380624, abs=1e-8)
+    assert t_quantile(0.95, 4.5) == pytest.approx(2.0655758889, abs=1e-8)
+    assert t_quantile(0.8, 7.25) == pytest.approx(0.8940501331, abs=1e-8)
     (lo, hi), p = t_test([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
     assert p == pytest.approx(t_p_value(1 / math.sqrt(2 / 3), 4))
     # One side with no spread: the one-sample t of the other, df 2 (scipy: 0.1217).
