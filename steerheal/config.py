@@ -436,8 +436,52 @@ def with_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
     return new
 
 
+# What a run had for a key added after it: a run directory's config.yaml written before the key existed
+# ran with this value. Listed sections (generate.steer, online, ...) map every key in them to its dataclass
+# default, which is what the code did before they existed; the values given here are the ones whose default
+# changed since. A key missing from a run's config.yaml and not covered here is refused, never guessed.
+BEFORE_THE_KEY: dict[str, Any] = {
+    "heal.ref_top_k": 0,  # the reference was the whole vocabulary before the top-k cache
+}
+DEFAULT_WAS_THE_BEHAVIOUR = ("steered_measures", "generate.steer", "heal.checkpoint", "online", "eval.also", "decide")
+
+
+def _leaves(d: dict, prefix: str = "") -> list[str]:
+    return [
+        k for key, v in d.items() for k in (_leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])
+    ]
+
+
+def _set_leaf(d: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def run_settings(conf: dict, where: str, overrides: dict) -> dict:
+    """A run directory's config.yaml settings, complete: keys added since the run map to what it had
+    (BEFORE_THE_KEY, DEFAULT_WAS_THE_BEHAVIOUR); any other missing key is refused with its name, unless
+    --set gives it."""
+    user = copy.deepcopy(conf["config"])
+    given = set(_leaves(deep_merge(user, overrides)))
+    version = (conf.get("versions") or {}).get("git_commit") or (conf.get("versions") or {}).get("steerheal", "?")
+    for key in _leaves(RunConfig().to_dict()):
+        if key in given:
+            continue
+        if key in BEFORE_THE_KEY:
+            _set_leaf(user, key, BEFORE_THE_KEY[key])
+        elif not any(key == k or key.startswith(k + ".") for k in DEFAULT_WAS_THE_BEHAVIOUR):
+            raise SteerhealError(
+                f"{where}: the run (steerheal {version}) has no {key}, and what it ran with is not known; "
+                f"give it with --set {key}=VALUE"
+            )
+    return user
+
+
 def resolve_config(config: str | None, overrides: dict) -> RunConfig:
-    """Dataclass defaults, then the demo preset, then a preset name or run YAML, then overrides; validated."""
+    """Dataclass defaults, then the demo preset, then a preset name or run YAML, then overrides; validated.
+    A run directory's config.yaml stands alone: that run's exact settings, never stacked on the demo preset."""
     data = preset("demo")
     if config:
         p = Path(config)
@@ -449,7 +493,7 @@ def resolve_config(config: str | None, overrides: dict) -> RunConfig:
             if not isinstance(user, dict):
                 raise SteerhealError(f"{config}: a run config must be a YAML mapping")
             if isinstance(user.get("config"), dict) and "versions" in user:
-                user = user["config"]  # a run directory's config.yaml: that run's exact settings
+                data, user = run_settings(user, config, overrides), {}
         else:
             user = preset(config)
         data = deep_merge(data, user)

@@ -84,6 +84,26 @@ def test_a_run_directorys_config_yaml_reruns_that_runs_settings(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["config"]["seed"] == 3
 
 
+def test_a_committed_run_config_from_an_older_version_reproduces_that_runs_settings(tmp_path):
+    """docs/results/compare ran before heal.ref_top_k, generate.steer and online existed: its config.yaml
+    maps them to what the run had (the whole-vocabulary reference, constant C, no online mode), not to
+    today's defaults (ref_top_k 1024) or the demo preset's; a key nothing accounts for is refused by name."""
+    import yaml
+
+    path = Path(__file__).parents[1] / "docs" / "results" / "compare" / "config.yaml"
+    conf = yaml.safe_load(path.read_text())
+    assert "ref_top_k" not in conf["config"]["heal"] and "steer" not in conf["config"]["generate"]
+    cfg = resolve_config(str(path), {})
+    assert cfg.heal.ref_top_k == 0 and cfg.generate.steer.method == "constant" and not cfg.online.enabled
+    for key in ("heal", "dose", "filter", "eval"):  # every recorded key as recorded
+        assert {k: v for k, v in cfg.to_dict()[key].items() if k in conf["config"][key]} == conf["config"][key]
+    del conf["config"]["heal"]["lr"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(conf))
+    with pytest.raises(SteerhealError, match="has no heal.lr, and what it ran with is not known; give it with --set"):
+        resolve_config(str(tmp_path / "config.yaml"), {})
+    assert resolve_config(str(tmp_path / "config.yaml"), parse_set(["heal.lr=3e-4"])).heal.lr == 3e-4
+
+
 def test_a_sections_method_and_its_keys_combine_in_either_order():
     """--set dose=keep --set dose.steps=2 raised a TypeError (a traceback) before."""
     for sets in (["dose=keep", "dose.steps=2"], ["dose.steps=2", "dose=keep"]):
