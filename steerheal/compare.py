@@ -25,7 +25,7 @@ from .loop import LoopResult, baseline_steps, pool_seeds, run_dtype, run_loop, r
 from .models import load_model
 from .progress import log
 from .records import atomic_path, write_json, write_text
-from .report import collect
+from .report import ci_text, collect
 from .rundir import Run, protocol_path
 from .stats import (
     EvalRows,
@@ -438,14 +438,6 @@ def pareto_word(shift: str, coherence: str) -> str:
     return f"{word} on {axis}, {other} unclear"
 
 
-def _ci(m: dict | None, k: str, sign: bool = True) -> str:
-    if not m:
-        return "–"
-    lo, hi = m[f"{k}_ci"]
-    f = "{:+.2f}" if sign else "{:.2f}"
-    return f"{f.format(m[k])} [{f.format(lo)}, {f.format(hi)}]"
-
-
 def _seed_ci(m: dict, k: str) -> str:
     """The t-interval over seeds (the bootstrap's seed resampling is narrow with 3 seeds); '–' for one seed."""
     if f"{k}_seed_ci" not in m:
@@ -508,8 +500,8 @@ def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
                 if m is None:
                     continue
                 L.append(
-                    f"| {arm} | {r['round']} | {'raw' if kind == 'steered' else 'healed'} | {_ci(m, 'target_shift')} | "
-                    f"{_ci(m, 'selectivity')} | {_seed_ci(m, 'selectivity')} | {_ci(m, 'pmass_ratio', False)} | {_gen_mean(g, 'ppl')} | {_gen_mean(g, 'distinct2')} | "
+                    f"| {arm} | {r['round']} | {'raw' if kind == 'steered' else 'healed'} | {ci_text(m, 'target_shift')} | "
+                    f"{ci_text(m, 'selectivity')} | {_seed_ci(m, 'selectivity')} | {ci_text(m, 'pmass_ratio', sign=False)} | {_gen_mean(g, 'ppl')} | {_gen_mean(g, 'distinct2')} | "
                     f"{_gen_mean(g, 'kl_to_base')} | {kept} | {mins:.1f} | {passes} |"
                 )
     L += ["", "![compare](compare.png)", ""]
@@ -566,7 +558,7 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
         parts = [f"**{arm}**"]
         if "last" in e:
             parts.append(
-                f"last healed round: shift {_ci(e['last'], 'target_shift')}, selectivity {_ci(e['last'], 'selectivity')}"
+                f"last healed round: shift {ci_text(e['last'], 'target_shift')}, selectivity {ci_text(e['last'], 'selectivity')}"
             )
             vp = e["vs_prompting"]
             parts.append(

@@ -14,6 +14,7 @@ Over 400 lines: a round is one readable sequence of named steps (round()), plus 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 import time
 from collections.abc import Callable
@@ -180,9 +181,11 @@ class Loop:
 
     def evals(self, step: Callable[[str, Callable[[], None]], None], name: str, path: Path, **kw: Any) -> None:
         """An eval step under the run's protocol, then one under each protocol of eval.also (<name>.<protocol>)."""
-        step(name, lambda: write_json(path, self.eval(**kw)))
-        for p in self.cfg.eval.also:
-            step(f"{name}.{p}", lambda p=p: write_json(protocol_path(path, p), self.eval(protocol=p, **kw)))
+        for p in [None, *self.cfg.eval.also]:
+            step(name if p is None else f"{name}.{p}", functools.partial(self._eval_to, protocol_path(path, p), p, kw))
+
+    def _eval_to(self, path: Path, protocol: str | None, kw: dict[str, Any]) -> None:
+        write_json(path, self.eval(protocol, **kw))
 
     def baselines(self) -> None:
         """The base model and the prompting baseline (the persona's first pos prompt as a system prompt)."""

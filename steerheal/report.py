@@ -122,7 +122,7 @@ def _f(x: float | None, nd: int = 3, sign: bool = False) -> str:
     return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
 
 
-def _ci(m: dict | None, name: str, nd: int = 2, sign: bool = True, seeds: bool = False) -> str:
+def ci_text(m: dict | None, name: str, nd: int = 2, sign: bool = True, seeds: bool = False) -> str:
     """'value [lo, hi]' for measure `name` of a compare() result; seeds: add the t-interval over seeds
     when there is one (every interval an answer reads is shown)."""
     if not m:
@@ -191,8 +191,8 @@ def write_report(
     )
     p = c["prompt"]
     L.append(
-        f"| prompting (persona as system prompt) | {_ci(p, 'target_shift')} | {_ci(p, 'selectivity')} | "
-        f"{_ci(p, 'pmass_ratio', sign=False)} | {_gen_cell(c['gen_prompt'], 'ppl', 1)} | "
+        f"| prompting (persona as system prompt) | {ci_text(p, 'target_shift')} | {ci_text(p, 'selectivity')} | "
+        f"{ci_text(p, 'pmass_ratio', sign=False)} | {_gen_cell(c['gen_prompt'], 'ppl', 1)} | "
         f"{_gen_cell(c['gen_prompt'], 'pass_rate')} | {_gen_cell(c['gen_prompt'], 'distinct2')} | "
         f"{_gen_cell(c['gen_prompt'], 'kl_to_base', 3)} |"
     )
@@ -210,8 +210,8 @@ def write_report(
             if m is None:
                 continue
             L.append(
-                f"| {r['round']} | {kind} | {_f(_mean(r['coeff']), 2, False)} | {kept} | {_ci(m, 'target_shift')} | "
-                f"{_ci(m, 'selectivity')} | {_ci(m, 'pmass_ratio', sign=False)} | {_gen_cell(g, 'ppl', 1)} | "
+                f"| {r['round']} | {kind} | {_f(_mean(r['coeff']), 2, False)} | {kept} | {ci_text(m, 'target_shift')} | "
+                f"{ci_text(m, 'selectivity')} | {ci_text(m, 'pmass_ratio', sign=False)} | {_gen_cell(g, 'ppl', 1)} | "
                 f"{_gen_cell(g, 'pass_rate')} | {_gen_cell(g, 'distinct2')} | {_gen_cell(g, 'kl_to_base', 3)} |"
             )
     L += ["", "![trajectory](trajectory.png)", "", "![profile](profile.png)", "", "## Answers", ""]
@@ -244,9 +244,9 @@ def answers(c: dict[str, Any]) -> list[str]:
         return [f"- {q0}", "- No round was healed."]
     paired = [r for r in healed if "heal_vs_steer_pmass" in r]  # rounds with a raw-steered eval
     q1_parts = [
-        f"r{r['round']}: pmass ratio steered {_ci(r['steered'], 'pmass_ratio', sign=False)} → healed "
-        f"{_ci(r['healed'], 'pmass_ratio', sign=False)}, difference {r['heal_vs_steer_pmass']['verdict']}; "
-        f"shift steered {_ci(r['steered'], 'target_shift')} vs healed {_ci(r['healed'], 'target_shift')}"
+        f"r{r['round']}: pmass ratio steered {ci_text(r['steered'], 'pmass_ratio', sign=False)} → healed "
+        f"{ci_text(r['healed'], 'pmass_ratio', sign=False)}, difference {r['heal_vs_steer_pmass']['verdict']}; "
+        f"shift steered {ci_text(r['steered'], 'target_shift')} vs healed {ci_text(r['healed'], 'target_shift')}"
         for r in paired
     ]
     q1_yes = sum(r["heal_vs_steer_pmass"]["verdict"] == "yes" for r in paired)
@@ -260,7 +260,7 @@ def answers(c: dict[str, Any]) -> list[str]:
     held = verdict(*([lo - COHERENCE_HELD, hi - COHERENCE_HELD] for lo, hi in intervals(last, "pmass_ratio")))
     q2 = (
         f"**Q2 coherent over the loop?** {held}: healed pmass ratio per round "
-        f"{', '.join(_ci(r['healed'], 'pmass_ratio', sign=False, seeds=True) for r in healed)} (held = intervals above {COHERENCE_HELD})."
+        f"{', '.join(ci_text(r['healed'], 'pmass_ratio', sign=False, seeds=True) for r in healed)} (held = intervals above {COHERENCE_HELD})."
     )
     steps = [r["step_vs_prev"] for r in healed if "step_vs_prev" in r]
     moved = verdict(*intervals(healed[0]["healed"], "target_shift"))
@@ -273,7 +273,7 @@ def answers(c: dict[str, Any]) -> list[str]:
         or "only one round"
     )
     q3 = (
-        f"**Q3 one direction?** round 0 moved {t} the persona's way: {moved} ({_ci(healed[0]['healed'], 'target_shift', seeds=True)}); "
+        f"**Q3 one direction?** round 0 moved {t} the persona's way: {moved} ({ci_text(healed[0]['healed'], 'target_shift', seeds=True)}); "
         f"each later round's extra shift: {step_txt}; cos(v_r, v_0) "
         f"{', '.join(_f(_mean(r['cos_v0']), 2) for r in rounds)}."
     )
@@ -284,7 +284,7 @@ def answers(c: dict[str, Any]) -> list[str]:
         "(yes needs both the difference and "
         "the healed model's own selectivity above 0): selectivity of the last healed round minus the prompting baseline's = "
         f"{_f(d['difference'], 2, True)} [{_f(lo, 2, True)}, {_f(hi, 2, True)}]{seed_ci_text(d)} (the coherence gate inside selectivity "
-        f"compares them at matched coherence). Healed: {_ci(last, 'selectivity', seeds=True)}; prompting: {_ci(c['prompt'], 'selectivity')}."
+        f"compares them at matched coherence). Healed: {ci_text(last, 'selectivity', seeds=True)}; prompting: {ci_text(c['prompt'], 'selectivity')}."
     )
     return [f"- {q}" for q in (q0, q1, q2, q3, q4)]
 

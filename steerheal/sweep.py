@@ -23,6 +23,7 @@ from .models import load_model, parse_layers
 from .persona import load_persona
 from .progress import log
 from .records import write_json, write_text
+from .report import ci_text
 from .rundir import Run
 from .stats import EvalRows, compare
 from .vector import SteeringVector, extract
@@ -130,11 +131,6 @@ def most_specific(summary: dict[str, Any]) -> dict[str, Any] | None:
     return max(cands, key=lambda c: c["z"]) if cands else None
 
 
-def _ci(m: dict[str, Any], k: str) -> str:
-    lo, hi = m[f"{k}_ci"]
-    return f"{m[k]:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-
-
 def render(s: dict[str, Any]) -> str:
     t = s["target"]
     L = [
@@ -153,7 +149,7 @@ def render(s: dict[str, Any]) -> str:
         for p in b["points"]:
             r = p["real"]
             L.append(
-                f"| {band} | {p['coeff']:g} | {_ci(r, 'target_shift')} | {_ci(r, 'selectivity')} | "
+                f"| {band} | {p['coeff']:g} | {ci_text(r, 'target_shift')} | {ci_text(r, 'selectivity')} | "
                 f"{r['pmass_ratio']:.2f} | {_null_cells(p)} | {_null_cells(p.get('selectivity'))} |"
             )
     L += ["", "| prompt strength | shift | selectivity | pmass ratio |", "|---|---|---|---|"]
@@ -161,7 +157,7 @@ def render(s: dict[str, Any]) -> str:
     for name, m in s["prompt"].items():
         if m:
             L.append(
-                f"| {name} pos prompt(s) | {_ci(m, 'target_shift')} | {_ci(m, 'selectivity')} | {m['pmass_ratio']:.2f} |"
+                f"| {name} pos prompt(s) | {ci_text(m, 'target_shift')} | {ci_text(m, 'selectivity')} | {m['pmass_ratio']:.2f} |"
             )
     best = s["most_specific"]
     L += ["", "![sweep](sweep.png)", ""]
@@ -171,14 +167,14 @@ def render(s: dict[str, Any]) -> str:
         where = f"band {best['band']} at C = {best['coeff']:g}"
         specific = "beyond every random draw" if best["beyond_null"] else "inside the random spread"
         L.append(
-            f"- Most specific coherent point: {where}, shift {_ci(best, 'target_shift')}, z {best['z']:+.1f}, {specific}."
+            f"- Most specific coherent point: {where}, shift {ci_text(best, 'target_shift')}, z {best['z']:+.1f}, {specific}."
         )
         sel = best.get("selectivity_null")
         if sel and "null_range" in sel:
             lo, hi = sel["null_range"]
             inside = "beyond every random draw" if sel["beyond_null"] else "inside the random spread"
             L.append(
-                f"- Its selectivity, {_ci(best, 'selectivity')}, against the null's {lo:+.2f} … {hi:+.2f}: "
+                f"- Its selectivity, {ci_text(best, 'selectivity')}, against the null's {lo:+.2f} … {hi:+.2f}: "
                 f"z {sel['z']:+.1f}, {inside}."
             )
         if not best["beyond_null"]:

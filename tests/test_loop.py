@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import tiny_cli
+from conftest import TINY_RUN, tiny_cli
 from safetensors.torch import load_file
 
 from steerheal import SteerhealError
@@ -140,3 +140,34 @@ def test_loop_resumes_after_sigkill_to_the_same_result(tiny_model_dir, tmp_path)
         text=True,
     )
     assert r.returncode == 2 and "config changed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_loop_filters_rows_and_stops_on_the_coherence_floor(tiny_model_dir, persona_file, tmp_path, monkeypatch):
+    """The filter and the coherence stop switched on (TINY_RUN switches both off): every other completion
+    is made a loop, which the repetition gate drops with its reason, the heal trains on the rest, and a
+    floor above any coherence stops the loop after round 0 with the reason in round.json and the report."""
+    import steerheal.loop as loop_mod
+    from steerheal.records import read_records
+
+    real = loop_mod.generate_records
+
+    def forced(*a, **k):
+        rows = real(*a, **k)
+        for i, r in enumerate(rows):
+            r.completion = "no no no no no no no no" if i % 2 else f"I would talk to my manager first, case {i}."
+        return rows
+
+    monkeypatch.setattr(loop_mod, "generate_records", forced)
+    sets = [*TINY_RUN, "rounds=2", "filter.max_repetition=0.3", "filter.min_words=4", "pmass_floor=10"]
+    cfg = resolve_config(None, parse_set([*sets, f"model={tiny_model_dir}"]))
+    root = loop_mod.run_loop(persona_file, tmp_path / "run", cfg).root
+    d = root / "round_00"
+    kept, rejected = read_records(d / "kept.jsonl"), read_records(d / "rejected.jsonl")
+    assert len(kept) == len(rejected) == 4
+    assert all(r.drop_reasons == ["repetition"] for r in rejected) and all(not r.drop_reasons for r in kept)
+    heal = json.loads((d / "adapter" / "heal.json").read_text())
+    assert heal["rows"]["train"] + heal["rows"]["val"] == 4
+    info = json.loads((d / "round.json").read_text())
+    assert info["filter"]["reasons"] == {"repetition": 4} and info["below_floor"]
+    assert "fell below the floor" in info["stop"] and not (root / "round_01").exists()
+    assert "fell below the floor" in (root / "report.md").read_text()
