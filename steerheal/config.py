@@ -33,8 +33,26 @@ REFS = ("prev", "base")
 DOSES = ("keep", "kl", "fixed")
 CONDITIONS = ("other_violate", "self_violate", "both")
 PROTOCOLS = ("kshot", "zero-shot")
-# Where each arm's training rows and target come from (see loop.py and the README's Arms section).
-ARMS = ("steer", "prompt", "prompt-kl", "random", "nll")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """Where an arm's training rows and target come from: what it samples with, whether it fits the
+    prompted model's distribution instead of the sampled tokens, and whether the KL barrier holds."""
+
+    samples_with: str  # vector: the persona vector; random: a norm-matched random direction; prompt: the persona prompt
+    fits_prompted: bool = False  # Prompt Baking: KL(prompted ‖ student) instead of the sampled tokens' NLL
+    barrier: bool = True  # KL to the previous model; the nll arm drops it (what the barrier adds)
+
+
+ARM_TABLE = {
+    "steer": Arm("vector"),
+    "prompt": Arm("prompt"),  # context distillation: sampled under the prompt, trained without it
+    "prompt-kl": Arm("prompt", fits_prompted=True),
+    "random": Arm("random"),
+    "nll": Arm("vector", barrier=False),
+}
+ARMS = tuple(ARM_TABLE)
 STEERED_MEASURES = ("all", "first")
 SCHEDULES = ("constant", "linear", "exp")
 GATE_MODES = ("hard", "soft")

@@ -8,7 +8,8 @@ Run directory:
   each eval also as <eval>.<protocol>.json for every protocol in eval.also
   metrics.jsonl  trajectory.png  report.md
 
-Over 400 lines: a round is one readable sequence of named steps (round()), plus the baselines and seeds around it.
+A round reads top to bottom in round(): vector, dose, generate, filter, heal, measures, each a named,
+resumable step. The arms differ only through config.ARM_TABLE and the Intervention they sample with.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import yaml
 
 from . import SteerhealError
 from .coherence import generation_coherence, neutral_prompts
-from .config import GenerateConfig, RunConfig, heal_seed, round_seed
+from .config import ARM_TABLE, Arm, GenerateConfig, HealConfig, RunConfig, heal_seed, round_seed
 from .dose import choose_dose
 from .evaluate import score_vignettes
 from .filter import filter_records
@@ -114,6 +115,20 @@ def eval_summary(report: dict, target: str) -> dict:
 
 
 # ---------------------------------------------------------------- the loop
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """What an arm applies while it samples and is measured raw: C·v added, or the persona as a system prompt."""
+
+    vector: SteeringVector | None = None
+    coeff: float = 0.0
+    system: str | None = None
+
+    @property
+    def kw(self) -> dict[str, Any]:
+        """As the keyword arguments of generate_records, score_vignettes and the coherence measure."""
+        return {"system": self.system} if self.system is not None else {"vector": self.vector, "coeff": self.coeff}
 
 
 @dataclass
@@ -220,143 +235,144 @@ class Loop:
 
     def round(self, r: int) -> str | None:
         """Run (or resume) round r; the stop reason, if the loop should stop after it."""
-        run, cfg, persona, d, key = self.run, self.cfg, self.persona, self.rdir(r), f"round_{r:02d}"
-        if run.done(f"{key}/done"):
-            return run.json(f"{key}/round.json").get("stop")
-        log(f"[round {r + 1}/{cfg.rounds}]{self._eta(r)}")
-        seed = round_seed(cfg.seed, r, "generate")
-
-        step = lambda name, fn: self.step(r, name, fn)  # noqa: E731
-
-        layers = parse_layers(cfg.vector.layers, self.lm.n_layers)
-        v = cfg.vector
-        step(
-            "vector",
-            lambda: extract(
-                self.lm, persona, layers, batch_size=v.batch_size, max_prompts=v.max_prompts, normalize=v.normalize
-            ).save(d / "vector.safetensors"),
+        if self.run.done(f"round_{r:02d}/done"):
+            return self.run.json(f"round_{r:02d}/round.json").get("stop")
+        log(f"[round {r + 1}/{self.cfg.rounds}]{self._eta(r)}")
+        act = self.intervention(r, self.vector(r))
+        hcfg = dataclasses.replace(
+            self.cfg.heal,
+            seed=heal_seed(self.cfg.heal.seed, self.cfg.seed, r),
+            reg=self.cfg.heal.reg if self.arm.barrier else "nll",
         )
-        vec = SteeringVector.load(d / "vector.safetensors")
-        # The intervention this arm applies: the persona vector, a norm-matched random one, or the prompt.
-        if cfg.arm == "random":
-            step("random", lambda: vec.random_like(round_seed(cfg.seed, r, "random")).save(d / "random.safetensors"))
-            vec = SteeringVector.load(d / "random.safetensors")
-        step("dose", lambda: write_json(d / "dose.json", self._dose(vec, round_seed(cfg.seed, r, "dose"))))
-        coeff = float(run.json(f"{key}/dose.json")["coeff"])
-        act: dict[str, Any] = {"system": self.system} if self.prompted else {"vector": vec, "coeff": coeff}
-        reg = "nll" if cfg.arm == "nll" else cfg.heal.reg  # the nll arm: no barrier (what the barrier adds)
-        rows_stop: str | None = None
-        hcfg = dataclasses.replace(cfg.heal, seed=heal_seed(cfg.heal.seed, cfg.seed, r), reg=reg)
-        if cfg.online.enabled:
-            # One segment of online steps is the round's generate, filter and heal (online.py).
+        if self.cfg.online.enabled:  # one segment of online steps is the round's generate, filter and heal
             self.steered_measures(r, act)
-            seg = Segment(d, persona, cfg, hcfg, act, seed, f"{persona.name}-r{r}", self.teacher_system, self.meter)
-            step("heal", lambda: _ignore(run_segment(self.lm, seg)))  # lm is now healed
-            n_kept = len(read_records(d / "kept.jsonl"))
-            if n_kept < hcfg.min_rows:  # it healed on what it had; the loop stops after this round's evals
-                rows_stop = (
-                    f"round {r}: the online segment kept {n_kept} rows, fewer than heal.min_rows {hcfg.min_rows}"
-                )
+            stop = self.online_segment(r, act, hcfg)
         else:
-            step(
-                "generate",
-                lambda: write_records(
-                    generate_records(
-                        self.lm,
-                        persona.name,
-                        persona.generation,
-                        cfg.generate,
-                        seed=seed,
-                        id_prefix=f"{persona.name}-r{r}",
-                        **act,
-                    ),
-                    d / "completions.jsonl",
-                ),
-            )
-
-            def do_filter() -> None:
-                # Prompt arms train WITHOUT the persona prompt (context distillation): drop the system turn first.
-                rows = [without_system(x) for x in read_records(d / "completions.jsonl")]
-                kept, rejected = filter_records(self.lm, rows, cfg.filter, persona.narration)
-                write_records(rejected, d / "rejected.jsonl")
-                write_records(kept, d / "kept.jsonl")
-
-            step("filter", do_filter)
+            self.generate(r, act)
+            self.filter(r)
             self.steered_measures(r, act)
-            kept = read_records(d / "kept.jsonl")
+            kept = read_records(self.rdir(r) / "kept.jsonl")
             if len(kept) < hcfg.min_rows:
                 stop = f"round {r}: only {len(kept)} rows kept, fewer than heal.min_rows {hcfg.min_rows}"
                 self.finish_round(r, stop, healed=False)
                 return stop
-            if not run.done(f"{key}/heal"):
-                log(f"[round {r + 1}/{cfg.rounds}] heal on {len(kept)} kept rows")
-            system = self.teacher_system
-            teacher = [with_system(x, system) for x in kept] if system is not None else None
-            # --ref base: the barrier holds every round to the unchanged base model (the judge is that model)
-            base_ref = self.judge().model if hcfg.ref == "base" and hcfg.reg != "nll" and self.lm.adapters else None
-            run.step(
-                f"{key}/heal",
-                lambda: _ignore(
-                    heal(
-                        self.lm,
-                        kept,
-                        hcfg,
-                        d / "adapter",
-                        merge=True,
-                        teacher_records=teacher,
-                        reference_model=base_ref,
-                    )
-                ),
-                self.meter,
-            )  # lm is now healed
-        self.evals(step, "eval_healed", d / "eval_healed.json")
-        step(
-            "demo_healed",
-            lambda: write_records(demo_records(self.lm, persona, cfg, f"r{r}-healed"), d / "demo_healed.jsonl"),
-        )
-        step("gen_healed", lambda: self.coherence(d / "gen_healed.json"))
-        end = rows_stop or self._coherence_stop(r)
+            self.heal(r, kept, hcfg)
+            stop = None
+        self.healed_measures(r)
+        end = stop or self._coherence_stop(r)
         self.finish_round(r, end, healed=True)
         return end
 
-    def step(self, r: int, name: str, fn: Callable[[], None]) -> None:
+    def step(self, r: int, name: str, fn: Callable[[], None], detail: str = "") -> None:
         """Round r's step `name`, unless the manifest says it finished."""
         key = f"round_{r:02d}/{name}"
         if not self.run.done(key):
-            log(f"[round {r + 1}/{self.cfg.rounds}] {name}")
+            log(f"[round {r + 1}/{self.cfg.rounds}] {name}{detail}")
         self.run.step(key, fn, self.meter)
 
-    def steered_measures(self, r: int, act: dict[str, Any]) -> None:
+    def vector(self, r: int) -> SteeringVector:
+        """The persona vector, extracted from the current model; the random arm's norm-matched direction instead."""
+        d, v = self.rdir(r), self.cfg.vector
+        layers = parse_layers(v.layers, self.lm.n_layers)
+        self.step(
+            r,
+            "vector",
+            lambda: extract(
+                self.lm, self.persona, layers, batch_size=v.batch_size, max_prompts=v.max_prompts, normalize=v.normalize
+            ).save(d / "vector.safetensors"),
+        )
+        vec = SteeringVector.load(d / "vector.safetensors")
+        if self.arm.samples_with != "random":
+            return vec
+        seed = round_seed(self.cfg.seed, r, "random")
+        self.step(r, "random", lambda: vec.random_like(seed).save(d / "random.safetensors"))
+        return SteeringVector.load(d / "random.safetensors")
+
+    def intervention(self, r: int, vec: SteeringVector) -> Intervention:
+        """What the arm samples with this round: C·v at the dose chosen now, or the persona prompt."""
+        d = self.rdir(r)
+        self.step(r, "dose", lambda: write_json(d / "dose.json", self._dose(vec, round_seed(self.cfg.seed, r, "dose"))))
+        if self.arm.samples_with == "prompt":
+            return Intervention(system=self.system)
+        return Intervention(vector=vec, coeff=float(self.run.json(f"round_{r:02d}/dose.json")["coeff"]))
+
+    def generate(self, r: int, act: Intervention) -> None:
+        g = self.persona.generation
+        seed = round_seed(self.cfg.seed, r, "generate")
+        rows = lambda: generate_records(  # noqa: E731
+            self.lm, self.persona.name, g, self.cfg.generate, seed=seed, id_prefix=f"{self.persona.name}-r{r}", **act.kw
+        )
+        self.step(r, "generate", lambda: write_records(rows(), self.rdir(r) / "completions.jsonl"))
+
+    def filter(self, r: int) -> None:
+        d = self.rdir(r)
+
+        def run() -> None:
+            # Prompt arms train WITHOUT the persona prompt (context distillation): drop the system turn first.
+            rows = [without_system(x) for x in read_records(d / "completions.jsonl")]
+            kept, rejected = filter_records(self.lm, rows, self.cfg.filter, self.persona.narration)
+            write_records(rejected, d / "rejected.jsonl")
+            write_records(kept, d / "kept.jsonl")
+
+        self.step(r, "filter", run)
+
+    def heal(self, r: int, kept: list[Record], hcfg: HealConfig) -> None:
+        """A fresh adapter on the kept rows, merged into self.lm (the next round's model)."""
+        system = self.teacher_system
+        teacher = [with_system(x, system) for x in kept] if system is not None else None
+        # --ref base: the barrier holds every round to the unchanged base model (the judge is that model)
+        base_ref = self.judge().model if hcfg.ref == "base" and hcfg.reg != "nll" and self.lm.adapters else None
+        out = self.rdir(r) / "adapter"
+        fit = lambda: heal(  # noqa: E731
+            self.lm, kept, hcfg, out, merge=True, teacher_records=teacher, reference_model=base_ref
+        )
+        self.step(r, "heal", lambda: _ignore(fit()), f" on {len(kept)} kept rows")
+
+    def online_segment(self, r: int, act: Intervention, hcfg: HealConfig) -> str | None:
+        """The round's online segment (online.py); a stop reason when it kept too few rows in all."""
+        p = self.persona
+        seed = round_seed(self.cfg.seed, r, "generate")
+        seg = Segment(self.rdir(r), p, self.cfg, hcfg, act.kw, seed, f"{p.name}-r{r}", self.teacher_system, self.meter)
+        self.step(r, "heal", lambda: _ignore(run_segment(self.lm, seg)))  # lm is now healed
+        n_kept = len(read_records(self.rdir(r) / "kept.jsonl"))
+        if n_kept >= hcfg.min_rows:
+            return None
+        # it healed on what it had; the loop stops after this round's evals
+        return f"round {r}: the online segment kept {n_kept} rows, fewer than heal.min_rows {hcfg.min_rows}"
+
+    def healed_measures(self, r: int) -> None:
+        """The healed model's eval (each protocol), demo and generation coherence."""
+        d, step = self.rdir(r), functools.partial(self.step, r)
+        self.evals(step, "eval_healed", d / "eval_healed.json")
+        demo = lambda: demo_records(self.lm, self.persona, self.cfg, f"r{r}-healed")  # noqa: E731
+        step("demo_healed", lambda: write_records(demo(), d / "demo_healed.jsonl"))
+        step("gen_healed", lambda: self.coherence(d / "gen_healed.json"))
+
+    def steered_measures(self, r: int, act: Intervention) -> None:
         """The raw-steered (or prompted) model's eval, demo and generation coherence: round 0, or every round."""
         if r > 0 and self.cfg.steered_measures != "all":
             return
-        d = self.rdir(r)
-        step = lambda name, fn: self.step(r, name, fn)  # noqa: E731
-        self.evals(step, "eval_steered", d / "eval_steered.json", **act)
-        step(
-            "demo_steered",
-            lambda: write_records(
-                demo_records(self.lm, self.persona, self.cfg, f"r{r}-steered", **act), d / "demo_steered.jsonl"
-            ),
-        )
-        step("gen_steered", lambda: self.coherence(d / "gen_steered.json", **act))
+        d, step = self.rdir(r), functools.partial(self.step, r)
+        self.evals(step, "eval_steered", d / "eval_steered.json", **act.kw)
+        demo = lambda: demo_records(self.lm, self.persona, self.cfg, f"r{r}-steered", **act.kw)  # noqa: E731
+        step("demo_steered", lambda: write_records(demo(), d / "demo_steered.jsonl"))
+        step("gen_steered", lambda: self.coherence(d / "gen_steered.json", **act.kw))
+
+    @property
+    def arm(self) -> Arm:
+        return ARM_TABLE[self.cfg.arm]
 
     @property
     def teacher_system(self) -> str | None:
         """prompt-kl fits the prompted model's distribution: the teacher reads each row under the persona prompt."""
-        return self.system if self.cfg.arm == "prompt-kl" else None
-
-    @property
-    def prompted(self) -> bool:
-        """Prompt arms sample under the persona's system prompt instead of steering."""
-        return self.cfg.arm in ("prompt", "prompt-kl")
+        return self.system if self.arm.fits_prompted else None
 
     @property
     def system(self) -> str:
         return self.persona.pairs[0].pos
 
     def _dose(self, vec: SteeringVector, seed: int) -> dict:
-        if self.prompted:
+        if self.arm.samples_with == "prompt":
             return {"coeff": 0.0, "method": "prompt", "system": self.system, "probes": []}
         return choose_dose(self.lm, self.persona, vec, self.cfg, seed)
 
