@@ -21,7 +21,7 @@ import numpy as np
 from . import SteerhealError
 from .config import ARMS, NULL_K_COMPARE, DecideConfig, RunConfig, parse_set, with_overrides
 from .evaluate import score_vignettes
-from .loop import LoopResult, baseline_steps, pool_seeds, run_dtype, run_loop, run_seed
+from .loop import baseline_steps, pool_seeds, run_dtype, run_loop, run_seed
 from .models import load_model
 from .progress import log
 from .records import atomic_path, write_json, write_text
@@ -112,7 +112,6 @@ def run_compare(
     )
     run = Run(root)
     # Seed by seed, every arm within a seed: a run stopped early leaves arms paired on the seeds it finished.
-    results: dict[str, list[LoopResult]] = {arm: [] for arm in arms}
     for i, s in enumerate([] if report_only else (cfg.seeds or [None])):
         for arm in arms:
             log(f"[arm {arm}]" + ("" if s is None else f" [seed {s}] ({i + 1}/{len(cfg.seeds)})"))
@@ -122,13 +121,13 @@ def run_compare(
                 if s is None
                 else run_seed(persona_path, root / arm, acfg, s, force, shared)
             )
-            results[arm].append(one)
             shared = shared or one.root
         if i == 0 and "steer" in arms and null_k > 0:
             run.step("null", lambda: write_json(root / "null.json", random_null(root, cfg, null_k)))
-    if cfg.seeds and not report_only:
-        for arm in arms:
-            pool_seeds(persona_path, root / arm, arm_config(cfg, arm, variants), results[arm])
+    for arm in arms if cfg.seeds else []:  # each arm's own report, pooled over the seeds it finished
+        finished = [d for d in arm_dirs(root, arm, cfg) if (d / "report.md").is_file()]
+        if finished:
+            pool_seeds(persona_path, root / arm, arm_config(cfg, arm, variants), finished)
     summary, numbers = gather(root, cfg, arms, reference)
     write_json(root / "compare.json", summary)
     plot_compare(root, numbers)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import resource
 import time
 from collections.abc import Callable
@@ -515,7 +516,7 @@ def run_seeds(
         log(f"[seed {s}] ({cfg.seeds.index(s) + 1}/{len(cfg.seeds)})")
         results.append(run_seed(persona_path, out, cfg, s, force, baselines_from))
         baselines_from = baselines_from or results[0].root
-    pool_seeds(persona_path, out, cfg, results)
+    pool_seeds(persona_path, out, cfg, [r.root for r in results])
     return results
 
 
@@ -528,17 +529,24 @@ def run_seed(
     )
 
 
-def pool_seeds(persona_path: str | Path, out: str | Path, cfg: RunConfig, results: list[LoopResult]) -> None:
-    """The report and plot pooled over the seeds' runs, in out."""
+def pool_seeds(persona_path: str | Path, out: str | Path, cfg: RunConfig, dirs: list[Path]) -> None:
+    """The report and plot pooled over the seeds' finished runs (dirs), in out."""
     from .plot import plot_run
-    from .report import write_report
+    from .report import seed_of, write_report
 
-    root, dirs = Path(out), [r.root for r in results]
+    root = Path(out)
     write_config(root, cfg.to_dict(), load_persona(persona_path), persona_path)
     plot_run(root, dirs)
-    stops = "; ".join(f"seed {s}: {r.stop_reason}" for s, r in zip(cfg.seeds, results))
+    stops = "; ".join(f"seed {seed_of(d)}: {stop_reason(d)}" for d in dirs)
     write_report(root, stops, run_dirs=dirs)
-    log(f"pooled report over seeds {cfg.seeds}: {root / 'report.md'}")
+    log(f"pooled report over seeds {[seed_of(d) for d in dirs]}: {root / 'report.md'}")
+
+
+def stop_reason(root: Path) -> str:
+    """Why a finished run stopped, from its last round.json."""
+    rounds = sorted(root.glob("round_*/round.json"))
+    last = json.loads(rounds[-1].read_text()) if rounds else None
+    return "no round finished" if last is None else last.get("stop") or f"{last['round'] + 1} rounds done"
 
 
 def run_loop(

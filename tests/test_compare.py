@@ -375,6 +375,10 @@ def test_paired_seeds_and_both_protocols_from_one_set_of_models(tiny_model_dir, 
     md = (out / "compare.md").read_text()
     assert "## Verdict under the zero-shot protocol" in md and "3 paired seeds, within-seed r" in md
     assert d["decision_holm"] in ("better", "worse", "equivalent", "undecided") and "decision: " in md
+    # --report-only also pools each arm's finished seeds into its own report (a run stopped early has none)
+    (out / "prompt" / "report.md").unlink()
+    run_compare(persona_file, out, cfg, ["steer", "prompt"], null_k=0, report_only=True)
+    assert "seed 2: 1 rounds done" in (out / "prompt" / "report.md").read_text()
     # compare --plan: from these three paired seeds, runs nothing
     from steerheal.compare import plan_entry, write_plan
     from steerheal.stats import sd_upper, seeds_needed
