@@ -6,7 +6,8 @@ aggregated by rmse (default), mean, p95 or max. The reference is the same weight
 LoRA off (never a second copy); since it never changes during a heal, its log-probs over
 completion positions are computed once and reused when they fit heal.ref_cache_gb.
 
-Three steps, one function each: prepare_reference, train, and the summary heal.json.
+Three steps, one function each: the reference (prepare_reference, choose_reference), train, and the
+summary heal.json.
 
 Over 400 lines: the loss pieces, the reference, training and the summary are one idea; each function fits a screen.
 """
@@ -125,17 +126,17 @@ def encode_rows(tok: Any, records: Sequence[Record], max_len: int) -> list[Span]
 def batch_terms(
     model: nn.Module,
     batch: Batch,
-    ref_logp: torch.Tensor | TopK | Callable[[], torch.Tensor] | None,
+    ref_logp: torch.Tensor | TopK | None,
     cfg: HealConfig,
     teacher_logp: torch.Tensor | TopK | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, fit, D[B]) for one batch; ref_logp is [N, V], a thunk giving it, or None for reg nll.
+    """(loss, fit, D[B]) for one batch; ref_logp is the reference's [N, V] (or top k), None for reg nll.
 
     fit is the completion-token NLL, or, given the teacher's log-probs [N, V] at the same
     positions, KL(teacher ‖ student): distillation towards a whole distribution (Prompt Baking).
     """
     labels = batch.labels[batch.mask]
-    ref = None if cfg.reg == "nll" or ref_logp is None else ref_logp() if callable(ref_logp) else ref_logp
+    ref = None if cfg.reg == "nll" else ref_logp
 
     def terms(logp: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
         if teacher_logp is not None:
@@ -199,36 +200,47 @@ def ref_cache_bytes(rows: Sequence[Span], vocab: int, top_k: int = 0) -> int:
 
 
 class Reference:
-    """The reference log-probs of each row: cached once when they fit, else recomputed with the LoRA off."""
+    """The frozen reference's log-probs at a batch's completion positions ([N, V] or their top k). Three
+    kinds, one constructor each: CachedReference (computed once, before anything changes), ModelReference
+    (a separate frozen model, read per batch) and AdapterOffReference (the student with its LoRA off)."""
 
-    def __init__(self, cache: list[torch.Tensor] | list[TopK] | None, cache_gb: float, model: nn.Module | None = None):
+    cache_gb = 0.0  # what caching every row's reference log-probs takes (heal.json reports it)
+
+    def logprobs(self, b: Batch) -> torch.Tensor | TopK:
+        raise NotImplementedError
+
+
+class CachedReference(Reference):
+    def __init__(self, cache: list[torch.Tensor] | list[TopK], cache_gb: float):
         self.cache, self.cache_gb = cache, cache_gb
-        self.model = model  # a separate reference model (the base), else the student with its LoRA off
-        self.peft_model: Any = None  # set by train() once the LoRA is attached (for recomputing)
 
-    def for_batch(self, b: Batch) -> torch.Tensor | TopK | Callable[[], torch.Tensor]:
-        if self.cache is not None:
-            return cat_logprobs([self.cache[i] for i in b.rows], b.input_ids.device)
-        if self.model is not None:
-            separate = self.model
+    def logprobs(self, b: Batch) -> torch.Tensor | TopK:
+        return cat_logprobs([self.cache[i] for i in b.rows], b.input_ids.device)
 
-            def from_separate() -> torch.Tensor:
-                with torch.no_grad():
-                    return span_logprobs(separate, b)
 
-            return from_separate
-        model = self.peft_model
+class ModelReference(Reference):
+    def __init__(self, model: nn.Module, cache_gb: float = 0.0):
+        self.model, self.cache_gb = model, cache_gb
 
-        def on_the_fly() -> torch.Tensor:
-            was_training = model.training
-            model.eval()  # the frozen reference never sees dropout
-            try:
-                with torch.no_grad(), model.disable_adapter():
-                    return span_logprobs(model, b)
-            finally:
-                model.train(was_training)
+    @torch.no_grad()
+    def logprobs(self, b: Batch) -> torch.Tensor:
+        return span_logprobs(self.model, b)
 
-        return on_the_fly
+
+class AdapterOffReference(Reference):
+    """No second copy of the weights: the student's own model with its adapter disabled, in eval mode."""
+
+    def __init__(self, peft_model: Any, cache_gb: float = 0.0):
+        self.peft_model, self.cache_gb = peft_model, cache_gb
+
+    def logprobs(self, b: Batch) -> torch.Tensor:
+        model, was_training = self.peft_model, self.peft_model.training
+        model.eval()  # the frozen reference never sees dropout
+        try:
+            with torch.no_grad(), model.disable_adapter():
+                return span_logprobs(model, b)
+        finally:
+            model.train(was_training)
 
 
 def prepare_reference(
@@ -237,30 +249,44 @@ def prepare_reference(
     cfg: HealConfig,
     history: Sequence[str],
     reference_model: nn.Module | None = None,
-) -> Reference | None:
-    """Take the reference before anything changes: cache its log-probs if they fit, then merge `history`.
+) -> CachedReference | None:
+    """Take the reference before anything changes: cache its log-probs if they fit (else None: it is read
+    per batch once the LoRA is attached, see choose_reference), then merge `history`.
 
     With --ref base, either `history` holds the adapters not yet merged (the cached reference is
     then the base model's and the student trains on top of the merged history: one copy of the
     weights), or `reference_model` is the base model itself (the loop, which keeps one anyway).
     """
-    vocab = vocab_size(lm.model)
-    cache_gb = ref_cache_bytes(rows, vocab, cfg.ref_top_k) / 2**30
+    cache_gb = ref_cache_bytes(rows, vocab_size(lm.model), cfg.ref_top_k) / 2**30
     ref = None
-    if cfg.reg != "nll":
-        cache: list[torch.Tensor] | list[TopK] | None = None
-        if cache_gb <= cfg.ref_cache_gb:
-            cache = reference_logprobs(reference_model or lm.model, rows, pad_token_id(lm.tokenizer), cfg.ref_top_k)
-        elif cfg.ref == "base" and history and reference_model is None:
-            raise SteerhealError(
-                f"--ref base with a history needs the base log-probs cached: {cache_gb:.2f} GB "
-                f"> --ref-cache-gb {cfg.ref_cache_gb}; raise --ref-cache-gb or lower --max-len/rows"
-            )
-        ref = Reference(cache, cache_gb, reference_model)
+    if cfg.reg != "nll" and cache_gb <= cfg.ref_cache_gb:
+        pad = pad_token_id(lm.tokenizer)
+        ref = CachedReference(reference_logprobs(reference_model or lm.model, rows, pad, cfg.ref_top_k), cache_gb)
+    elif cfg.reg != "nll" and cfg.ref == "base" and history and reference_model is None:
+        raise SteerhealError(
+            f"--ref base with a history needs the base log-probs cached: {cache_gb:.2f} GB "
+            f"> --ref-cache-gb {cfg.ref_cache_gb}; raise --ref-cache-gb or lower --max-len/rows"
+        )
     if history:
         lm.model = merge_adapters(lm.model, list(history))
         lm.adapters = lm.adapters + [str(a) for a in history]
     return ref
+
+
+def choose_reference(
+    cached: CachedReference | None, reference_model: nn.Module | None, peft_model: Any, cfg: HealConfig, cache_gb: float
+) -> Reference | None:
+    """The barrier's reference once the LoRA is attached: the cache, else the separate model, else the student
+    with its adapter off; None for reg nll (no barrier)."""
+    if cfg.reg == "nll":
+        return None
+    if cached is not None:
+        return cached
+    return (
+        ModelReference(reference_model, cache_gb)
+        if reference_model is not None
+        else AdapterOffReference(peft_model, cache_gb)
+    )
 
 
 def reference_logprobs(
@@ -370,16 +396,13 @@ def measure(
     if not idx:
         return {"nll": float("nan"), "D_mean": float("nan"), "D_rmse": float("nan")}
     direction = "kl_fwd" if cfg.reg == "kl_fwd" else "kl_rev"
-    ref = ref or Reference(None, 0.0)
-    ref.peft_model = peft_model
+    ref = ref or AdapterOffReference(peft_model)
     tot_nll, tot_tok, dm, dr = 0.0, 0, [], []
     peft_model.eval()
     dev = next(peft_model.parameters()).device
     for s in range(0, len(idx), 8):
         b = right_padded(rows, idx[s : s + 8], pad_id, dev)
-        r = ref.for_batch(b)
-        r = r() if callable(r) else r
-        nll_pos, kl_pos = _nll_and_kl(peft_model, b, r, direction)
+        nll_pos, kl_pos = _nll_and_kl(peft_model, b, ref.logprobs(b), direction)
         tot_nll += float(nll_pos.sum())
         tot_tok += int(b.mask.sum())
         kl = _per_position(kl_pos, b.mask)
@@ -409,8 +432,6 @@ def train(
 ) -> list[dict]:
     """AdamW with a cosine schedule and warm-up over the training rows (each epoch in the seed's order by
     row id, `ids`); one log row per optimizer step."""
-    if ref is not None:
-        ref.peft_model = peft_model
     dev = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -430,7 +451,7 @@ def train(
                 for idx in group:
                     b = right_padded(rows, idx, pad_id, dev)
                     t_logp = cat_logprobs([teacher[i] for i in idx], dev) if teacher is not None else None
-                    loss, nll, d = batch_terms(peft_model, b, ref.for_batch(b) if ref else None, cfg, t_logp)
+                    loss, nll, d = batch_terms(peft_model, b, ref.logprobs(b) if ref else None, cfg, t_logp)
                     if not torch.isfinite(loss):
                         raise SteerhealError(
                             f"step {step} (epoch {epoch}): loss is {float(loss)}; "
@@ -458,7 +479,7 @@ def summarize(log_rows: list[dict], ref: Reference | None, before: dict, after: 
     n = max(1, len(log_rows))
     return {
         "steps": len(log_rows),
-        "ref_cache": ref is not None and ref.cache is not None,
+        "ref_cache": isinstance(ref, CachedReference),
         "ref_cache_gb": round(ref.cache_gb, 4) if ref else 0.0,
         "train_nll_start": before["train"]["nll"],
         "train_nll": after["train"]["nll"],
@@ -514,11 +535,13 @@ def heal(
     ids = [r.id for r in records]
     train_idx, val_idx = split(ids, cfg.val_frac, cfg.seed)
     torch.manual_seed(cfg.seed)
-    ref = prepare_reference(lm, rows, cfg, history, reference_model)
+    cached = prepare_reference(lm, rows, cfg, history, reference_model)
     teacher = teacher_logprobs(lm, rows, teacher_records, cfg) if teacher_records is not None else None
 
     lm.model.train()  # no dropout in these models' configs; train() for correctness of any that have it
     peft_model, layer_idx = attach_lora(lm.model, cfg)
+    cache_gb = ref_cache_bytes(rows, vocab_size(lm.model), cfg.ref_top_k) / 2**30
+    ref = choose_reference(cached, reference_model, peft_model, cfg, cache_gb)
     ok = False
     try:
         before = {

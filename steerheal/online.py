@@ -125,6 +125,18 @@ def _sample(student: LoadedModel, seg: Segment, step: int) -> tuple[list[Record]
     return filter_records(student, [without_system(x) for x in rows], seg.cfg.filter, seg.persona.narration)
 
 
+def _trailing_logprobs(
+    model: Any, params: dict[str, torch.nn.Parameter], ref: dict[str, torch.Tensor], b: Any
+) -> torch.Tensor:
+    """The trailing reference's log-probs: the student's weights swapped for the reference's, in eval mode."""
+    with torch.no_grad(), _weights(params, ref):
+        model.eval()
+        try:
+            return span_logprobs(model, b)
+        finally:
+            model.train()
+
+
 def _train_step(
     student: LoadedModel,
     params: dict[str, torch.nn.Parameter],
@@ -149,16 +161,9 @@ def _train_step(
     for idx in micro:
         b = right_padded(rows, idx, pad, dev)
 
-        def reference(b: Any = b) -> torch.Tensor:
-            with torch.no_grad(), _weights(params, ref):
-                model.eval()
-                try:
-                    return span_logprobs(model, b)
-                finally:
-                    model.train()
-
         t_logp = cat_logprobs([teacher[i] for i in idx], dev) if teacher is not None else None
-        loss, nll, d = batch_terms(model, b, reference, hcfg, t_logp)
+        ref_logp = _trailing_logprobs(model, params, ref, b) if hcfg.reg != "nll" else None
+        loss, nll, d = batch_terms(model, b, ref_logp, hcfg, t_logp)
         if not torch.isfinite(loss):
             raise SteerhealError(f"online step: loss is {float(loss)}; lower --set heal.lr or check the data")
         w = len(idx) / len(rows)

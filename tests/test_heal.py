@@ -318,8 +318,8 @@ def test_heal_with_a_top_k_reference_cache(tiny_model_dir, tmp_path):
 
 def test_cached_reference_equals_the_reference_recomputed_through_peft(tiny_model_dir):
     """The reference cached before the LoRA is attached is what the student's own model gives with its
-    adapter disabled, after training has moved the adapter: both paths of Reference agree."""
-    from steerheal.heal import Reference, reference_logprobs
+    adapter disabled, after training has moved the adapter: both kinds of Reference agree."""
+    from steerheal.heal import AdapterOffReference, CachedReference, reference_logprobs
 
     lm = load_model(str(tiny_model_dir))
     rows = encode_rows(lm.tokenizer, recs(6), 256)
@@ -331,11 +331,10 @@ def test_cached_reference_equals_the_reference_recomputed_through_peft(tiny_mode
             if "lora_B" in n:
                 p.normal_(0, 0.5)  # a trained adapter: the student now differs from the reference
     pm.train()
-    cached, fly = Reference(cache, 0.0), Reference(None, 0.0)
-    fly.peft_model = pm
+    cached, fly = CachedReference(cache, 0.0), AdapterOffReference(pm)
     b = make_batch(rows, [4, 0, 2], pad, torch.device("cpu"))
-    want = fly.for_batch(b)()  # type: ignore[operator]
-    got = cached.for_batch(b)
+    want = fly.logprobs(b)
+    got = cached.logprobs(b)
     assert torch.allclose(got, want, atol=1e-5)  # type: ignore[arg-type]
     assert pm.training  # recomputing left the student in train mode
     with torch.no_grad():
