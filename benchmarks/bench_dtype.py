@@ -38,7 +38,7 @@ from steerheal.models import LoadedModel, keep_base, load_model, merge_adapters
 from steerheal.persona import load_persona
 from steerheal.progress import set_quiet
 from steerheal.records import read_records
-from steerheal.report import collect
+from steerheal.results import collect
 from steerheal.stats import EvalRows, compare, measurement_gap, report_cis
 from steerheal.vignettes import load_vignettes
 

@@ -19,39 +19,30 @@ from typing import Any
 import numpy as np
 
 from . import SteerhealError
-from .config import ARMS, NULL_K_COMPARE, DecideConfig, RunConfig, parse_set, with_overrides
+from .config import ARMS, NULL_ALPHA, NULL_K_COMPARE, REFERENCE, DecideConfig, RunConfig, parse_set, with_overrides
 from .evaluate import score_vignettes
 from .loop import baseline_steps, pool_seeds, run_dtype, run_loop, run_seed
 from .models import load_model
+from .plot import plot_compare
 from .progress import log
-from .records import atomic_path, write_json, write_text
-from .report import ci_text, collect
+from .records import write_json, write_text
+from .report import render
+from .results import collect
 from .rundir import Run, protocol_path
 from .stats import (
     EvalRows,
-    beats,
     compare,
     decision,
     difference,
     holm,
-    intervals,
     sd_upper,
-    seed_ci_text,
     seeds_needed,
-    verdict,
 )
 from .vector import SteeringVector
 from .vignettes import load_vignettes
 
 # A variant changes how a round runs, never what the shared baselines measure.
 VARIANT_SECTIONS = ("arm", "vector", "dose", "generate", "filter", "heal", "online")
-
-
-# A shift counts as persona-specific when its rank p among the null's draws is at most this.
-NULL_ALPHA = 0.05
-
-# The arm every other one is set against unless --reference says otherwise.
-REFERENCE = "steer"
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
@@ -273,16 +264,6 @@ def place(value: float, null: list[float]) -> dict[str, Any]:
     }
 
 
-def _null_word(p: dict[str, Any]) -> str:
-    k, floor = p["k"], 1 / (p["k"] + 1)
-    if p["above"]:
-        return f"persona-specific (rank p {p['p_above']:.3f} of K = {k})"
-    if p["below"]:
-        return f"further the wrong way than random directions (rank p {p['p_below']:.3f} of K = {k})"
-    reach = "" if floor <= NULL_ALPHA else f"; with K = {k} no p can reach {NULL_ALPHA} (the smallest is {floor:.2f})"
-    return f"not distinguishable from a random direction (rank p {p['p_above']:.2f} of K = {k}{reach})"
-
-
 def summarize(
     root: Path, numbers: dict[str, dict], cfg: RunConfig, reference: str, null: bool = True
 ) -> dict[str, Any]:
@@ -435,243 +416,3 @@ def pareto_word(shift: str, coherence: str) -> str:
     other = "coherence" if axis == "shift" else "shift"
     word = "better" if "yes" in (shift, coherence) else "worse"
     return f"{word} on {axis}, {other} unclear"
-
-
-def _seed_ci(m: dict, k: str) -> str:
-    """The t-interval over seeds (the bootstrap's seed resampling is narrow with 3 seeds); '–' for one seed."""
-    if f"{k}_seed_ci" not in m:
-        return "–"
-    lo, hi = m[f"{k}_seed_ci"]
-    return f"[{lo:+.2f}, {hi:+.2f}]"
-
-
-def _gen_mean(gens: list[dict], key: str) -> str:
-    return f"{sum(x[key] for x in gens) / len(gens):.2f}" if gens else "–"
-
-
-def _seed_text(numbers: dict[str, dict]) -> str:
-    """The header's seeds: one list when every arm finished every round on the same seeds, else per arm,
-    with how many seeds reached the last round (each row pools the seeds that reached it)."""
-    seeds = {arm: ", ".join(map(str, c["seeds"])) for arm, c in numbers.items()}
-    behind = {
-        arm: c["rounds"][-1]
-        for arm, c in numbers.items()
-        if c["rounds"] and c["rounds"][-1]["n_seeds"] < len(c["seeds"])
-    }
-    if len(set(seeds.values())) == 1 and not behind:
-        return f"seeds {seeds[next(iter(seeds))]}"
-    parts = [
-        f"{a} {s}" + (f" (round {behind[a]['round']}: {behind[a]['n_seeds']} of them)" if a in behind else "")
-        for a, s in seeds.items()
-    ]
-    return "seeds per arm (unfinished runs pooled as far as they got): " + "; ".join(parts)
-
-
-def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
-    first = next(iter(numbers.values()))
-    t = first["target"]
-    seed_text = _seed_text(numbers)
-    L = [
-        "# steerheal compare",
-        "",
-        f"Persona `{first['persona']}`, target **{t}**; {seed_text}; vignettes {first['base']['settings']['source']} "
-        f"({first['base']['n']} rows). Intervals: 95% paired bootstrap over vignettes and seeds; a verdict also "
-        "needs the t-interval over the seeds' own values to agree, and the arms set against the reference are "
-        "read once more with Holm's correction over them.",
-        "",
-        "| arm | round | model | shift | selectivity | selectivity, t over seeds | pmass ratio | gen ppl | distinct-2 "
-        "| KL to base | rows kept | min/round | k token passes/round (trained) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for arm, c in numbers.items():
-        for r in c["rounds"]:
-            mins = sum(x["total"] for x in r["time_s"]) / max(1, len(r["time_s"])) / 60
-            tok = r.get("tokens") or []
-            passes = (
-                f"{sum(t['forward'] for t in tok) / len(tok) / 1e3:.0f} ({sum(t['trained'] for t in tok) / len(tok) / 1e3:.0f})"
-                if tok
-                else "–"
-            )
-            # The rows the filter kept of those sampled this round (mean over seeds; the raw row's too).
-            kept = f"{sum(r['kept_frac']) / len(r['kept_frac']):.0%}" if r.get("kept_frac") else "–"
-            for kind in ("steered", "healed"):
-                m, g = r[kind], [x for x in r[f"gen_{kind}"] if x]
-                if m is None:
-                    continue
-                L.append(
-                    f"| {arm} | {r['round']} | {'raw' if kind == 'steered' else 'healed'} | {ci_text(m, 'target_shift')} | "
-                    f"{ci_text(m, 'selectivity')} | {_seed_ci(m, 'selectivity')} | {ci_text(m, 'pmass_ratio', sign=False)} | {_gen_mean(g, 'ppl')} | {_gen_mean(g, 'distinct2')} | "
-                    f"{_gen_mean(g, 'kl_to_base')} | {kept} | {mins:.1f} | {passes} |"
-                )
-    L += ["", "![compare](compare.png)", ""]
-    L += per_seed_lines(numbers)
-    L += ["", f"## Verdict (computed from the intervals), {summary['protocol']} protocol", ""]
-    L += verdict_lines(summary, t)
-    for p, other in summary.get("protocols", {}).items():
-        L += ["", f"## Verdict under the {p} protocol (the same trained models, scored again)", ""]
-        L += verdict_lines(other, t)
-    return "\n".join(L) + "\n"
-
-
-def per_seed_lines(numbers: dict[str, dict]) -> list[str]:
-    """Each seed's own point at its arm's last healed round: the values the t-interval over seeds is
-    made of, so a reader sees whether one seed carries an arm. A seed that stopped earlier is named."""
-    L = [
-        "## Per seed, last healed round",
-        "",
-        "| arm | round | seed | shift | selectivity | pmass ratio | rows kept |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    notes = []
-    for arm, c in numbers.items():
-        healed = [r for r in c["rounds"] if r["healed"]]
-        if not healed:
-            continue
-        r, m = healed[-1], healed[-1]["healed"]
-        rows = [(s, k) for s, h, k in zip(r["seed_ids"], r["seed_healed"], r["kept_frac"]) if h]
-        for i, (s, kept) in enumerate(rows):
-            L.append(
-                f"| {arm} | {r['round']} | {s} | {m['target_shift_per_seed'][i]:+.2f} | "
-                f"{m['selectivity_per_seed'][i]:+.2f} | {m['pmass_ratio_per_seed'][i]:.2f} | {kept:.0%} |"
-            )
-        healed_in = lambda x: {s for s, h in zip(x["seed_ids"], x["seed_healed"]) if h}  # noqa: E731
-        for s in sorted(set(c["seeds"]) - {s for s, _ in rows}):
-            last = [x["round"] for x in healed if s in healed_in(x)]
-            notes.append(
-                f"- {arm} seed {s}: "
-                + (f"healed up to round {last[-1]} (stopped, or still running)" if last else "no healed round")
-            )
-    return L + ([""] + notes if notes else [])
-
-
-def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
-    out, ref = [], summary.get("reference", REFERENCE)
-    null = summary.get("null")
-    if null:
-        shifts = [d["target_shift"] for d in null["draws"]]
-        out.append(
-            f"- Random null: {null['k']} norm-matched random directions at C = {null['coeff']:.3g} moved {target} "
-            f"by {min(shifts):+.2f} to {max(shifts):+.2f} (persona-signed; mean {sum(shifts) / len(shifts):+.2f})."
-        )
-    for arm, e in summary["arms"].items():
-        parts = [f"**{arm}**"]
-        if "last" in e:
-            parts.append(
-                f"last healed round: shift {ci_text(e['last'], 'target_shift')}, selectivity {ci_text(e['last'], 'selectivity')}"
-            )
-            vp = e["vs_prompting"]
-            parts.append(
-                f"beats prompting: {beats(vp['verdict'], verdict(*intervals(e['last'], 'selectivity')))} "
-                f"(selectivity difference {vp['difference']:+.2f} "
-                f"[{vp['difference_ci'][0]:+.2f}, {vp['difference_ci'][1]:+.2f}]{seed_ci_text(vp)})"
-            )
-        for key, name in (
-            ("null_raw", "raw round 0 among the random directions"),
-            ("null_healed", "healed among the random arm's healed seeds"),
-        ):
-            if key in e:
-                p = e[key]
-                where = f" (round {p['round']})" if "round" in p else ""
-                parts.append(f"{name}{where}: percentile {p['percentile']:.0f}, z {p['z']:+.2f}, {_null_word(p)}")
-        d = e.get("reference_minus_arm")
-        if d:
-            parts.append(
-                f"{ref} minus {arm} (selectivity, round {d['round']}): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
-                f"{d['difference_ci'][1]:+.2f}]{seed_ci_text(d)}, {ref} better: {d['verdict']}"
-                + (
-                    f" (Holm over the {d['holm_m']} arms set against {ref}: p {d['seed_p_holm']:.3f}, "
-                    f"{d['verdict_holm']})"
-                    if "seed_p_holm" in d
-                    else ""
-                )
-                + (
-                    " (one seed on a side: the interval holds no seed-to-seed variance)"
-                    if min(d.get("seeds", [2])) < 2
-                    else ""
-                )
-            )
-            if "decision_holm" in d:
-                parts.append(decision_text(d, ref, arm))
-            if "arm_minus_reference" in d:
-                sh, pm = d["arm_minus_reference"]["target_shift"], d["arm_minus_reference"]["pmass_ratio"]
-                parts.append(
-                    f"{arm} minus {ref}: shift {sh['difference']:+.2f} [{sh['difference_ci'][0]:+.2f}, "
-                    f"{sh['difference_ci'][1]:+.2f}]{seed_ci_text(sh)}, pmass ratio {pm['difference']:+.2f} "
-                    f"[{pm['difference_ci'][0]:+.2f}, {pm['difference_ci'][1]:+.2f}]{seed_ci_text(pm)}; "
-                    f"against {ref} (shift, coherence): {d['front']}"
-                )
-        out.append("- " + "; ".join(parts) + ".")
-    return out
-
-
-def decision_text(d: dict[str, Any], ref: str, arm: str) -> str:
-    """The decision on selectivity after Holm, in words, and for an undecided one what the plan expects."""
-    word, delta = d["decision_holm"], d["delta"]
-    said = {
-        "better": f"{ref} better than {arm}",
-        "worse": f"{ref} worse than {arm}",
-        "equivalent": f"{ref} and {arm} equivalent within ±{delta:g} (TOST, Holm p {d['tost_p_holm']:.3f})",
-        "undecided": "undecided",
-    }[word]
-    plan = d.get("plan")
-    if word == "undecided" and plan:
-        said += (
-            f": the plan expects {plan['seeds_to_detect']} seeds per arm to detect ±{delta:g}, or "
-            f"{plan['seeds_for_equivalence']} to show equivalence within it (now {plan['seeds']}; SD of the "
-            f"{'paired differences' if plan['paired'] else 'seeds'} {plan['sd']:.3f}, read at its "
-            f"{plan['sd_confidence']:.0%} upper bound {plan['sd_upper']:.3f})"
-        )
-    return f"**decision: {said}**"
-
-
-def plot_compare(root: Path, numbers: dict[str, dict]) -> Path:
-    """Every arm's healed trajectory (and round-0 raw point): target shift against coherence, with CIs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter([1.0], [0.0], marker="*", s=200, c="black", zorder=5, label="base")
-    for j, (arm, c) in enumerate(numbers.items()):
-        color = f"C{j}"
-        pts = [r["healed"] for r in c["rounds"] if r["healed"]]
-        if c["rounds"]:
-            raw = c["rounds"][0]["steered"]
-            ax.scatter([raw["pmass_ratio"]], [raw["target_shift"]], marker="x", color=color, s=50)
-        xs, ys = [1.0] + [m["pmass_ratio"] for m in pts], [0.0] + [m["target_shift"] for m in pts]
-        ax.plot(xs, ys, "-", color=color, lw=1, alpha=0.6)
-        for m in pts:
-            ax.errorbar(
-                [m["pmass_ratio"]],
-                [m["target_shift"]],
-                xerr=[[m["pmass_ratio"] - m["pmass_ratio_ci"][0]], [m["pmass_ratio_ci"][1] - m["pmass_ratio"]]],
-                yerr=[[m["target_shift"] - m["target_shift_ci"][0]], [m["target_shift_ci"][1] - m["target_shift"]]],
-                fmt="o",
-                color=color,
-                capsize=2,
-                ms=5,
-            )
-        ax.plot([], [], "o-", color=color, label=f"{arm} (healed rounds; x = raw round 0)")
-    null_path = root / "null.json"
-    if null_path.is_file():
-        draws = Run(root).json("null.json")["draws"]
-        ax.scatter(
-            [d["pmass_ratio"] for d in draws],
-            [d["target_shift"] for d in draws],
-            marker=".",
-            c="grey",
-            label="random directions (raw)",
-        )
-    ax.axhline(0, color="grey", lw=0.6)
-    ax.set_xlabel("coherence: pmass / base pmass")
-    ax.set_ylabel(f"{next(iter(numbers.values()))['target']} shift, persona-signed (nats)")
-    ax.set_title("arms: shift against coherence (95% CI)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    out = root / "compare.png"
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out

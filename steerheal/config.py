@@ -28,6 +28,8 @@ REGS = ("kl_rev", "kl_fwd", "nll")
 # 0.05) and sweep's (at every grid point: a z and "beyond every draw", read as descriptive).
 NULL_K_COMPARE = 19
 NULL_K_SWEEP = 5
+NULL_ALPHA = 0.05  # a shift is persona-specific when its rank p among the null's draws is at most this
+REFERENCE = "steer"  # the arm compare sets every other one against, unless --reference says otherwise
 AGGS = ("rmse", "mean", "p95", "max")
 REFS = ("prev", "base")
 DOSES = ("keep", "kl", "fixed")

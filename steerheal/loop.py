@@ -532,7 +532,8 @@ def run_seed(
 def pool_seeds(persona_path: str | Path, out: str | Path, cfg: RunConfig, dirs: list[Path]) -> None:
     """The report and plot pooled over the seeds' finished runs (dirs), in out."""
     from .plot import plot_run
-    from .report import seed_of, write_report
+    from .report import write_report
+    from .results import seed_of
 
     root = Path(out)
     write_config(root, cfg.to_dict(), load_persona(persona_path), persona_path)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import FOUNDATIONS
 from .records import atomic_path
+from .rundir import Run
 
 
 def _err(m: dict, name: str) -> tuple[float, list[list[float]]]:
@@ -44,7 +45,7 @@ def plot_run(root: str | Path, run_dirs: list[Path] | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import collect
+    from .results import collect
 
     root = Path(root)
     c = collect(run_dirs or [root])
@@ -117,3 +118,56 @@ def plot_profile(root: Path, c: dict[str, Any]) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, root / "profile.png")
+
+
+def plot_compare(root: Path, numbers: dict[str, dict]) -> Path:
+    """Every arm's healed trajectory (and round-0 raw point): target shift against coherence, with CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.scatter([1.0], [0.0], marker="*", s=200, c="black", zorder=5, label="base")
+    for j, (arm, c) in enumerate(numbers.items()):
+        color = f"C{j}"
+        pts = [r["healed"] for r in c["rounds"] if r["healed"]]
+        if c["rounds"]:
+            raw = c["rounds"][0]["steered"]
+            ax.scatter([raw["pmass_ratio"]], [raw["target_shift"]], marker="x", color=color, s=50)
+        xs, ys = [1.0] + [m["pmass_ratio"] for m in pts], [0.0] + [m["target_shift"] for m in pts]
+        ax.plot(xs, ys, "-", color=color, lw=1, alpha=0.6)
+        for m in pts:
+            ax.errorbar(
+                [m["pmass_ratio"]],
+                [m["target_shift"]],
+                xerr=[[m["pmass_ratio"] - m["pmass_ratio_ci"][0]], [m["pmass_ratio_ci"][1] - m["pmass_ratio"]]],
+                yerr=[[m["target_shift"] - m["target_shift_ci"][0]], [m["target_shift_ci"][1] - m["target_shift"]]],
+                fmt="o",
+                color=color,
+                capsize=2,
+                ms=5,
+            )
+        ax.plot([], [], "o-", color=color, label=f"{arm} (healed rounds; x = raw round 0)")
+    null_path = root / "null.json"
+    if null_path.is_file():
+        draws = Run(root).json("null.json")["draws"]
+        ax.scatter(
+            [d["pmass_ratio"] for d in draws],
+            [d["target_shift"] for d in draws],
+            marker=".",
+            c="grey",
+            label="random directions (raw)",
+        )
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_xlabel("coherence: pmass / base pmass")
+    ax.set_ylabel(f"{next(iter(numbers.values()))['target']} shift, persona-signed (nats)")
+    ax.set_title("arms: shift against coherence (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = root / "compare.png"
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out

@@ -1,116 +1,23 @@
-"""report.md: the per-round table and Q0-Q3 and "beats prompting?", every figure with a 95% CI.
-
-`collect` reads one run directory, or several (one per seed), and computes every number the
-report and the plot show, with paired bootstrap intervals from stats.py; `write_report` only
-formats them. The answers are read off the intervals (yes / no / unclear), never written by hand.
+"""The markdown reports, formatting only: report.md (a run, or its seeds pooled: the per-round table,
+Q0-Q3 and "beats prompting?") and compare.md (the arms, their decisions and the null). The numbers come
+from results.collect and compare.summarize; the answers are read off the intervals, never written by hand.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .config import NULL_ALPHA, REFERENCE
 from .records import read_records, write_text
-from .rundir import protocol_path
-from .stats import EvalRows, beats, compare, difference, intervals, seed_ci_text, verdict
+from .results import collect
+from .stats import beats, intervals, seed_ci_text, verdict
 
 # A coherence ratio (healed pmass / base pmass) at or above this counts as "coherence held".
 COHERENCE_HELD = 0.9
-
-
-def _json(p: Path) -> Any:
-    return json.loads(p.read_text())
-
-
-def _rows(p: Path) -> EvalRows:
-    return EvalRows.from_report(_json(p))
-
-
-def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]:
-    """Every number of the report, pooled over the run directories (seeds) that share base and vignettes;
-    `protocol`: the evals as scored under another protocol of eval.also (None: the run's own)."""
-    at = lambda p: protocol_path(p, protocol)  # noqa: E731
-    first = run_dirs[0]
-    rounds_by_seed = [
-        [_json(d / "round.json") for d in sorted(r.glob("round_*")) if (d / "round.json").is_file()] for r in run_dirs
-    ]
-    conf = yaml.safe_load((first / "config.yaml").read_text())
-    base_rep = _json(at(first / "baselines" / "base.json"))
-    base = EvalRows.from_report(base_rep)
-    target, direction = conf["target"], int(conf["direction"])
-    prompts = [_rows(at(r / "baselines" / "prompt.json")) for r in run_dirs]
-    out: dict[str, Any] = {
-        "persona": conf["persona"],
-        "protocol": protocol or conf["config"].get("eval", {}).get("protocol"),
-        "alt_protocol": protocol,  # the files read: None for the run's own
-        "config": conf["config"],
-        "target": target,
-        "direction": direction,
-        "seeds": [seed_of(r) for r in run_dirs],
-        "base": base_rep,
-        "prompt": compare(base, prompts, target, direction),
-        "rounds": [],
-    }
-    n_rounds = max((len(x) for x in rounds_by_seed), default=0)
-    prev_healed: list[EvalRows] | None = None
-    for r in range(n_rounds):
-        infos = [x[r] for x in rounds_by_seed if len(x) > r]
-        dirs = [d / f"round_{r:02d}" for d, x in zip(run_dirs, rounds_by_seed) if len(x) > r]
-        # steered_measures=first: no raw-steered eval after round 0
-        steered = [_rows(at(d / "eval_steered.json")) for d in dirs if at(d / "eval_steered.json").is_file()]
-        healed = [_rows(at(d / "eval_healed.json")) for d, i in zip(dirs, infos) if i["healed"]]
-        seed_ids = [s for s, x in zip(out["seeds"], rounds_by_seed) if len(x) > r]
-        row: dict[str, Any] = {
-            "round": r,
-            "n_seeds": len(infos),
-            "seed_ids": seed_ids,  # aligned with coeff, kept_frac, ...
-            "seed_healed": [bool(i["healed"]) for i in infos],  # the True ones, in order, are healed's per-seed values
-            "coeff": [i["coeff"] for i in infos],
-            "kept_frac": [i["filter"]["kept_frac"] for i in infos],
-            "filter": [i["filter"] for i in infos],
-            "cos_v0": [i["cos_v0"] for i in infos],
-            "heal": [i["heal"] for i in infos if i["heal"]],
-            "time_s": [i["time_s"] for i in infos],
-            "tokens": [i["tokens"] for i in infos if "tokens" in i],  # rounds run before token counting have none
-            "stop": [i.get("stop") for i in infos],
-            "steered": compare(base, steered, target, direction) if steered else None,
-            "healed": compare(base, healed, target, direction) if healed else None,
-            "gen_steered": [i.get("gen_steered") for i in infos],
-            "gen_healed": [i.get("gen_healed") for i in infos],
-        }
-        if healed:
-            # Q1: does healing restore coherence compared with raw steering (paired, same vignettes)?
-            if len(steered) == len(healed):
-                row["heal_vs_steer_pmass"] = difference(
-                    base, healed, steered, target, direction, "pmass_ratio", paired=True
-                )
-            row["heal_vs_prompt"] = difference(base, healed, prompts, target, direction, "selectivity")
-            # Q3: did this round move the target further than the last one? Equal lengths mean the same
-            # seeds in the same order: a seed that is not healed stops its loop, so the list only shrinks.
-            if prev_healed:
-                row["step_vs_prev"] = difference(
-                    base, healed, prev_healed, target, direction, "target_shift", paired=len(healed) == len(prev_healed)
-                )
-            prev_healed = healed
-        out["rounds"].append(row)
-    out["gen_base"] = [_gen(r, "base") for r in run_dirs]
-    out["gen_prompt"] = [_gen(r, "prompt") for r in run_dirs]
-    return out
-
-
-def seed_of(run_dir: Path) -> int:
-    """The seed a run directory ran with (its config.yaml)."""
-    return int(yaml.safe_load((run_dir / "config.yaml").read_text())["config"]["seed"])
-
-
-def _gen(run_dir: Path, name: str) -> dict | None:
-    p = run_dir / "baselines" / f"gen_{name}.json"
-    g = _json(p) if p.is_file() else None
-    return None if not g or g.get("skipped") else g
 
 
 # ---------------------------------------------------------------- formatting
@@ -330,3 +237,203 @@ def _demo_section(root: Path, c: dict[str, Any]) -> list[str]:
             user = x.messages[-1]["content"].replace("|", "\\|")
             out.append(f"| {label} | {user[:70]} | {text[:220]} |")
     return out
+
+
+# ---------------------------------------------------------------- compare.md
+
+
+def _null_word(p: dict[str, Any]) -> str:
+    k, floor = p["k"], 1 / (p["k"] + 1)
+    if p["above"]:
+        return f"persona-specific (rank p {p['p_above']:.3f} of K = {k})"
+    if p["below"]:
+        return f"further the wrong way than random directions (rank p {p['p_below']:.3f} of K = {k})"
+    reach = "" if floor <= NULL_ALPHA else f"; with K = {k} no p can reach {NULL_ALPHA} (the smallest is {floor:.2f})"
+    return f"not distinguishable from a random direction (rank p {p['p_above']:.2f} of K = {k}{reach})"
+
+
+def _seed_ci(m: dict, k: str) -> str:
+    """The t-interval over seeds (the bootstrap's seed resampling is narrow with 3 seeds); '–' for one seed."""
+    if f"{k}_seed_ci" not in m:
+        return "–"
+    lo, hi = m[f"{k}_seed_ci"]
+    return f"[{lo:+.2f}, {hi:+.2f}]"
+
+
+def _gen_mean(gens: list[dict], key: str) -> str:
+    return f"{sum(x[key] for x in gens) / len(gens):.2f}" if gens else "–"
+
+
+def _seed_text(numbers: dict[str, dict]) -> str:
+    """The header's seeds: one list when every arm finished every round on the same seeds, else per arm,
+    with how many seeds reached the last round (each row pools the seeds that reached it)."""
+    seeds = {arm: ", ".join(map(str, c["seeds"])) for arm, c in numbers.items()}
+    behind = {
+        arm: c["rounds"][-1]
+        for arm, c in numbers.items()
+        if c["rounds"] and c["rounds"][-1]["n_seeds"] < len(c["seeds"])
+    }
+    if len(set(seeds.values())) == 1 and not behind:
+        return f"seeds {seeds[next(iter(seeds))]}"
+    parts = [
+        f"{a} {s}" + (f" (round {behind[a]['round']}: {behind[a]['n_seeds']} of them)" if a in behind else "")
+        for a, s in seeds.items()
+    ]
+    return "seeds per arm (unfinished runs pooled as far as they got): " + "; ".join(parts)
+
+
+def render(summary: dict[str, Any], numbers: dict[str, dict]) -> str:
+    first = next(iter(numbers.values()))
+    t = first["target"]
+    seed_text = _seed_text(numbers)
+    L = [
+        "# steerheal compare",
+        "",
+        f"Persona `{first['persona']}`, target **{t}**; {seed_text}; vignettes {first['base']['settings']['source']} "
+        f"({first['base']['n']} rows). Intervals: 95% paired bootstrap over vignettes and seeds; a verdict also "
+        "needs the t-interval over the seeds' own values to agree, and the arms set against the reference are "
+        "read once more with Holm's correction over them.",
+        "",
+        "| arm | round | model | shift | selectivity | selectivity, t over seeds | pmass ratio | gen ppl | distinct-2 "
+        "| KL to base | rows kept | min/round | k token passes/round (trained) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, c in numbers.items():
+        for r in c["rounds"]:
+            mins = sum(x["total"] for x in r["time_s"]) / max(1, len(r["time_s"])) / 60
+            tok = r.get("tokens") or []
+            passes = (
+                f"{sum(t['forward'] for t in tok) / len(tok) / 1e3:.0f} ({sum(t['trained'] for t in tok) / len(tok) / 1e3:.0f})"
+                if tok
+                else "–"
+            )
+            # The rows the filter kept of those sampled this round (mean over seeds; the raw row's too).
+            kept = f"{sum(r['kept_frac']) / len(r['kept_frac']):.0%}" if r.get("kept_frac") else "–"
+            for kind in ("steered", "healed"):
+                m, g = r[kind], [x for x in r[f"gen_{kind}"] if x]
+                if m is None:
+                    continue
+                L.append(
+                    f"| {arm} | {r['round']} | {'raw' if kind == 'steered' else 'healed'} | {ci_text(m, 'target_shift')} | "
+                    f"{ci_text(m, 'selectivity')} | {_seed_ci(m, 'selectivity')} | {ci_text(m, 'pmass_ratio', sign=False)} | {_gen_mean(g, 'ppl')} | {_gen_mean(g, 'distinct2')} | "
+                    f"{_gen_mean(g, 'kl_to_base')} | {kept} | {mins:.1f} | {passes} |"
+                )
+    L += ["", "![compare](compare.png)", ""]
+    L += per_seed_lines(numbers)
+    L += ["", f"## Verdict (computed from the intervals), {summary['protocol']} protocol", ""]
+    L += verdict_lines(summary, t)
+    for p, other in summary.get("protocols", {}).items():
+        L += ["", f"## Verdict under the {p} protocol (the same trained models, scored again)", ""]
+        L += verdict_lines(other, t)
+    return "\n".join(L) + "\n"
+
+
+def per_seed_lines(numbers: dict[str, dict]) -> list[str]:
+    """Each seed's own point at its arm's last healed round: the values the t-interval over seeds is
+    made of, so a reader sees whether one seed carries an arm. A seed that stopped earlier is named."""
+    L = [
+        "## Per seed, last healed round",
+        "",
+        "| arm | round | seed | shift | selectivity | pmass ratio | rows kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for arm, c in numbers.items():
+        healed = [r for r in c["rounds"] if r["healed"]]
+        if not healed:
+            continue
+        r, m = healed[-1], healed[-1]["healed"]
+        rows = [(s, k) for s, h, k in zip(r["seed_ids"], r["seed_healed"], r["kept_frac"]) if h]
+        for i, (s, kept) in enumerate(rows):
+            L.append(
+                f"| {arm} | {r['round']} | {s} | {m['target_shift_per_seed'][i]:+.2f} | "
+                f"{m['selectivity_per_seed'][i]:+.2f} | {m['pmass_ratio_per_seed'][i]:.2f} | {kept:.0%} |"
+            )
+        healed_in = lambda x: {s for s, h in zip(x["seed_ids"], x["seed_healed"]) if h}  # noqa: E731
+        for s in sorted(set(c["seeds"]) - {s for s, _ in rows}):
+            last = [x["round"] for x in healed if s in healed_in(x)]
+            notes.append(
+                f"- {arm} seed {s}: "
+                + (f"healed up to round {last[-1]} (stopped, or still running)" if last else "no healed round")
+            )
+    return L + ([""] + notes if notes else [])
+
+
+def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
+    out, ref = [], summary.get("reference", REFERENCE)
+    null = summary.get("null")
+    if null:
+        shifts = [d["target_shift"] for d in null["draws"]]
+        out.append(
+            f"- Random null: {null['k']} norm-matched random directions at C = {null['coeff']:.3g} moved {target} "
+            f"by {min(shifts):+.2f} to {max(shifts):+.2f} (persona-signed; mean {sum(shifts) / len(shifts):+.2f})."
+        )
+    for arm, e in summary["arms"].items():
+        parts = [f"**{arm}**"]
+        if "last" in e:
+            parts.append(
+                f"last healed round: shift {ci_text(e['last'], 'target_shift')}, selectivity {ci_text(e['last'], 'selectivity')}"
+            )
+            vp = e["vs_prompting"]
+            parts.append(
+                f"beats prompting: {beats(vp['verdict'], verdict(*intervals(e['last'], 'selectivity')))} "
+                f"(selectivity difference {vp['difference']:+.2f} "
+                f"[{vp['difference_ci'][0]:+.2f}, {vp['difference_ci'][1]:+.2f}]{seed_ci_text(vp)})"
+            )
+        for key, name in (
+            ("null_raw", "raw round 0 among the random directions"),
+            ("null_healed", "healed among the random arm's healed seeds"),
+        ):
+            if key in e:
+                p = e[key]
+                where = f" (round {p['round']})" if "round" in p else ""
+                parts.append(f"{name}{where}: percentile {p['percentile']:.0f}, z {p['z']:+.2f}, {_null_word(p)}")
+        d = e.get("reference_minus_arm")
+        if d:
+            parts.append(
+                f"{ref} minus {arm} (selectivity, round {d['round']}): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
+                f"{d['difference_ci'][1]:+.2f}]{seed_ci_text(d)}, {ref} better: {d['verdict']}"
+                + (
+                    f" (Holm over the {d['holm_m']} arms set against {ref}: p {d['seed_p_holm']:.3f}, "
+                    f"{d['verdict_holm']})"
+                    if "seed_p_holm" in d
+                    else ""
+                )
+                + (
+                    " (one seed on a side: the interval holds no seed-to-seed variance)"
+                    if min(d.get("seeds", [2])) < 2
+                    else ""
+                )
+            )
+            if "decision_holm" in d:
+                parts.append(decision_text(d, ref, arm))
+            if "arm_minus_reference" in d:
+                sh, pm = d["arm_minus_reference"]["target_shift"], d["arm_minus_reference"]["pmass_ratio"]
+                parts.append(
+                    f"{arm} minus {ref}: shift {sh['difference']:+.2f} [{sh['difference_ci'][0]:+.2f}, "
+                    f"{sh['difference_ci'][1]:+.2f}]{seed_ci_text(sh)}, pmass ratio {pm['difference']:+.2f} "
+                    f"[{pm['difference_ci'][0]:+.2f}, {pm['difference_ci'][1]:+.2f}]{seed_ci_text(pm)}; "
+                    f"against {ref} (shift, coherence): {d['front']}"
+                )
+        out.append("- " + "; ".join(parts) + ".")
+    return out
+
+
+def decision_text(d: dict[str, Any], ref: str, arm: str) -> str:
+    """The decision on selectivity after Holm, in words, and for an undecided one what the plan expects."""
+    word, delta = d["decision_holm"], d["delta"]
+    said = {
+        "better": f"{ref} better than {arm}",
+        "worse": f"{ref} worse than {arm}",
+        "equivalent": f"{ref} and {arm} equivalent within ±{delta:g} (TOST, Holm p {d['tost_p_holm']:.3f})",
+        "undecided": "undecided",
+    }[word]
+    plan = d.get("plan")
+    if word == "undecided" and plan:
+        said += (
+            f": the plan expects {plan['seeds_to_detect']} seeds per arm to detect ±{delta:g}, or "
+            f"{plan['seeds_for_equivalence']} to show equivalence within it (now {plan['seeds']}; SD of the "
+            f"{'paired differences' if plan['paired'] else 'seeds'} {plan['sd']:.3f}, read at its "
+            f"{plan['sd_confidence']:.0%} upper bound {plan['sd_upper']:.3f})"
+        )
+    return f"**decision: {said}**"

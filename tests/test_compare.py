@@ -169,8 +169,9 @@ def test_bad_variants_are_refused_in_one_line(spec, msg):
 
 def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
     """A partial run (nll healed only rounds 0-1) is compared with steer at round 1, not at steer's last round 2."""
-    from steerheal.compare import _arm_difference, verdict_lines
+    from steerheal.compare import _arm_difference
     from steerheal.config import RunConfig
+    from steerheal.report import verdict_lines
     from steerheal.stats import EvalRows, difference
 
     rng = np.random.default_rng(0)
@@ -223,7 +224,7 @@ def test_pareto_word_reads_both_axes():
 
 
 def test_the_header_says_which_seeds_reached_the_last_round():
-    from steerheal.compare import _seed_text
+    from steerheal.report import _seed_text
 
     def arm(n_last):
         return {"seeds": [0, 1, 2], "rounds": [{"round": 0, "n_seeds": 3}, {"round": 1, "n_seeds": n_last}]}
@@ -279,8 +280,8 @@ def test_the_per_seed_table_keeps_each_seed_on_its_own_row(tmp_path):
     (and its kept fraction) land in seed 2's row, not in seed 1's."""
     import yaml
 
-    from steerheal.compare import per_seed_lines
-    from steerheal.report import collect
+    from steerheal.report import per_seed_lines
+    from steerheal.results import collect
 
     rng = np.random.default_rng(2)
     report = lambda shift: eval_report(rng, shift) | {"n": 28, "settings": {"source": "v.jsonl"}}  # noqa: E731
@@ -315,7 +316,8 @@ def test_the_per_seed_table_keeps_each_seed_on_its_own_row(tmp_path):
 def test_holm_over_the_arms_set_against_the_reference():
     """Each arm's verdict stands alone; Holm reads them as one family. Three arms each 'better' at
     p 0.02 alone: adjusted, the smallest needs p < 0.05 / 3, so none is called."""
-    from steerheal.compare import holm_family, verdict_lines
+    from steerheal.compare import holm_family
+    from steerheal.report import verdict_lines
 
     def arm(p: float, verdict: str) -> dict:
         d = {"round": 2, "seeds": [3, 3], "difference": 0.3, "difference_ci": [0.1, 0.5], "verdict": verdict}
@@ -342,7 +344,7 @@ def test_paired_seeds_and_both_protocols_from_one_set_of_models(tiny_model_dir, 
     compare gives each verdict under each protocol from the same trained models."""
     from steerheal.compare import run_compare
     from steerheal.config import parse_set, resolve_config
-    from steerheal.report import collect
+    from steerheal.results import collect
 
     sets = [*TINY_RUN, "rounds=1", "seeds=0,1,2", "eval.also=zero-shot", "coherence_prompts=0"]
     cfg = resolve_config(None, parse_set([*sets, f"model={tiny_model_dir}"]))

@@ -1,0 +1,104 @@
+"""What reports read: `collect` gathers one run directory, or several (one per seed), into every number
+a report, a plot or a comparison shows, with paired bootstrap intervals from stats.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .rundir import protocol_path
+from .stats import EvalRows, compare, difference
+
+
+def _json(p: Path) -> Any:
+    return json.loads(p.read_text())
+
+
+def _rows(p: Path) -> EvalRows:
+    return EvalRows.from_report(_json(p))
+
+
+def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]:
+    """Every number of the report, pooled over the run directories (seeds) that share base and vignettes;
+    `protocol`: the evals as scored under another protocol of eval.also (None: the run's own)."""
+    at = lambda p: protocol_path(p, protocol)  # noqa: E731
+    first = run_dirs[0]
+    rounds_by_seed = [
+        [_json(d / "round.json") for d in sorted(r.glob("round_*")) if (d / "round.json").is_file()] for r in run_dirs
+    ]
+    conf = yaml.safe_load((first / "config.yaml").read_text())
+    base_rep = _json(at(first / "baselines" / "base.json"))
+    base = EvalRows.from_report(base_rep)
+    target, direction = conf["target"], int(conf["direction"])
+    prompts = [_rows(at(r / "baselines" / "prompt.json")) for r in run_dirs]
+    out: dict[str, Any] = {
+        "persona": conf["persona"],
+        "protocol": protocol or conf["config"].get("eval", {}).get("protocol"),
+        "alt_protocol": protocol,  # the files read: None for the run's own
+        "config": conf["config"],
+        "target": target,
+        "direction": direction,
+        "seeds": [seed_of(r) for r in run_dirs],
+        "base": base_rep,
+        "prompt": compare(base, prompts, target, direction),
+        "rounds": [],
+    }
+    n_rounds = max((len(x) for x in rounds_by_seed), default=0)
+    prev_healed: list[EvalRows] | None = None
+    for r in range(n_rounds):
+        infos = [x[r] for x in rounds_by_seed if len(x) > r]
+        dirs = [d / f"round_{r:02d}" for d, x in zip(run_dirs, rounds_by_seed) if len(x) > r]
+        # steered_measures=first: no raw-steered eval after round 0
+        steered = [_rows(at(d / "eval_steered.json")) for d in dirs if at(d / "eval_steered.json").is_file()]
+        healed = [_rows(at(d / "eval_healed.json")) for d, i in zip(dirs, infos) if i["healed"]]
+        seed_ids = [s for s, x in zip(out["seeds"], rounds_by_seed) if len(x) > r]
+        row: dict[str, Any] = {
+            "round": r,
+            "n_seeds": len(infos),
+            "seed_ids": seed_ids,  # aligned with coeff, kept_frac, ...
+            "seed_healed": [bool(i["healed"]) for i in infos],  # the True ones, in order, are healed's per-seed values
+            "coeff": [i["coeff"] for i in infos],
+            "kept_frac": [i["filter"]["kept_frac"] for i in infos],
+            "filter": [i["filter"] for i in infos],
+            "cos_v0": [i["cos_v0"] for i in infos],
+            "heal": [i["heal"] for i in infos if i["heal"]],
+            "time_s": [i["time_s"] for i in infos],
+            "tokens": [i["tokens"] for i in infos if "tokens" in i],  # rounds run before token counting have none
+            "stop": [i.get("stop") for i in infos],
+            "steered": compare(base, steered, target, direction) if steered else None,
+            "healed": compare(base, healed, target, direction) if healed else None,
+            "gen_steered": [i.get("gen_steered") for i in infos],
+            "gen_healed": [i.get("gen_healed") for i in infos],
+        }
+        if healed:
+            # Q1: does healing restore coherence compared with raw steering (paired, same vignettes)?
+            if len(steered) == len(healed):
+                row["heal_vs_steer_pmass"] = difference(
+                    base, healed, steered, target, direction, "pmass_ratio", paired=True
+                )
+            row["heal_vs_prompt"] = difference(base, healed, prompts, target, direction, "selectivity")
+            # Q3: did this round move the target further than the last one? Equal lengths mean the same
+            # seeds in the same order: a seed that is not healed stops its loop, so the list only shrinks.
+            if prev_healed:
+                row["step_vs_prev"] = difference(
+                    base, healed, prev_healed, target, direction, "target_shift", paired=len(healed) == len(prev_healed)
+                )
+            prev_healed = healed
+        out["rounds"].append(row)
+    out["gen_base"] = [_gen(r, "base") for r in run_dirs]
+    out["gen_prompt"] = [_gen(r, "prompt") for r in run_dirs]
+    return out
+
+
+def seed_of(run_dir: Path) -> int:
+    """The seed a run directory ran with (its config.yaml)."""
+    return int(yaml.safe_load((run_dir / "config.yaml").read_text())["config"]["seed"])
+
+
+def _gen(run_dir: Path, name: str) -> dict | None:
+    p = run_dir / "baselines" / f"gen_{name}.json"
+    g = _json(p) if p.is_file() else None
+    return None if not g or g.get("skipped") else g
