@@ -17,18 +17,23 @@ import typer
 
 from . import SteerhealError, __version__
 from .config import (
+    ARMS,
     NULL_K_COMPARE,
     NULL_K_SWEEP,
+    SWEEP_BANDS,
+    SWEEP_COEFFS,
     EvalConfig,
     FilterConfig,
     GenerateConfig,
     HealConfig,
+    RunConfig,
     SteerConfig,
     VectorConfig,
 )
 
 # The dataclasses are the one source of defaults; every option below reads its default from these.
 _V, _G, _F, _H, _E = VectorConfig(), GenerateConfig(), FilterConfig(), HealConfig(), EvalConfig()
+_SEED = RunConfig().seed
 _S = _G.steer
 
 app = typer.Typer(
@@ -175,7 +180,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per completion.")] = _G.max_new_tokens,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = _G.temperature,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = _G.top_p,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = _SEED,
     batch_size: Annotated[int, typer.Option(help="Completions per batch.")] = _G.batch_size,
     system: Annotated[Optional[str], typer.Option(help="A system prompt (the prompting baseline).")] = None,
     schedule: Annotated[
@@ -446,10 +451,8 @@ def _run_config(config: str | None, set_: list[str] | None, **flags: Any) -> Any
 def sweep(
     persona: Annotated[Path, typer.Argument(help="Persona YAML.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Sweep directory.")],
-    bands: Annotated[str, typer.Option(help="Layer bands (fractions of depth), comma-separated.")] = (
-        "0.2:0.3,0.45:0.55,0.7:0.8"
-    ),
-    coeffs: Annotated[str, typer.Option(help="Steering coefficients, comma-separated.")] = "2,4,8",
+    bands: Annotated[str, typer.Option(help="Layer bands (fractions of depth), comma-separated.")] = (SWEEP_BANDS),
+    coeffs: Annotated[str, typer.Option(help="Steering coefficients, comma-separated.")] = SWEEP_COEFFS,
     null_k: Annotated[
         int, typer.Option(help="Random directions per point, norm-matched to the real vector.")
     ] = NULL_K_SWEEP,
@@ -532,9 +535,7 @@ def loop(
 def compare(
     persona: Annotated[Path, typer.Argument(help="Persona YAML.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Comparison directory (one sub-directory per arm).")],
-    arms: Annotated[
-        str, typer.Option(help="Comma-separated arms to run and compare.")
-    ] = "steer,prompt,prompt-kl,random,nll",
+    arms: Annotated[str, typer.Option(help="Comma-separated arms to run and compare.")] = ",".join(ARMS),
     null_k: Annotated[
         int, typer.Option(help="Random directions in the raw-steering null (0 = none).")
     ] = NULL_K_COMPARE,
@@ -633,7 +634,7 @@ def eval_(
     limit: Annotated[
         Optional[int], typer.Option(help="A balanced sample of N vignettes (round-robin over foundations).")
     ] = _E.limit,
-    seed: Annotated[int, typer.Option(help="Seed for the balanced --limit sample.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the balanced --limit sample.")] = _SEED,
     batch_size: Annotated[int, typer.Option(help="Vignettes per forward pass.")] = _E.batch_size,
     output: OutOpt = None,
     model: ModelOpt = None,

@@ -30,6 +30,17 @@ NULL_K_COMPARE = 19
 NULL_K_SWEEP = 5
 NULL_ALPHA = 0.05  # a shift is persona-specific when its rank p among the null's draws is at most this
 REFERENCE = "steer"  # the arm compare sets every other one against, unless --reference says otherwise
+# Selectivity's off-target penalty: 0.1 × the mean |Δnats| of the other six foundations (moralmaps' sel_gated).
+OFF_TARGET_WEIGHT = 0.1
+# A healed pmass ratio at or above this counts as "coherence held" (Q2): the prototype's "coherent" bar, 0.95
+# of a 0.976 base, read as a ratio.
+COHERENCE_HELD = 0.9
+# sweep: a point counts as a candidate only while the forced choice still answers (pmass ratio at least this).
+MIN_PMASS_RATIO = 0.5
+SWEEP_BANDS = "0.2:0.3,0.45:0.55,0.7:0.8"  # early, middle and late bands of the same width
+SWEEP_COEFFS = "2,4,8"  # a doubling ladder around the iso-KL dose on SmolLM2 (C 2.6)
+# dose.method kl: the d log KL / d log C assumed before two probes give a secant (KL grows about as C²).
+KL_DOSE_SLOPE = 2.0
 AGGS = ("rmse", "mean", "p95", "max")
 REFS = ("prev", "base")
 DOSES = ("keep", "kl", "fixed")

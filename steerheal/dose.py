@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .chat import encode_completion, messages_for
-from .config import RunConfig
+from .config import KL_DOSE_SLOPE, RunConfig
 from .filter import filter_records
 from .generate import complete, generate_records
 from .logprobs import Span, score_spans
@@ -89,9 +89,6 @@ def steered_kl_p95(lm: LoadedModel, prompts: list[str], vec: SteeringVector, coe
     return float(torch.quantile(kl, 0.95)) if kl.numel() else 0.0
 
 
-ASSUMED_SLOPE = 2.0  # d log KL / d log C before two probes give a secant
-
-
 def kl_dose(
     lm: LoadedModel,
     prompts: list[str],
@@ -119,7 +116,7 @@ def kl_dose(
     x1 = math.log(math.sqrt(lo * hi))
     y1 = probe(math.exp(x1))
     x0, y0 = x1, y1
-    slope = ASSUMED_SLOPE
+    slope = KL_DOSE_SLOPE
     while len(probes) < steps and abs(y1) > math.log1p(tol):
         if x1 != x0:
             slope = (y1 - y0) / (x1 - x0)

@@ -11,14 +11,10 @@ from typing import Any
 
 import yaml
 
-from .config import NULL_ALPHA, REFERENCE
+from .config import COHERENCE_HELD, NULL_ALPHA, REFERENCE
 from .records import read_records, write_text
 from .results import collect
 from .stats import beats, intervals, seed_ci_text, verdict
-
-# A coherence ratio (healed pmass / base pmass) at or above this counts as "coherence held".
-COHERENCE_HELD = 0.9
-
 
 # ---------------------------------------------------------------- formatting
 

@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 
 from . import SteerhealError
-from .config import FOUNDATIONS
+from .config import FOUNDATIONS, OFF_TARGET_WEIGHT
 
-OFF_TARGET_WEIGHT = 0.1
 N_BOOT = 2000
 LEVEL = 0.95
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import NULL_K_SWEEP, RunConfig
+from .config import MIN_PMASS_RATIO, NULL_K_SWEEP, RunConfig
 from .evaluate import score_vignettes
 from .models import load_model, parse_layers
 from .persona import load_persona
@@ -30,7 +30,6 @@ from .vector import SteeringVector, extract
 from .vignettes import load_vignettes
 
 KEYS = ("target_shift", "target_shift_ci", "selectivity", "selectivity_ci", "pmass_ratio", "pmass_ratio_ci")
-MIN_PMASS_RATIO = 0.5  # a point counts as a candidate only while the forced choice still answers
 
 
 def run_sweep(
