@@ -43,3 +43,48 @@ def test_each_answer_shows_the_seed_interval_it_reads():
     assert "0.95 [0.93, 0.97; over seeds 0.80 to 1.10]" in text
     assert "+0.30 [+0.20, +0.40; over seeds +0.10 to +0.50]" in text
     assert "Healed: +0.20 [+0.10, +0.30; over seeds +0.05 to +0.35]" in text
+
+
+def _line(c: dict, q: str) -> str:
+    return next(a for a in answers(c) if q in a)
+
+
+def test_q1_counts_the_rounds_where_healing_raised_coherence():
+    c = numbers([0.91, 0.99])
+    steered = {"pmass_ratio": 0.5, "pmass_ratio_ci": [0.45, 0.55], "target_shift": 0.6, "target_shift_ci": [0.5, 0.7]}
+    up, flat = {"verdict": "yes"}, {"verdict": "unclear"}
+    r0 = c["rounds"][0] | {"steered": steered, "heal_vs_steer_pmass": up}
+    r1 = r0 | {
+        "round": 1,
+        "heal_vs_steer_pmass": flat,
+        "step_vs_prev": {"difference": 0.0, "difference_ci": [-0.1, 0.1], "verdict": "unclear"},
+    }
+    c["rounds"] = [r0, r1]
+    q1 = _line(c, "Q1")
+    assert "in 1/2 rounds" in q1 and "pmass ratio steered 0.50 [0.45, 0.55] → healed 0.95" in q1
+    assert "each later round's extra shift: +0.00 [-0.10, +0.10] (unclear)" in _line(c, "Q3")
+
+
+def test_beats_prompting_needs_the_difference_and_the_healed_selectivity():
+    c = numbers([0.91, 0.99])
+    assert "**Beats prompting?** yes" in _line(c, "Beats prompting")
+    healed = c["rounds"][0]["healed"]
+    c["rounds"][0]["healed"] = healed | {"selectivity_ci": [-0.1, 0.3]}  # its own selectivity not above 0
+    assert "**Beats prompting?** unclear" in _line(c, "Beats prompting")
+    c["rounds"][0]["heal_vs_prompt"] = {"difference": -0.2, "difference_ci": [-0.3, -0.1], "verdict": "no"}
+    assert "**Beats prompting?** no" in _line(c, "Beats prompting")
+
+
+def test_q3_reads_the_first_healed_shift_the_persona_way_or_not():
+    c = numbers([0.91, 0.99])
+    assert "round 0 moved authority the persona's way: yes" in _line(c, "Q3")
+    h = c["rounds"][0]["healed"]
+    c["rounds"][0]["healed"] = h | {"target_shift_ci": [-0.4, -0.2], "target_shift_seed_ci": [-0.5, -0.1]}
+    assert "round 0 moved authority the persona's way: no" in _line(c, "Q3")
+
+
+def test_an_unhealed_run_says_so_after_q0():
+    c = numbers([0.91, 0.99])
+    c["rounds"][0]["healed"] = None
+    out = answers(c)
+    assert out[-1] == "- No round was healed." and "kept 94% per round" in out[0] and "perplexity 2" in out[0]
