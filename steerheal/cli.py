@@ -394,20 +394,39 @@ def heal(
 def bake(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the merged HF checkpoint.")],
     adapter: AdapterOpt = None,
+    steer: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A vector (safetensors) to bake into the MLP biases at --coeff: a steerable checkpoint that vLLM "
+            "and transformers serve (Llama-family MLPs)."
+        ),
+    ] = None,
+    coeff: Annotated[float, typer.Option(help="The steering coefficient C for --steer.")] = 0.0,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Merge adapters, in order, into the base weights; save a plain checkpoint AutoModelForCausalLM opens."""
+    """Merge adapters, in order, into the base weights (and a vector into the MLP biases with --steer); save a
+    plain checkpoint AutoModelForCausalLM opens."""
     from .bake import bake as bake_core
     from .progress import log
 
+    if steer is not None and coeff == 0:
+        raise SteerhealError("--steer needs a nonzero --coeff (the C to bake in)")
     m = bake_core(
-        model, [str(a) for a in adapter or []], output, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        model,
+        [str(a) for a in adapter or []],
+        output,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        steer=steer,
+        coeff=coeff,
     )
-    log(f"wrote {output}: {len(m['adapters'])} adapter(s) merged into {m['base_model']} ({m['time_s']:.1f} s)")
+    steered = f", vector at C = {coeff:g} in the MLP biases" if steer is not None else ""
+    log(f"wrote {output}: {len(m['adapters'])} adapter(s) merged into {m['base_model']}{steered} ({m['time_s']:.1f} s)")
 
 
 # Options shared by `loop` and `compare` (one definition each).

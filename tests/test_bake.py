@@ -107,3 +107,53 @@ def test_cli_bake_refuses(tiny_model_dir, tmp_path, case):
     lines = [x for x in r.output.splitlines() if x.strip()]
     assert len(lines) == 1 and "error" in lines[0]
     assert not out.exists()
+
+
+def _vector(model_dir: Path, layers: list[int], seed: int = 0):
+    from steerheal.vector import SteeringVector
+
+    lm = load_model(str(model_dir))
+    g = torch.Generator().manual_seed(seed)
+    return SteeringVector({i: torch.randn(lm.hidden_size, generator=g) for i in layers}, {"model": str(model_dir)})
+
+
+def test_a_vector_baked_into_the_mlp_biases_equals_the_hook(tiny_model_dir, adapters, tmp_path):
+    """A steerable checkpoint: base + adapters with C·v in down_proj's bias at each steered block gives the
+    hook-steered model's logits, through the CLI, opened as a plain checkpoint (mlp_bias on)."""
+    from transformers import AutoModelForCausalLM
+
+    vec = _vector(tiny_model_dir, [1, 2])
+    vec.save(tmp_path / "v.safetensors")
+    out = tmp_path / "steerable"
+    args = ["bake", "-o", str(out), "--model", str(tiny_model_dir), "--steer", str(tmp_path / "v.safetensors")]
+    r = CliRunner().invoke(app, [*args, "--coeff", "3.5", "--adapter", str(adapters[0]), "--quiet"])
+    assert r.exit_code == 0, r.output
+    baked = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert baked.config.mlp_bias is True
+    manifest = json.loads((out / "steerheal_bake.json").read_text())
+    assert manifest["steer"]["coeff"] == 3.5 and manifest["steer"]["layers"] == [1, 2]
+    ref = load_model(str(tiny_model_dir), [str(adapters[0])], dtype="fp32")
+    with torch.no_grad():
+        plain = ref.model(IDS).logits
+        with vec.apply(ref.model, 3.5):
+            hooked = ref.model(IDS).logits
+        got = baked(IDS).logits
+    assert (hooked - plain).abs().max() > 0.05  # steering moves the logits
+    assert torch.allclose(got, hooked, atol=1e-5)
+
+
+def test_baking_a_vector_is_refused_for_an_mlp_without_a_bias_switch(tiny_gpt2_dir, tmp_path):
+    vec = _vector(tiny_gpt2_dir, [1])
+    vec.save(tmp_path / "v.safetensors")
+    args = [
+        "bake",
+        "-o",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_gpt2_dir),
+        "--steer",
+        str(tmp_path / "v.safetensors"),
+    ]
+    r = CliRunner().invoke(app, [*args, "--coeff", "2", "--quiet"])
+    assert r.exit_code == 2 and "no bias switch" in r.output and "hook" in r.output
+    assert not (tmp_path / "out").exists()

@@ -38,3 +38,24 @@ def test_bundled_vector_generate_filter(smol):
     filter_records(smol, steered, FilterConfig(min_words=0))
     mean_ppl = lambda rs: sum(min(r.scores["ppl"], 1e4) for r in rs) / len(rs)
     assert mean_ppl(steered) > mean_ppl(plain)
+
+
+def test_bundled_steerable_checkpoint_equals_the_hook(tmp_path):
+    """SmolLM2 with a vector at C = 4 on layers 13-16 baked into its MLP biases: the same logits as the hook."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from steerheal.bake import bake
+    from steerheal.vector import SteeringVector
+
+    ref = load_model(dtype="fp32")
+    g = torch.Generator().manual_seed(0)
+    vec = SteeringVector({i: torch.randn(576, generator=g) for i in (13, 14, 15, 16)}, {"n_layers": "30"})
+    vec.save(tmp_path / "v.safetensors")
+    bake(None, [], tmp_path / "steerable", steer=tmp_path / "v.safetensors", coeff=4.0)
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "steerable", dtype=torch.float32).eval()
+    ids = ref.tokenizer("My boss told me to lie to a customer. Should I?", return_tensors="pt")["input_ids"]
+    with torch.no_grad(), vec.apply(ref.model, 4.0):
+        hooked = ref.model(ids).logits
+    with torch.no_grad():
+        assert (baked(ids).logits - hooked).abs().max() < 2e-4  # 4.4e-5 measured; steering moves them by 28
