@@ -383,7 +383,8 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
             if key in e:
                 p = e[key]
                 where = f" (round {p['round']})" if "round" in p else ""
-                parts.append(f"{name}{where}: percentile {p['percentile']:.0f}, z {p['z']:+.2f}, {_null_word(p)}")
+                z = f", z {p['z']:+.2f}" if math.isfinite(p["z"]) else ""  # no z from one draw
+                parts.append(f"{name}{where}: percentile {p['percentile']:.0f}{z}, {_null_word(p)}")
         d = e.get("reference_minus_arm")
         if d:
             parts.append(
