@@ -34,7 +34,7 @@ import yaml
 from steerheal.config import FOUNDATIONS, EvalConfig, RunConfig, from_dict
 from steerheal.evaluate import score_vignettes
 from steerheal.heal import heal
-from steerheal.models import LoadedModel, keep_base, load_model, merge_adapters
+from steerheal.models import LoadedModel, add_adapters, keep_base, load_model, merge_adapters
 from steerheal.persona import load_persona
 from steerheal.progress import set_quiet
 from steerheal.records import read_records
@@ -114,7 +114,8 @@ def heal_parity(run: Path) -> None:
     for dt in ("fp32", "bf16"):
         lm = loop_model(dt, [])
         out = Path(tempfile.mkdtemp()) / "adapter"
-        s = heal(lm, rows, cfg.heal, out, merge=True)
+        s = heal(lm, rows, cfg.heal, out)
+        add_adapters(lm, [out])
         print(f"{dt}: heal {s['time_s']:.1f} s; train NLL {s['train_nll_start']:.4f} → {s['train_nll']:.4f}, "
               f"val NLL {s['val_nll_start']:.4f} → {s['val_nll']:.4f}, val D mean {s['val_D_mean']:.4f}, "
               f"barrier active {s['barrier_frac']:.0%} of {s['steps']} steps")  # fmt: skip

@@ -42,7 +42,7 @@ from .logprobs import (
     span_logprobs,
     vocab_size,
 )
-from .models import LoadedModel, absorb, decoder_layers, merge_adapters, parse_layers
+from .models import LoadedModel, add_adapters, decoder_layers, parse_layers
 from .progress import log, progress
 from .records import Record, atomic_path
 
@@ -267,9 +267,7 @@ def prepare_reference(
             f"--ref base with a history needs the base log-probs cached: {cache_gb:.2f} GB "
             f"> --ref-cache-gb {cfg.ref_cache_gb}; raise --ref-cache-gb or lower --max-len/rows"
         )
-    if history:
-        lm.model = merge_adapters(lm.model, list(history))
-        lm.adapters = lm.adapters + [str(a) for a in history]
+    add_adapters(lm, history)
     return ref
 
 
@@ -504,18 +502,17 @@ def heal(
     cfg: HealConfig,
     out_dir: str | Path,
     history: Sequence[str] = (),
-    merge: bool = False,
     teacher_records: Sequence[Record] | None = None,
     reference_model: nn.Module | None = None,
 ) -> dict:
-    """Train a LoRA on `records` over lm.model, write it to out_dir, return the heal.json summary.
+    """Train a LoRA on `records` over lm.model, write it to out_dir, return the heal.json summary. lm.model
+    is left as it was (plus `history`); `models.add_adapters(lm, [out_dir])` applies the new adapter.
 
     `history`: adapters not yet merged into lm.model; they are merged after the reference is
-    taken, which is how --ref base works with a history (one copy of the weights). With
-    merge=True the new adapter ends merged into lm.model (the loop continues from it); else
-    lm.model is left as it was (plus history). `teacher_records`: the same completions in the
-    teacher's context (e.g. with the persona as system prompt); the student then fits the current
-    model's distribution in that context instead of the sampled tokens.
+    taken, which is how --ref base works with a history (one copy of the weights).
+    `teacher_records`: the same completions in the teacher's context (e.g. with the persona as
+    system prompt); the student then fits the current model's distribution in that context
+    instead of the sampled tokens. `reference_model`: a separate frozen reference (the base).
     """
     cfg.check()
     t0 = time.perf_counter()
@@ -542,7 +539,6 @@ def heal(
     peft_model, layer_idx = attach_lora(lm.model, cfg)
     cache_gb = ref_cache_bytes(rows, vocab_size(lm.model), cfg.ref_top_k) / 2**30
     ref = choose_reference(cached, reference_model, peft_model, cfg, cache_gb)
-    ok = False
     try:
         before = {
             "val": measure(peft_model, rows, val_idx, ref, cfg, pad_id),
@@ -575,14 +571,8 @@ def heal(
             peft_model.save_pretrained(tmp)
             (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
             (tmp / "heal.json").write_text(json.dumps(summary, indent=2) + "\n")
-        ok = True
     finally:
-        # Leave lm.model a plain model: merged with the new adapter on success if asked, else as before.
-        if ok and merge:
-            lm.model = absorb(peft_model, out_dir)
-            lm.adapters = lm.adapters + [str(out_dir)]
-        else:
-            lm.model = peft_model.unload().eval()
+        lm.model = peft_model.unload().eval()  # a plain model again, trained or not
         for p in lm.model.parameters():
             p.requires_grad_(False)
     log(

@@ -39,6 +39,7 @@ from .models import (
     BaseView,
     LoadedModel,
     TokenMeter,
+    add_adapters,
     auto_dtype,
     describe_dtype,
     dtype_name,
@@ -324,10 +325,12 @@ class Loop:
         # --ref base: the barrier holds every round to the unchanged base model (the judge is that model)
         base_ref = self.judge().model if hcfg.ref == "base" and hcfg.reg != "nll" and self.lm.adapters else None
         out = self.rdir(r) / "adapter"
-        fit = lambda: heal(  # noqa: E731
-            self.lm, kept, hcfg, out, merge=True, teacher_records=teacher, reference_model=base_ref
-        )
-        self.step(r, "heal", lambda: _ignore(fit()), f" on {len(kept)} kept rows")
+
+        def fit() -> None:
+            heal(self.lm, kept, hcfg, out, teacher_records=teacher, reference_model=base_ref)
+            add_adapters(self.lm, [out])  # the next round's model
+
+        self.step(r, "heal", fit, f" on {len(kept)} kept rows")
 
     def online_segment(self, r: int, act: Intervention, hcfg: HealConfig) -> str | None:
         """The round's online segment (online.py); a stop reason when it kept too few rows in all."""

@@ -10,7 +10,7 @@ import contextlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,13 +308,10 @@ class BaseView(nn.Module):
         return self._get().config
 
 
-def absorb(peft_model: Any, adapter_dir: str | Path) -> nn.Module:
-    """The model with a just-trained adapter applied for good, the same way merge_adapters applies it on load."""
-    if keeps_residuals(peft_model):
-        model = peft_model.unload()
-        add_low_rank(model, adapter_dir)
-        return model.eval()
-    return peft_model.merge_and_unload().eval()
+def add_adapters(lm: LoadedModel, adapters: Sequence[str | Path]) -> None:
+    """Apply saved adapters to lm for good, in order, the way load_model applies them, and record them."""
+    lm.model = merge_adapters(lm.model, [str(a) for a in adapters])
+    lm.adapters = lm.adapters + [str(a) for a in adapters]
 
 
 def add_low_rank(model: nn.Module, adapter_dir: str | Path) -> None:

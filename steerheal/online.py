@@ -32,7 +32,7 @@ from .filter import filter_records
 from .generate import generate_records
 from .heal import attach_lora, batch_terms, encode_rows, measure, pad_token_id, teacher_logprobs
 from .logprobs import cat_logprobs, right_padded, span_logprobs
-from .models import LoadedModel, TokenMeter, absorb
+from .models import LoadedModel, TokenMeter, add_adapters
 from .persona import Persona
 from .progress import log, progress
 from .records import Record, atomic_path, read_records, with_system, without_system, write_records
@@ -95,11 +95,11 @@ def run_segment(lm: LoadedModel, seg: Segment) -> dict[str, Any]:
         shutil.rmtree(seg.out / CKPT, ignore_errors=True)  # its rows and weights now live in the round's files
         ok = True
     finally:
-        lm.model = absorb(peft_model, seg.out / "adapter") if ok else peft_model.unload().eval()
-        if ok:
-            lm.adapters = lm.adapters + [str(seg.out / "adapter")]
+        lm.model = peft_model.unload().eval()
         for p in lm.model.parameters():
             p.requires_grad_(False)
+    if ok:
+        add_adapters(lm, [seg.out / "adapter"])  # the next round's model
     log(
         f"online: {summary['steps']} steps, kept {summary['rows']['train']} of {summary['sampled']} rows, "
         f"NLL {summary['val_nll_start']:.3f} → {summary['val_nll']:.3f}, D mean {summary['val_D_mean']:.3f}"

@@ -13,7 +13,7 @@ from steerheal.config import HealConfig, parse_set, resolve_config
 from steerheal.heal import attach_lora, batch_terms, encode_rows, teacher_logprobs, topk_kl
 from steerheal.logprobs import Span, TopK, right_padded, score_spans
 from steerheal.loop import run_loop
-from steerheal.models import load_model
+from steerheal.models import add_adapters, load_model
 from steerheal.records import Record, read_records
 from steerheal.vector import SteeringVector
 
@@ -126,7 +126,8 @@ def test_prepare_reference_from_a_separate_base_model(tiny_model_dir, tmp_path):
         Record(id=str(i), persona="", messages=[{"role": "user", "content": "Hi there."}], completion="Hello friend.")
         for i in range(8)
     ]
-    heal(lm, recs, HealConfig(rank=4, alpha=8, lr=5e-2, epochs=1, min_rows=4, layers="0:1"), tmp_path / "a", merge=True)
+    heal(lm, recs, HealConfig(rank=4, alpha=8, lr=5e-2, epochs=1, min_rows=4, layers="0:1"), tmp_path / "a")
+    add_adapters(lm, [tmp_path / "a"])
     base = load_model(str(tiny_model_dir))
     rows = encode_rows(lm.tokenizer, recs, 256)
     cfg = HealConfig(ref="base", ref_top_k=0)  # the whole vocabulary, to compare row by row
@@ -229,7 +230,7 @@ def test_heal_sees_the_rows_two_arms_share_in_the_same_order(tiny_model_dir, tmp
     order = {}
     for name, rows in (("all", recs), ("fewer", [r for i, r in enumerate(recs) if i not in (2, 7)])):
         trained.clear()
-        heal(lm, rows, cfg, tmp_path / name, merge=False)
+        heal(lm, rows, cfg, tmp_path / name)
         order[name] = [rows[i].id for i in trained]
     both = set(order["fewer"])
     common = [x for x in order["all"] if x in both]

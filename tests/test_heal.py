@@ -16,7 +16,7 @@ from steerheal.config import HealConfig
 from steerheal.heal import aggregate, attach_lora, batch_terms, encode_rows, heal, kl_per_position
 from steerheal.logprobs import right_padded as make_batch
 from steerheal.logprobs import span_logprobs as completion_logp
-from steerheal.models import load_model
+from steerheal.models import add_adapters, load_model
 from steerheal.records import Record, write_records
 
 PROMPTS = [
@@ -182,7 +182,8 @@ def test_heal_lowers_nll_and_round_trips(tiny_model_dir, tmp_path, reg, agg, cac
 
 def test_heal_merge_and_determinism(tiny_model_dir, tmp_path):
     lm = load_model(str(tiny_model_dir))
-    s1 = heal(lm, recs(8), tiny_cfg(epochs=1), tmp_path / "a", merge=True)
+    s1 = heal(lm, recs(8), tiny_cfg(epochs=1), tmp_path / "a")
+    add_adapters(lm, [tmp_path / "a"])
     assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.adapters == [str(tmp_path / "a")]
     ref = load_model(str(tiny_model_dir), [str(tmp_path / "a")])
     ids = torch.tensor([[1, 5, 9, 20, 30]])
