@@ -620,8 +620,9 @@ def plot(
     """Redraw a run's trajectory.png (authority vs care nats per round, and coherence)."""
     from .plot import plot_run
     from .progress import log
+    from .rundir import BASELINES
 
-    if not (run_dir / "baselines" / "base.json").is_file():
+    if not (run_dir / BASELINES / "base.json").is_file():
         raise SteerhealError(f"{run_dir}: not a run directory with finished baselines")
     log(f"wrote {plot_run(run_dir)}")
 

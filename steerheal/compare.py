@@ -28,7 +28,7 @@ from .progress import log
 from .records import write_json, write_text
 from .report import render
 from .results import collect
-from .rundir import Run, protocol_path
+from .rundir import BASELINES, Run, protocol_path, round_key
 from .stats import (
     EvalRows,
     compare,
@@ -234,7 +234,7 @@ def random_null(root: Path, cfg: RunConfig, k: int) -> dict[str, Any]:
     dtype = run_dtype(first, cfg.device)  # the base it is read against ran in this dtype
     lm = load_model(cfg.model, [], device=cfg.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     vigs = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
-    base = EvalRows.from_report(Run(first).json("baselines/base.json"))
+    base = EvalRows.from_report(Run(first).json(f"{BASELINES}/base.json"))
     persona = Run(first).json("round_00/round.json")
     draws = []
     for i in range(k):
@@ -380,8 +380,8 @@ def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[st
         # A seed counts once its round.json is written (as in the table), not when its eval lands mid-round.
         out = {}
         for s, d in zip(cfg.seeds or [cfg.seed], arm_dirs(root, arm, cfg)):
-            rd = d / f"round_{last:02d}"
-            if (rd / "round.json").is_file() and Run(d).json(f"round_{last:02d}/round.json")["healed"]:
+            rd = d / round_key(last)
+            if (rd / "round.json").is_file() and Run(d).json(f"{round_key(last)}/round.json")["healed"]:
                 path = protocol_path(rd / "eval_healed.json", c.get("alt_protocol"))
                 out[s] = EvalRows.from_report(json.loads(path.read_text()))
         return out

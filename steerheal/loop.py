@@ -56,12 +56,15 @@ from .persona import Persona, load_persona
 from .progress import log
 from .records import Record, read_records, with_system, without_system, write_json, write_records
 from .rundir import (
+    BASELINES,
+    ROUND_GLOB,
     Run,
     check_resume,
     finished_adapters,
     model_fingerprint,
     protocol_path,
     remove_stale_temps,
+    round_key,
     write_config,
     write_metrics,
 )
@@ -69,15 +72,15 @@ from .vector import SteeringVector, extract
 from .vignettes import Vignette, load_vignettes, vignettes_sha256
 
 # The baselines are the same for every seed and arm of one config: computed once, then shared.
-BASELINE_STEPS = tuple(f"baselines/{k}" for k in ("base", "prompt", "demo", "gen_base", "gen_prompt"))
+BASELINE_STEPS = tuple(f"{BASELINES}/{k}" for k in ("base", "prompt", "demo", "gen_base", "gen_prompt"))
 BASELINE_FILES = tuple(
-    f"baselines/{f}" for f in ("base.json", "prompt.json", "demo.jsonl", "gen_base.json", "gen_prompt.json")
+    f"{BASELINES}/{f}" for f in ("base.json", "prompt.json", "demo.jsonl", "gen_base.json", "gen_prompt.json")
 )
 
 
 def baseline_steps(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The baselines' steps and files, with base and prompt under each protocol of eval.also."""
-    alt = [(f"baselines/{k}.{p}", f"baselines/{k}.{p}.json") for p in cfg.eval.also for k in ("base", "prompt")]
+    alt = [(f"{BASELINES}/{k}.{p}", f"{BASELINES}/{k}.{p}.json") for p in cfg.eval.also for k in ("base", "prompt")]
     return BASELINE_STEPS + tuple(s for s, _ in alt), BASELINE_FILES + tuple(f for _, f in alt)
 
 
@@ -186,7 +189,7 @@ class Loop:
         write_json(path, res)
 
     def rdir(self, r: int) -> Path:
-        return self.run.root / f"round_{r:02d}"
+        return self.run.root / round_key(r)
 
     def finished_adapters(self) -> list[str]:
         return finished_adapters(self.run, self.cfg.rounds)
@@ -206,7 +209,7 @@ class Loop:
 
     def baselines(self) -> None:
         """The base model and the prompting baseline (the persona's first pos prompt as a system prompt)."""
-        run, d, system = self.run, self.run.root / "baselines", self.persona.pairs[0].pos
+        run, d, system = self.run, self.run.root / BASELINES, self.persona.pairs[0].pos
         if self.baselines_from is not None:  # a shift is read against a base in its own dtype
             theirs, ours = run_dtype(self.baselines_from, self.cfg.device), run_dtype(run.root, self.cfg.device)
             if theirs != ours:
@@ -220,11 +223,11 @@ class Loop:
         if not all(run.done(k) for k in steps):
             log("[baselines] base model and the prompting baseline (persona as system prompt)")
         m = self.meter
-        step = lambda name, fn: run.step(f"baselines/{name}", fn, m)  # noqa: E731
+        step = lambda name, fn: run.step(f"{BASELINES}/{name}", fn, m)  # noqa: E731
         self.evals(step, "base", d / "base.json")
         self.evals(step, "prompt", d / "prompt.json", system=system)
         run.step(
-            "baselines/demo",
+            f"{BASELINES}/demo",
             lambda: write_records(
                 demo_records(self.lm, self.persona, self.cfg, "base")
                 + demo_records(self.lm, self.persona, self.cfg, "prompt", system=system),
@@ -232,13 +235,13 @@ class Loop:
             ),
             m,
         )
-        run.step("baselines/gen_base", lambda: self.coherence(d / "gen_base.json"), m)
-        run.step("baselines/gen_prompt", lambda: self.coherence(d / "gen_prompt.json", system=system), m)
+        run.step(f"{BASELINES}/gen_base", lambda: self.coherence(d / "gen_base.json"), m)
+        run.step(f"{BASELINES}/gen_prompt", lambda: self.coherence(d / "gen_prompt.json", system=system), m)
 
     def round(self, r: int) -> str | None:
         """Run (or resume) round r; the stop reason, if the loop should stop after it."""
-        if self.run.done(f"round_{r:02d}/done"):
-            return self.run.json(f"round_{r:02d}/round.json").get("stop")
+        if self.run.done(f"{round_key(r)}/done"):
+            return self.run.json(f"{round_key(r)}/round.json").get("stop")
         log(f"[round {r + 1}/{self.cfg.rounds}]{self._eta(r)}")
         act = self.intervention(r, self.vector(r))
         hcfg = dataclasses.replace(
@@ -267,7 +270,7 @@ class Loop:
 
     def step(self, r: int, name: str, fn: Callable[[], None], detail: str = "") -> None:
         """Round r's step `name`, unless the manifest says it finished."""
-        key = f"round_{r:02d}/{name}"
+        key = f"{round_key(r)}/{name}"
         if not self.run.done(key):
             log(f"[round {r + 1}/{self.cfg.rounds}] {name}{detail}")
         self.run.step(key, fn, self.meter)
@@ -296,7 +299,7 @@ class Loop:
         self.step(r, "dose", lambda: write_json(d / "dose.json", self._dose(vec, round_seed(self.cfg.seed, r, "dose"))))
         if self.arm.samples_with == "prompt":
             return Intervention(system=self.system)
-        return Intervention(vector=vec, coeff=float(self.run.json(f"round_{r:02d}/dose.json")["coeff"]))
+        return Intervention(vector=vec, coeff=float(self.run.json(f"{round_key(r)}/dose.json")["coeff"]))
 
     def generate(self, r: int, act: Intervention) -> None:
         g = self.persona.generation
@@ -381,14 +384,14 @@ class Loop:
         return choose_dose(self.lm, self.persona, vec, self.cfg, seed)
 
     def _eta(self, r: int) -> str:
-        if r == 0 or not self.run.done(f"round_{r - 1:02d}/done"):
+        if r == 0 or not self.run.done(f"{round_key(r - 1)}/done"):
             return ""
-        prev = self.run.json(f"round_{r - 1:02d}/round.json")["time_s"]["total"]
+        prev = self.run.json(f"{round_key(r - 1)}/round.json")["time_s"]["total"]
         return f" (last round took {prev / 60:.1f} min; ETA {(self.cfg.rounds - r) * prev / 60:.1f} min)"
 
     def _coherence_stop(self, r: int) -> str | None:
-        base_pmass = self.run.json("baselines/base.json")["pmass"]
-        pm = self.run.json(f"round_{r:02d}/eval_healed.json")["pmass"]
+        base_pmass = self.run.json(f"{BASELINES}/base.json")["pmass"]
+        pm = self.run.json(f"{round_key(r)}/eval_healed.json")["pmass"]
         floor = self.cfg.pmass_floor * base_pmass
         if pm >= floor:
             return None
@@ -399,7 +402,7 @@ class Loop:
 
     def finish_round(self, r: int, stop: str | None, healed: bool) -> None:
         """round.json (the round's numbers, from its artifacts) and the manifest's done mark."""
-        run, key, d, t = self.run, f"round_{r:02d}", self.rdir(r), self.persona.target
+        run, key, d, t = self.run, round_key(r), self.rdir(r), self.persona.target
         vec = SteeringVector.load(d / "vector.safetensors")
         v0 = SteeringVector.load(run.root / "round_00" / "vector.safetensors")
         heal_info = run.json(f"{key}/adapter/heal.json") if healed else None
@@ -425,7 +428,7 @@ class Loop:
             if run.done(f"{key}/eval_steered")
             else None,
             "healed": eval_summary(run.json(f"{key}/eval_healed.json"), t) if healed else None,
-            "base_target_nats": eval_summary(run.json("baselines/base.json"), t)["target_nats"],
+            "base_target_nats": eval_summary(run.json(f"{BASELINES}/base.json"), t)["target_nats"],
             "gen_steered": _gen_summary(run.json(f"{key}/gen_steered.json"))
             if run.done(f"{key}/gen_steered")
             else None,
@@ -548,7 +551,7 @@ def pool_seeds(persona_path: str | Path, out: str | Path, cfg: RunConfig, dirs: 
 
 def stop_reason(root: Path) -> str:
     """Why a finished run stopped, from its last round.json."""
-    rounds = sorted(root.glob("round_*/round.json"))
+    rounds = sorted(root.glob(ROUND_GLOB + "/round.json"))
     last = json.loads(rounds[-1].read_text()) if rounds else None
     return "no round finished" if last is None else last.get("stop") or f"{last['round'] + 1} rounds done"
 
@@ -583,7 +586,7 @@ def finish(loop: Loop, stop_reason: str, t0: float) -> LoopResult:
     plot_run(root)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     write_report(root, stop_reason, peak_rss_gb=rss_gb)
-    n_done = sum(1 for r in range(rounds) if loop.run.done(f"round_{r:02d}/done"))
+    n_done = sum(1 for r in range(rounds) if loop.run.done(f"{round_key(r)}/done"))
     log(
         f"done: {n_done} round(s) in {(time.perf_counter() - t0) / 60:.1f} min (this process), peak RSS "
         f"{rss_gb:.2f} GB; {stop_reason}. Report: {root / 'report.md'}"
@@ -592,7 +595,7 @@ def finish(loop: Loop, stop_reason: str, t0: float) -> LoopResult:
     broke = [
         r
         for r in range(rounds)
-        if loop.run.done(f"round_{r:02d}/done") and loop.run.json(f"round_{r:02d}/round.json").get("below_floor")
+        if loop.run.done(f"{round_key(r)}/done") and loop.run.json(f"{round_key(r)}/round.json").get("below_floor")
     ]
     adapters = [a for r, a in enumerate(loop.finished_adapters()) if not broke or r < broke[0]]
     if adapters:

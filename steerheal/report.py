@@ -14,6 +14,7 @@ import yaml
 from .config import COHERENCE_HELD, NULL_ALPHA, REFERENCE
 from .records import read_records, write_text
 from .results import collect
+from .rundir import BASELINES, round_key
 from .stats import beats, intervals, seed_ci_text, verdict
 
 # ---------------------------------------------------------------- formatting
@@ -202,7 +203,7 @@ def _filter_section(root: Path, c: dict[str, Any]) -> list[str]:
             f"kept {_f(fs['median_ppl_kept'], 1)} vs dropped {_f(fs['median_ppl_dropped'], 1)}; "
             f"median repetition kept {_f(fs['median_rep_kept'], 2)} vs dropped {_f(fs['median_rep_dropped'], 2)}"
         )
-        rej = root / f"round_{r['round']:02d}" / "rejected.jsonl"
+        rej = root / round_key(r["round"]) / "rejected.jsonl"
         for x in read_records(rej)[:2] if rej.is_file() else []:
             L.append(f"  - dropped ({', '.join(x.drop_reasons)}): “{x.completion[:160].replace(chr(10), ' ')}”")
     return L
@@ -210,14 +211,14 @@ def _filter_section(root: Path, c: dict[str, Any]) -> list[str]:
 
 def _demo_section(root: Path, c: dict[str, Any]) -> list[str]:
     rows: list[tuple[str, list]] = []
-    b = read_records(root / "baselines" / "demo.jsonl")
+    b = read_records(root / BASELINES / "demo.jsonl")
     rows += [
         ("base", [x for x in b if x.id.startswith("base")]),
         ("prompting", [x for x in b if x.id.startswith("prompt")]),
     ]
     for r in c["rounds"]:
         for kind in ("steered", "healed"):
-            p = root / f"round_{r['round']:02d}" / f"demo_{kind}.jsonl"
+            p = root / round_key(r["round"]) / f"demo_{kind}.jsonl"
             if p.is_file():
                 rows.append((f"r{r['round']} {kind}", read_records(p)))
     out = [

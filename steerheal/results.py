@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .rundir import protocol_path
+from .rundir import BASELINES, ROUND_GLOB, protocol_path, round_key
 from .stats import EvalRows, compare, difference
 
 
@@ -27,13 +27,13 @@ def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]
     at = lambda p: protocol_path(p, protocol)  # noqa: E731
     first = run_dirs[0]
     rounds_by_seed = [
-        [_json(d / "round.json") for d in sorted(r.glob("round_*")) if (d / "round.json").is_file()] for r in run_dirs
+        [_json(d / "round.json") for d in sorted(r.glob(ROUND_GLOB)) if (d / "round.json").is_file()] for r in run_dirs
     ]
     conf = yaml.safe_load((first / "config.yaml").read_text())
-    base_rep = _json(at(first / "baselines" / "base.json"))
+    base_rep = _json(at(first / BASELINES / "base.json"))
     base = EvalRows.from_report(base_rep)
     target, direction = conf["target"], int(conf["direction"])
-    prompts = [_rows(at(r / "baselines" / "prompt.json")) for r in run_dirs]
+    prompts = [_rows(at(r / BASELINES / "prompt.json")) for r in run_dirs]
     out: dict[str, Any] = {
         "persona": conf["persona"],
         "protocol": protocol or conf["config"].get("eval", {}).get("protocol"),
@@ -50,7 +50,7 @@ def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]
     prev_healed: list[EvalRows] | None = None
     for r in range(n_rounds):
         infos = [x[r] for x in rounds_by_seed if len(x) > r]
-        dirs = [d / f"round_{r:02d}" for d, x in zip(run_dirs, rounds_by_seed) if len(x) > r]
+        dirs = [d / round_key(r) for d, x in zip(run_dirs, rounds_by_seed) if len(x) > r]
         # steered_measures=first: no raw-steered eval after round 0
         steered = [_rows(at(d / "eval_steered.json")) for d in dirs if at(d / "eval_steered.json").is_file()]
         healed = [_rows(at(d / "eval_healed.json")) for d, i in zip(dirs, infos) if i["healed"]]
@@ -99,6 +99,6 @@ def seed_of(run_dir: Path) -> int:
 
 
 def _gen(run_dir: Path, name: str) -> dict | None:
-    p = run_dir / "baselines" / f"gen_{name}.json"
+    p = run_dir / BASELINES / f"gen_{name}.json"
     g = _json(p) if p.is_file() else None
     return None if not g or g.get("skipped") else g

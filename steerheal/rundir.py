@@ -25,6 +25,16 @@ from .records import write_json, write_text
 if TYPE_CHECKING:
     from .models import TokenMeter
 
+# The run directory's layout: every module names a round's directory, and the baselines', through these.
+BASELINES = "baselines"
+ROUND_GLOB = "round_*"
+
+
+def round_key(r: int) -> str:
+    """Round r's directory (and its steps' manifest prefix): round_00, round_01, ..."""
+    return f"round_{r:02d}"
+
+
 # Config keys not compared as written on resume: rounds may change; dtype is compared as resolved
 # (the `dtype` input), since `auto` is bf16 on one CPU and fp32 on another; decide only reads results.
 RESUMABLE_KEYS = ("rounds", "dtype", "decide")
@@ -164,7 +174,7 @@ def model_fingerprint(path: str) -> str:
 
 def finished_adapters(run: Run, rounds: int) -> list[str]:
     """The adapters of the rounds whose heal finished, in order: the current model is base + these."""
-    return [str(run.root / f"round_{r:02d}" / "adapter") for r in range(rounds) if run.done(f"round_{r:02d}/heal")]
+    return [str(run.root / round_key(r) / "adapter") for r in range(rounds) if run.done(f"{round_key(r)}/heal")]
 
 
 def protocol_path(path: Path, protocol: str | None) -> Path:
@@ -197,6 +207,8 @@ def write_config(
 
 def write_metrics(root: Path) -> None:
     rows = [
-        json.loads((d / "round.json").read_text()) for d in sorted(root.glob("round_*")) if (d / "round.json").is_file()
+        json.loads((d / "round.json").read_text())
+        for d in sorted(root.glob(ROUND_GLOB))
+        if (d / "round.json").is_file()
     ]
     write_text(root / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
