@@ -26,14 +26,14 @@ from .config import (
     FilterConfig,
     GenerateConfig,
     HealConfig,
-    RunConfig,
     SteerConfig,
-    VectorConfig,
+    resolve_config,
 )
 
-# The dataclasses are the one source of defaults; every option below reads its default from these.
-_V, _G, _F, _H, _E = VectorConfig(), GenerateConfig(), FilterConfig(), HealConfig(), EvalConfig()
-_SEED = RunConfig().seed
+# One set of defaults: a step command run alone uses what that step runs with inside `steerheal loop` (the
+# dataclasses with the demo preset, config.resolve_config); every option below reads its default from here.
+_D = resolve_config(None, {})
+_V, _G, _F, _H, _E, _SEED = _D.vector, _D.generate, _D.filter, _D.heal, _D.eval, _D.seed
 _S = _G.steer
 
 app = typer.Typer(
@@ -204,6 +204,7 @@ def generate(
     ] = _S.backtrack_nll,
     backtrack_tokens: Annotated[int, typer.Option(help="Tokens rewound and replayed.")] = _S.backtrack_tokens,
     backtrack_scale: Annotated[float, typer.Option(help="C's share while replaying.")] = _S.backtrack_scale,
+    backtrack_max: Annotated[int, typer.Option(help="Rewinds per completion at most.")] = _S.backtrack_max,
     output: OutOpt = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -228,6 +229,7 @@ def generate(
         backtrack_nll=backtrack_nll,
         backtrack_tokens=backtrack_tokens,
         backtrack_scale=backtrack_scale,
+        backtrack_max=backtrack_max,
     )
     steer.check()
     p = load_persona(persona)
@@ -346,6 +348,10 @@ def heal(
         float,
         typer.Option(help="Cache the reference log-probs once if they fit in this many GB; else recompute per step."),
     ] = _H.ref_cache_gb,
+    ref_top_k: Annotated[
+        int,
+        typer.Option(help="Keep each position's top k reference log-probs in the cache (0 = the whole vocabulary)."),
+    ] = _H.ref_top_k,
     seed: Annotated[int, typer.Option(help="Random seed (LoRA init, split, shuffling).")] = _H.seed,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -380,6 +386,7 @@ def heal(
         max_grad_norm=max_grad_norm,
         checkpoint=checkpoint,
         ref_cache_gb=ref_cache_gb,
+        ref_top_k=ref_top_k,
     )
     cfg.check()
     recs = read_records(records)
@@ -452,7 +459,7 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even if the conf
 
 def _run_config(config: str | None, set_: list[str] | None, **flags: Any) -> Any:
     """The RunConfig from a preset or YAML, the flags that were given, and --set (last wins)."""
-    from .config import deep_merge, parse_set, resolve_config
+    from .config import deep_merge, parse_set
 
     coeff, vignettes = flags.pop("coeff", None), flags.pop("vignettes", None)
     online = flags.pop("online", False)

@@ -160,7 +160,10 @@ class GenerateConfig:
 class DoseConfig:
     """How the loop picks the steering coefficient each round."""
 
-    method: str = "keep"  # keep: filter survival; kl: iso-KL (see dose.py); fixed: use coeff
+    # kl: iso-KL (see dose.py); keep: filter survival; fixed: use coeff. On round 0 of the demo iso-KL chose
+    # C 2.59 (p95 KL 1.01) where keep-rate bisection chose 4.36: a raw shift no different within the CIs at
+    # pmass ratio 0.59 against 0.21, 96% of completions kept, and faster (benchmarks/bench_dose.py).
+    method: str = "kl"
     coeff: float | None = None  # with method fixed
     target_keep: float = 0.75  # keep: the share of probes that should pass the filter
     kl_target: float = 1.0  # kl: p95 per-token KL(steered ‖ unsteered) in nats (steering-lite's anchor)
@@ -511,9 +514,11 @@ def run_settings(conf: dict, where: str, overrides: dict) -> dict:
 
 
 def resolve_config(config: str | None, overrides: dict) -> RunConfig:
-    """Dataclass defaults, then the demo preset, then a preset name or run YAML, then overrides; validated.
-    A run directory's config.yaml stands alone: that run's exact settings, never stacked on the demo preset."""
-    data = preset("demo")
+    """The dataclass defaults, then one delta: the demo preset when no config is named (the loop's and every
+    step command's defaults), else the named preset or YAML file (never stacked on another preset); then the
+    overrides; validated. A run directory's config.yaml stands alone: that run's exact settings."""
+    # The defaults as a dict first, so that a section named alone (--set dose=keep) finds its method.
+    data = deep_merge(RunConfig().to_dict(), preset("demo") if config is None else {})
     if config:
         p = Path(config)
         if p.is_file():

@@ -10,34 +10,41 @@ import pytest
 
 from steerheal import SteerhealError, cli
 from steerheal.config import (
-    EvalConfig,
-    FilterConfig,
-    GenerateConfig,
     HealConfig,
     RunConfig,
-    VectorConfig,
     parse_set,
     resolve_config,
 )
 
-# CLI command -> the config whose fields its options mirror
+# CLI command -> the loop's config section its options mirror, and option names that differ from the field's
 MIRRORS = {
-    "vector": VectorConfig,
-    "generate": GenerateConfig,
-    "filter_": FilterConfig,
-    "heal": HealConfig,
-    "eval_": EvalConfig,
+    "vector": ("vector", {}),
+    "generate": ("generate", {}),
+    "filter_": ("filter", {}),
+    "heal": ("heal", {}),
+    "eval_": ("eval", {}),
 }
+STEER_OPTIONS = {"schedule": "method", "decay_tokens": "tokens"}  # generate's options for generate.steer
 
 
-@pytest.mark.parametrize("command,cls", MIRRORS.items())
-def test_every_cli_default_is_the_dataclass_default(command, cls):
+@pytest.mark.parametrize("command,section", [(c, s) for c, (s, _) in MIRRORS.items()])
+def test_every_step_option_defaults_to_what_the_loop_runs(command, section):
+    """One set of defaults: each step command's option defaults are that step's settings inside `steerheal loop`
+    with no --config (the dataclasses with the demo preset), nested ones (generate.steer) included."""
+    loop = resolve_config(None, {})
     params = inspect.signature(getattr(cli, command)).parameters
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    shared = [n for n in params if n in fields]
-    assert len(shared) >= 3, shared  # the mirror is real, not an empty intersection
+    want = dataclasses.asdict(getattr(loop, section))
+    if command == "generate":
+        steer = want.pop("steer")
+        want |= {opt: steer[field] for opt, field in STEER_OPTIONS.items()}
+        want |= {k: v for k, v in steer.items() if k not in STEER_OPTIONS.values()}
+    shared = [n for n in params if n in want]
+    assert len(shared) >= 4, shared  # the mirror is real, not an empty intersection
     for name in shared:
-        assert params[name].default == getattr(cls(), name), f"{command} --{name}"
+        assert params[name].default == want[name], f"{command} --{name}"
+    if command in ("generate", "heal"):  # every key of these sections has an option (eval.also: --set only)
+        assert not set(want) - set(params), set(want) - set(params)
+    assert params.get("seed") is None or params["seed"].default == loop.seed or command == "heal"
 
 
 def test_presets_only_override_known_keys():
@@ -45,9 +52,13 @@ def test_presets_only_override_known_keys():
     assert isinstance(demo, RunConfig) and demo.heal.tau == 0.1 and demo.generate.max_new_tokens == 40
     assert full.model == "Qwen/Qwen3-0.6B" and full.heal.rank == 32 and full.vector.max_prompts is None
     assert full.seeds == cmp.seeds == [0, 1, 2] and not demo.seeds
-    # compare overrides the demo preset, and inherits what it does not name (the iso-KL dose)
     assert cmp.eval.protocol == "zero-shot" and cmp.steered_measures == "first" and cmp.dose.method == "kl"
     assert demo.heal.agg == HealConfig().agg  # a key no preset names keeps the dataclass default
+    # Each preset is a delta from the dataclasses, never from another: full does not inherit the demo's
+    # CPU shortcuts (4 neutral prompts, raw measures in round 0 only, micro-batches of 2).
+    assert full.coherence_prompts == RunConfig().coherence_prompts != demo.coherence_prompts
+    assert full.steered_measures == "all" and full.heal.grad_accum == 1 != demo.heal.grad_accum
+    assert cmp.heal == demo.heal  # compare names the demo's CPU heal itself
 
 
 def test_unknown_key_names_the_nearest_valid_one():

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import TINY_RUN, tiny_cli
 from safetensors.torch import load_file
 
@@ -171,3 +172,25 @@ def test_the_loop_filters_rows_and_stops_on_the_coherence_floor(tiny_model_dir, 
     assert info["filter"]["reasons"] == {"repetition": 4} and info["below_floor"]
     assert "fell below the floor" in info["stop"] and not (root / "round_01").exists()
     assert "fell below the floor" in (root / "report.md").read_text()
+
+
+def test_heal_alone_on_the_loops_kept_rows_gives_the_loops_adapter(tiny_model_dir, persona_file, tmp_path):
+    """One set of defaults: `steerheal heal round_00/kept.jsonl` with no options but the keys the test run
+    itself changed gives the loop's round-0 adapter, weight for weight (the loop's seed 0, round 0 heal)."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from steerheal.cli import app
+    from steerheal.loop import run_loop
+
+    cfg = resolve_config(None, parse_set([*TINY_RUN, "rounds=1", f"model={tiny_model_dir}"]))
+    d = run_loop(persona_file, tmp_path / "run", cfg).root / "round_00"
+    h = cfg.heal  # what TINY_RUN changed, as options; every other heal option keeps its default
+    same = ["--rank", h.rank, "--alpha", h.alpha, "--epochs", h.epochs, "--min-rows", h.min_rows, "--lr", h.lr]
+    args = ["heal", str(d / "kept.jsonl"), "-o", str(tmp_path / "alone"), "--model", str(tiny_model_dir)]
+    r = CliRunner().invoke(app, [*args, *map(str, same), "--max-len", str(h.max_len), "--quiet"])
+    assert r.exit_code == 0, r.output
+    loop_w = load_file(d / "adapter" / "adapter_model.safetensors")
+    alone = load_file(tmp_path / "alone" / "adapter_model.safetensors")
+    assert loop_w.keys() == alone.keys() and all(torch.equal(loop_w[k], alone[k]) for k in loop_w)
+    assert any(float(v.abs().max()) > 0 for k, v in alone.items() if "lora_B" in k)  # it trained
