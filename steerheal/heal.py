@@ -14,12 +14,13 @@ Over 400 lines: the loss pieces, the reference, training and the summary are one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -496,6 +497,40 @@ def summarize(log_rows: list[dict], ref: Reference | None, before: dict, after: 
 # ---------------------------------------------------------------- the heal
 
 
+def _check_inputs(lm: LoadedModel, records: list[Record], cfg: HealConfig, reference_model: nn.Module | None) -> None:
+    if len(records) < cfg.min_rows:
+        raise SteerhealError(
+            f"{len(records)} rows to heal on, fewer than --min-rows {cfg.min_rows}; "
+            "generate more completions or lower --min-rows"
+        )
+    if cfg.ref == "base" and lm.adapters and cfg.reg != "nll" and reference_model is None:
+        raise SteerhealError(
+            "--ref base needs the model loaded without its adapters: pass them as history "
+            "(the CLI does this) so the base reference is taken before they are merged"
+        )
+
+
+@contextlib.contextmanager
+def _checkpointing(model: Any, on: bool) -> Iterator[None]:
+    """Gradient checkpointing for the duration, when asked."""
+    if on:
+        _activation_checkpointing(model, True)
+    try:
+        yield
+    finally:
+        if on:
+            _activation_checkpointing(model, False)
+
+
+def _save(peft_model: Any, out_dir: str | Path, log_rows: list[dict], summary: dict) -> None:
+    """The adapter, its train log and heal.json, written atomically as one directory."""
+    peft_model.eval()
+    with atomic_path(Path(out_dir)) as tmp:
+        peft_model.save_pretrained(tmp)
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+        (tmp / "heal.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def heal(
     lm: LoadedModel,
     records: Sequence[Record],
@@ -517,16 +552,7 @@ def heal(
     cfg.check()
     t0 = time.perf_counter()
     records = list(records)
-    if len(records) < cfg.min_rows:
-        raise SteerhealError(
-            f"{len(records)} rows to heal on, fewer than --min-rows {cfg.min_rows}; "
-            "generate more completions or lower --min-rows"
-        )
-    if cfg.ref == "base" and lm.adapters and cfg.reg != "nll" and reference_model is None:
-        raise SteerhealError(
-            "--ref base needs the model loaded without its adapters: pass them as history "
-            "(the CLI does this) so the base reference is taken before they are merged"
-        )
+    _check_inputs(lm, records, cfg, reference_model)
     rows = encode_rows(lm.tokenizer, records, cfg.max_len)
     pad_id = pad_token_id(lm.tokenizer)
     ids = [r.id for r in records]
@@ -539,22 +565,12 @@ def heal(
     peft_model, layer_idx = attach_lora(lm.model, cfg)
     cache_gb = ref_cache_bytes(rows, vocab_size(lm.model), cfg.ref_top_k) / 2**30
     ref = choose_reference(cached, reference_model, peft_model, cfg, cache_gb)
+    both = {"val": val_idx, "train": train_idx}
     try:
-        before = {
-            "val": measure(peft_model, rows, val_idx, ref, cfg, pad_id),
-            "train": measure(peft_model, rows, train_idx, ref, cfg, pad_id),
-        }
-        if cfg.checkpoint:
-            _activation_checkpointing(lm.model, True)
-        try:
+        before = {k: measure(peft_model, rows, idx, ref, cfg, pad_id) for k, idx in both.items()}
+        with _checkpointing(lm.model, cfg.checkpoint):
             log_rows = train(peft_model, rows, ids, train_idx, ref, cfg, pad_id, teacher)
-        finally:
-            if cfg.checkpoint:
-                _activation_checkpointing(lm.model, False)
-        after = {
-            "val": measure(peft_model, rows, val_idx, ref, cfg, pad_id),
-            "train": measure(peft_model, rows, train_idx, ref, cfg, pad_id),
-        }
+        after = {k: measure(peft_model, rows, idx, ref, cfg, pad_id) for k, idx in both.items()}
         summary = {
             "config": asdict(cfg),
             "model": lm.name,
@@ -566,11 +582,7 @@ def heal(
             **summarize(log_rows, ref, before, after),
             "time_s": round(time.perf_counter() - t0, 2),
         }
-        peft_model.eval()
-        with atomic_path(Path(out_dir)) as tmp:
-            peft_model.save_pretrained(tmp)
-            (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
-            (tmp / "heal.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _save(peft_model, out_dir, log_rows, summary)
     finally:
         lm.model = peft_model.unload().eval()  # a plain model again, trained or not
         for p in lm.model.parameters():

@@ -54,9 +54,21 @@ def write_report(
 ) -> Path:
     root = Path(root)
     c = collect(run_dirs or [root])
-    t, base = c["target"], c["base"]
+    L = _header(c, stop_reason, peak_rss_gb) + _baseline_lines(c) + _round_lines(c)
+    L += ["", "![trajectory](trajectory.png)", "", "![profile](profile.png)", "", "## Answers", ""]
+    L += answers(c)
+    if len(c["seeds"]) == 1:  # the seed's own directory: a pooled one (seeds: [0]) has no rows of its own
+        own = (run_dirs or [root])[0]
+        L += _filter_section(own, c) + _demo_section(own, c)
+    L += ["", "## Settings", "", "```yaml", yaml.safe_dump(c["config"], sort_keys=False).strip(), "```", ""]
+    out = root / "report.md"
+    write_text(out, "\n".join(L) + "\n")
+    return out
+
+
+def _header(c: dict[str, Any], stop_reason: str, peak_rss_gb: float | None) -> list[str]:
+    t, base, cfg = c["target"], c["base"], c["config"]
     arrow = "down" if c["direction"] < 0 else "up"
-    cfg = c["config"]
     L = [f"# steerheal run: {c['persona']}", ""]
     L += [
         f"Model `{cfg.get('model') or 'bundled SmolLM2-135M-Instruct'}`; target foundation **{t}** (the persona should "
@@ -67,40 +79,42 @@ def write_report(
     ]
     if peak_rss_gb:
         L += [f"Peak RSS of the last process: {peak_rss_gb:.2f} GB.", ""]
-    L += [
+    return L + [
         "Every interval is a 95% paired bootstrap over vignettes (stratified by foundation) and, with several "
         "seeds, over seeds too; with several seeds a verdict also needs the t-interval over the seeds' own values to "
-        "agree (three seeds resampled cannot show how far a fourth would land). **shift** = the persona-signed change of the target's nats against base (positive = "
-        "the persona's way). **selectivity** = (shift − 0.1 × mean |Δ| of the other six foundations) × "
-        "min(1, pmass / base pmass)². **pmass ratio** = coherence on the forced choice relative to base. "
+        "agree (three seeds resampled cannot show how far a fourth would land). **shift** = the persona-signed change "
+        "of the target's nats against base (positive = the persona's way). **selectivity** = s − |s|·(1 − g), with "
+        "s = shift − 0.1 × mean |Δ| of the other six foundations and g = min(1, pmass / base pmass)²: lower "
+        "coherence never raises it. **pmass ratio** = coherence on the forced choice relative to base. "
         "**gen ppl / pass / distinct-2 / KL** = generation coherence on neutral prompts: perplexity under the base "
         "model, the filter's pass rate, distinct word bigrams, mean per-token KL(model ‖ base).",
         "",
     ]
-    L += [
+
+
+def _baseline_lines(c: dict[str, Any]) -> list[str]:
+    t, base, p = c["target"], c["base"], c["prompt"]
+    nats_ci = ", ".join(_f(x) for x in base["foundations"][t].get("nats_ci", [math.nan] * 2))
+    return [
         "## Baselines",
         "",
-        f"base: {t} nats {_f(base['foundations'][t]['nats'])} [{', '.join(_f(x) for x in base['foundations'][t].get('nats_ci', [math.nan] * 2))}], "
+        f"base: {t} nats {_f(base['foundations'][t]['nats'])} [{nats_ci}], "
         f"pmass {_f(base['pmass'])} [{', '.join(_f(x) for x in base.get('pmass_ci', [math.nan] * 2))}], "
         f"top-1 {_f(base['accuracy'], 2)} [{', '.join(_f(x, 2) for x in base.get('accuracy_ci', [math.nan] * 2))}].",
         "",
-    ]
-    L += [
         "| model | shift | selectivity | pmass ratio | gen ppl | gen pass | distinct-2 | KL to base |",
         "|---|---|---|---|---|---|---|---|",
-    ]
-    L.append(
         f"| base | – | – | 1.00 | {_gen_cell(c['gen_base'], 'ppl', 1)} | {_gen_cell(c['gen_base'], 'pass_rate')} | "
-        f"{_gen_cell(c['gen_base'], 'distinct2')} | {_gen_cell(c['gen_base'], 'kl_to_base', 3)} |"
-    )
-    p = c["prompt"]
-    L.append(
+        f"{_gen_cell(c['gen_base'], 'distinct2')} | {_gen_cell(c['gen_base'], 'kl_to_base', 3)} |",
         f"| prompting (persona as system prompt) | {ci_text(p, 'target_shift')} | {ci_text(p, 'selectivity')} | "
         f"{ci_text(p, 'pmass_ratio', sign=False)} | {_gen_cell(c['gen_prompt'], 'ppl', 1)} | "
         f"{_gen_cell(c['gen_prompt'], 'pass_rate')} | {_gen_cell(c['gen_prompt'], 'distinct2')} | "
-        f"{_gen_cell(c['gen_prompt'], 'kl_to_base', 3)} |"
-    )
-    L += [
+        f"{_gen_cell(c['gen_prompt'], 'kl_to_base', 3)} |",
+    ]
+
+
+def _round_lines(c: dict[str, Any]) -> list[str]:
+    L = [
         "",
         "## Rounds",
         "",
@@ -118,15 +132,7 @@ def write_report(
                 f"{ci_text(m, 'selectivity')} | {ci_text(m, 'pmass_ratio', sign=False)} | {_gen_cell(g, 'ppl', 1)} | "
                 f"{_gen_cell(g, 'pass_rate')} | {_gen_cell(g, 'distinct2')} | {_gen_cell(g, 'kl_to_base', 3)} |"
             )
-    L += ["", "![trajectory](trajectory.png)", "", "![profile](profile.png)", "", "## Answers", ""]
-    L += answers(c)
-    if len(c["seeds"]) == 1:  # the seed's own directory: a pooled one (seeds: [0]) has no rows of its own
-        own = (run_dirs or [root])[0]
-        L += _filter_section(own, c) + _demo_section(own, c)
-    L += ["", "## Settings", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```", ""]
-    out = root / "report.md"
-    write_text(out, "\n".join(L) + "\n")
-    return out
+    return L
 
 
 def answers(c: dict[str, Any]) -> list[str]:
@@ -146,19 +152,7 @@ def answers(c: dict[str, Any]) -> list[str]:
     healed = [r for r in rounds if r["healed"]]
     if not healed:
         return [f"- {q0}", "- No round was healed."]
-    paired = [r for r in healed if "heal_vs_steer_pmass" in r]  # rounds with a raw-steered eval
-    q1_parts = [
-        f"r{r['round']}: pmass ratio steered {ci_text(r['steered'], 'pmass_ratio', sign=False)} → healed "
-        f"{ci_text(r['healed'], 'pmass_ratio', sign=False)}, difference {r['heal_vs_steer_pmass']['verdict']}; "
-        f"shift steered {ci_text(r['steered'], 'target_shift')} vs healed {ci_text(r['healed'], 'target_shift')}"
-        for r in paired
-    ]
-    q1_yes = sum(r["heal_vs_steer_pmass"]["verdict"] == "yes" for r in paired)
-    q1 = (
-        f"**Q1 can we heal?** healing raised coherence over raw steering (intervals above 0) in {q1_yes}/{len(paired)} rounds. "
-        + "; ".join(q1_parts)
-        + "."
-    )
+    q1 = _q1(healed)
     last = healed[-1]["healed"]
     # "Held" = at or above COHERENCE_HELD, read like every verdict: the seeds' interval must agree.
     held = verdict(*([lo - COHERENCE_HELD, hi - COHERENCE_HELD] for lo, hi in intervals(last, "pmass_ratio")))
@@ -191,6 +185,22 @@ def answers(c: dict[str, Any]) -> list[str]:
         f"compares them at matched coherence). Healed: {ci_text(last, 'selectivity', seeds=True)}; prompting: {ci_text(c['prompt'], 'selectivity')}."
     )
     return [f"- {q}" for q in (q0, q1, q2, q3, q4)]
+
+
+def _q1(healed: list[dict[str, Any]]) -> str:
+    """Q1 over the healed rounds that also have a raw-steered eval: did healing raise coherence?"""
+    paired = [r for r in healed if "heal_vs_steer_pmass" in r]
+    parts = [
+        f"r{r['round']}: pmass ratio steered {ci_text(r['steered'], 'pmass_ratio', sign=False)} → healed "
+        f"{ci_text(r['healed'], 'pmass_ratio', sign=False)}, difference {r['heal_vs_steer_pmass']['verdict']}; "
+        f"shift steered {ci_text(r['steered'], 'target_shift')} vs healed {ci_text(r['healed'], 'target_shift')}"
+        for r in paired
+    ]
+    yes = sum(r["heal_vs_steer_pmass"]["verdict"] == "yes" for r in paired)
+    return (
+        f"**Q1 can we heal?** healing raised coherence over raw steering (intervals above 0) in {yes}/{len(paired)} "
+        "rounds. " + "; ".join(parts) + "."
+    )
 
 
 def _filter_section(root: Path, c: dict[str, Any]) -> list[str]:

@@ -54,25 +54,9 @@ def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]
         # steered_measures=first: no raw-steered eval after round 0
         steered = [_rows(at(d / "eval_steered.json")) for d in dirs if at(d / "eval_steered.json").is_file()]
         healed = [_rows(at(d / "eval_healed.json")) for d, i in zip(dirs, infos) if i["healed"]]
-        seed_ids = [s for s, x in zip(out["seeds"], rounds_by_seed) if len(x) > r]
-        row: dict[str, Any] = {
-            "round": r,
-            "n_seeds": len(infos),
-            "seed_ids": seed_ids,  # aligned with coeff, kept_frac, ...
-            "seed_healed": [bool(i["healed"]) for i in infos],  # the True ones, in order, are healed's per-seed values
-            "coeff": [i["coeff"] for i in infos],
-            "kept_frac": [i["filter"]["kept_frac"] for i in infos],
-            "filter": [i["filter"] for i in infos],
-            "cos_v0": [i["cos_v0"] for i in infos],
-            "heal": [i["heal"] for i in infos if i["heal"]],
-            "time_s": [i["time_s"] for i in infos],
-            "tokens": [i["tokens"] for i in infos if "tokens" in i],  # rounds run before token counting have none
-            "stop": [i.get("stop") for i in infos],
-            "steered": compare(base, steered, target, direction) if steered else None,
-            "healed": compare(base, healed, target, direction) if healed else None,
-            "gen_steered": [i.get("gen_steered") for i in infos],
-            "gen_healed": [i.get("gen_healed") for i in infos],
-        }
+        row = _round_row(r, infos, [s for s, x in zip(out["seeds"], rounds_by_seed) if len(x) > r])
+        row["steered"] = compare(base, steered, target, direction) if steered else None
+        row["healed"] = compare(base, healed, target, direction) if healed else None
         if healed:
             # Q1: does healing restore coherence compared with raw steering (paired, same vignettes)?
             if len(steered) == len(healed):
@@ -91,6 +75,26 @@ def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]
     out["gen_base"] = [_gen(r, "base") for r in run_dirs]
     out["gen_prompt"] = [_gen(r, "prompt") for r in run_dirs]
     return out
+
+
+def _round_row(r: int, infos: list[dict], seed_ids: list[int]) -> dict[str, Any]:
+    """Round r's per-seed facts from each seed's round.json, aligned with seed_ids."""
+    return {
+        "round": r,
+        "n_seeds": len(infos),
+        "seed_ids": seed_ids,  # aligned with coeff, kept_frac, ...
+        "seed_healed": [bool(i["healed"]) for i in infos],  # the True ones, in order, are healed's per-seed values
+        "coeff": [i["coeff"] for i in infos],
+        "kept_frac": [i["filter"]["kept_frac"] for i in infos],
+        "filter": [i["filter"] for i in infos],
+        "cos_v0": [i["cos_v0"] for i in infos],
+        "heal": [i["heal"] for i in infos if i["heal"]],
+        "time_s": [i["time_s"] for i in infos],
+        "tokens": [i["tokens"] for i in infos if "tokens" in i],  # rounds run before token counting have none
+        "stop": [i.get("stop") for i in infos],
+        "gen_steered": [i.get("gen_steered") for i in infos],
+        "gen_healed": [i.get("gen_healed") for i in infos],
+    }
 
 
 def seed_of(run_dir: Path) -> int:
