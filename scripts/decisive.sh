@@ -23,7 +23,10 @@ case "$mode" in
     mkdir -p "$dest"
     cp "$out"/compare.md "$out"/compare.json "$out"/compare.png "$out"/plan.md "$out"/plan.json "$out"/null.json "$dest"/
     for arm in steer random prompt; do
-      cp "$out/$arm/report.md" "$dest/report_$arm.md"
+      sed "s/(trajectory.png)/(trajectory_$arm.png)/; s/(profile.png)/(profile_$arm.png)/" "$out/$arm/report.md" \
+        > "$dest/report_$arm.md"
+      cp "$out/$arm/trajectory.png" "$dest/trajectory_$arm.png"
+      cp "$out/$arm/profile.png" "$dest/profile_$arm.png"
       cp "$out/$arm/seed_0/config.yaml" "$dest/config_$arm.yaml"  # every resolved key, the commit, the inputs
     done
     ;;
