@@ -32,9 +32,9 @@ from steerheal.config import EvalConfig, GenerateConfig, HealConfig
 from steerheal.dose import steered_kl_p95
 from steerheal.evaluate import score_vignettes
 from steerheal.filter import completion_nlls
-from steerheal.heal import attach_lora, batch_terms, encode_rows, pad_token_id, reference_logprobs
+from steerheal.heal import attach_lora, batch_terms, encode_rows, reference_logprobs
 from steerheal.logprobs import cat_logprobs, right_padded
-from steerheal.models import LoadedModel, cpu_flags, load_model, parse_layers
+from steerheal.models import LoadedModel, cpu_flags, load_model, pad_token_id, parse_layers
 from steerheal.persona import load_persona
 from steerheal.progress import set_quiet
 from steerheal.vector import extract

@@ -16,7 +16,7 @@ import torch
 from .chat import encode_completion
 from .config import FilterConfig
 from .logprobs import Span, score_spans
-from .models import LoadedModel
+from .models import LoadedModel, pad_token_id
 from .progress import progress
 from .records import Record
 
@@ -58,7 +58,7 @@ def completion_nlls(
     """Per-token NLL of each completion given its chat, under lm as it stands."""
     tok = lm.tokenizer
     spans = [Span(*encode_completion(tok, r.messages, r.completion, max_len=max_len)) for r in records]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_token_id(tok)
     with progress(desc, total=len(records)) as bar:
         return score_spans(lm.model, spans, pad, batch_size, bar=bar)
 

@@ -43,7 +43,7 @@ from .logprobs import (
     span_logprobs,
     vocab_size,
 )
-from .models import LoadedModel, add_adapters, decoder_layers, parse_layers
+from .models import LoadedModel, add_adapters, decoder_layers, pad_token_id, parse_layers
 from .progress import log, progress
 from .records import Record, atomic_path
 
@@ -147,11 +147,11 @@ def batch_terms(
         return fit, position_kl(logp, ref[sl], cfg.reg) if ref is not None else torch.zeros_like(fit)
 
     fit_pos, kl_pos = per_position(model, batch, terms)  # chunks of positions: no [N, V] tensor kept
-    nll = fit_pos.mean()
+    fit = fit_pos.mean()
     if ref is None:
-        return nll, nll, torch.zeros(batch.input_ids.shape[0], device=nll.device)
+        return fit, fit, torch.zeros(batch.input_ids.shape[0], device=fit.device)
     d = aggregate(_per_position(kl_pos, batch.mask), batch.mask, cfg.agg)
-    return nll + barrier(d, cfg.tau, cfg.lam), nll, d
+    return fit + barrier(d, cfg.tau, cfg.lam), fit, d
 
 
 def _per_position(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -328,10 +328,6 @@ def _activation_checkpointing(model: Any, on: bool) -> None:
         ) if on else model.gradient_checkpointing_disable()
 
 
-def pad_token_id(tok: Any) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -445,12 +441,12 @@ def train(
             micro = [perm[s : s + cfg.batch_size] for s in range(0, len(perm), cfg.batch_size)]
             for g in range(0, len(micro), cfg.grad_accum):
                 group = micro[g : g + cfg.grad_accum]
-                acc = {"loss": 0.0, "nll": 0.0, "D": 0.0}
+                acc = {"loss": 0.0, "fit": 0.0, "D": 0.0}
                 active = False
                 for idx in group:
                     b = right_padded(rows, idx, pad_id, dev)
                     t_logp = cat_logprobs([teacher[i] for i in idx], dev) if teacher is not None else None
-                    loss, nll, d = batch_terms(peft_model, b, ref.logprobs(b) if ref else None, cfg, t_logp)
+                    loss, fit, d = batch_terms(peft_model, b, ref.logprobs(b) if ref else None, cfg, t_logp)
                     if not torch.isfinite(loss):
                         raise SteerhealError(
                             f"step {step} (epoch {epoch}): loss is {float(loss)}; "
@@ -458,7 +454,7 @@ def train(
                         )
                     (loss / len(group)).backward()
                     acc["loss"] += float(loss.detach()) / len(group)
-                    acc["nll"] += float(nll.detach()) / len(group)
+                    acc["fit"] += float(fit.detach()) / len(group)
                     acc["D"] += float(d.detach().mean()) / len(group)
                     active |= bool((d > cfg.tau).any()) and ref is not None
                 if cfg.max_grad_norm > 0:

@@ -308,6 +308,11 @@ class BaseView(nn.Module):
         return self._get().config
 
 
+def pad_token_id(tok: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad (load_model sets it to eos when missing), else eos, else 0."""
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
 def add_adapters(lm: LoadedModel, adapters: Sequence[str | Path]) -> None:
     """Apply saved adapters to lm for good, in order, the way load_model applies them, and record them."""
     lm.model = merge_adapters(lm.model, [str(a) for a in adapters])

@@ -30,9 +30,9 @@ from . import SteerhealError
 from .config import HealConfig, RunConfig
 from .filter import filter_records
 from .generate import generate_records
-from .heal import attach_lora, batch_terms, encode_rows, measure, pad_token_id, teacher_logprobs
+from .heal import attach_lora, batch_terms, encode_rows, measure, teacher_logprobs
 from .logprobs import cat_logprobs, right_padded, span_logprobs
-from .models import LoadedModel, TokenMeter, add_adapters
+from .models import LoadedModel, TokenMeter, add_adapters, pad_token_id
 from .persona import Persona
 from .progress import log, progress
 from .records import Record, atomic_path, read_records, with_system, without_system, write_records
@@ -155,7 +155,7 @@ def _train_step(
     if seg.teacher_system is not None:
         teacher = teacher_logprobs(student, rows, [with_system(x, seg.teacher_system) for x in kept], hcfg)
     micro = [list(range(s, min(s + hcfg.batch_size, len(rows)))) for s in range(0, len(rows), hcfg.batch_size)]
-    acc = {"loss": 0.0, "nll": 0.0, "D": 0.0}
+    acc = {"loss": 0.0, "fit": 0.0, "D": 0.0}
     active = False
     model.train()
     for idx in micro:
@@ -163,12 +163,12 @@ def _train_step(
 
         t_logp = cat_logprobs([teacher[i] for i in idx], dev) if teacher is not None else None
         ref_logp = _trailing_logprobs(model, params, ref, b) if hcfg.reg != "nll" else None
-        loss, nll, d = batch_terms(model, b, ref_logp, hcfg, t_logp)
+        loss, fit, d = batch_terms(model, b, ref_logp, hcfg, t_logp)
         if not torch.isfinite(loss):
             raise SteerhealError(f"online step: loss is {float(loss)}; lower --set heal.lr or check the data")
         w = len(idx) / len(rows)
         (loss * w).backward()
-        acc = {k: acc[k] + w * float(v.detach().mean()) for k, v in (("loss", loss), ("nll", nll), ("D", d))}
+        acc = {k: acc[k] + w * float(v.detach().mean()) for k, v in (("loss", loss), ("fit", fit), ("D", d))}
         active |= bool((d > hcfg.tau).any()) and hcfg.reg != "nll"
     if hcfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(list(params.values()), hcfg.max_grad_norm)

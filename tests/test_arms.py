@@ -53,7 +53,7 @@ def test_nll_arm_has_no_barrier_term(tiny_model_dir, persona_file, tmp_path):
     h = json.loads((d / "adapter" / "heal.json").read_text())
     assert h["config"]["reg"] == "nll" and h["barrier_frac"] == 0 and h["ref_cache"] is False
     log = [json.loads(x) for x in (d / "adapter" / "train_log.jsonl").read_text().splitlines()]
-    assert all(x["loss"] == pytest.approx(x["nll"]) for x in log)  # loss is the NLL alone
+    assert all(x["loss"] == pytest.approx(x["fit"]) for x in log)  # loss is the fit term (NLL) alone
 
 
 def test_prompt_kl_target_is_the_prompted_models_distribution(tiny_model_dir):
