@@ -72,7 +72,7 @@ def decode(
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts] * 2, device=dev)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts] * 2, device=dev)
     rows = [Row(len(p)) for p in prompts]
-    k, window = steer.backtrack_tokens, steer.backtrack
+    k = steer.backtrack_tokens
     state.row_share = share(rows, steer)
     out = lm.model(
         input_ids=ids,
@@ -89,29 +89,10 @@ def decode(
         for b, r in enumerate(rows):
             if r.done:
                 continue
-            r.tokens.append(int(nxt[b]))
-            r.nll.append(float(ref_nll[b]))
-            r.replay_left = max(0, r.replay_left - 1)
-            if int(nxt[b]) == eos or len(r.tokens) >= max_new_tokens:
-                r.done = True
+            for c in _take(r, int(nxt[b]), float(ref_nll[b]), steer, eos, max_new_tokens):
+                mask[b, c] = mask[b + n, c] = 0  # a rewind: the dropped tokens' columns are unseen
+            if r.done:
                 continue
-            recent = r.nll[-window:] if window else []
-            if (
-                window
-                and len(recent) == window
-                and sum(recent) / window > steer.backtrack_nll
-                and len(r.backtracks) < steer.backtrack_max
-                and len(r.tokens) > k
-                and r.replay_left == 0
-            ):
-                # Rewind: drop the last k tokens (the newest is not in the cache yet), unsee the columns
-                # of the k before it (the kept last token among them), and feed that token again.
-                r.backtracks.append({"at": len(r.tokens), "k": k})
-                del r.tokens[-k:], r.nll[-k:]
-                for c in r.columns[-k:]:
-                    mask[b, c] = mask[b + n, c] = 0
-                del r.columns[-k:]
-                r.replay_left = k
             feed[b], pos[b], seen[b] = r.tokens[-1], r.prompt_len + len(r.tokens) - 1, 1
             r.columns.append(column)
         if all(r.done for r in rows):
@@ -129,6 +110,36 @@ def decode(
         column += 1
     state.row_share = None
     return rows
+
+
+def _take(r: Row, token: int, nll: float, steer: SteerConfig, eos: int | None, max_new_tokens: int) -> list[int]:
+    """Append the sampled token to row r (done at eos or the length limit); when the unsteered NLL over the
+    window calls for it, rewind and return the cache columns to unsee."""
+    k, window = steer.backtrack_tokens, steer.backtrack
+    r.tokens.append(token)
+    r.nll.append(nll)
+    r.replay_left = max(0, r.replay_left - 1)
+    if token == eos or len(r.tokens) >= max_new_tokens:
+        r.done = True
+        return []
+    recent = r.nll[-window:] if window else []
+    if not (
+        window
+        and len(recent) == window
+        and sum(recent) / window > steer.backtrack_nll
+        and len(r.backtracks) < steer.backtrack_max
+        and len(r.tokens) > k
+        and r.replay_left == 0
+    ):
+        return []
+    # Rewind: drop the last k tokens (the newest is not in the cache yet), unsee the columns of the k
+    # before it (the kept last token among them), and feed that token again.
+    r.backtracks.append({"at": len(r.tokens), "k": k})
+    del r.tokens[-k:], r.nll[-k:]
+    unseen = r.columns[-k:]
+    del r.columns[-k:]
+    r.replay_left = k
+    return unseen
 
 
 def share(rows: list[Row], steer: SteerConfig) -> torch.Tensor:

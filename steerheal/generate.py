@@ -47,14 +47,7 @@ def complete(
     out: list[str] = [""] * len(texts)
     if seed is not None:
         torch.manual_seed(seed)
-    sample = temperature > 0
-    kwargs: dict = dict(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=sample, pad_token_id=tok.pad_token_id
-    )
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs = _hf_kwargs(tok.pad_token_id, max_new_tokens, min_new_tokens, temperature, top_p)
     steering = vector.apply(lm.model, coeff, steer) if vector is not None else contextlib.nullcontext()
     backtracking = steer is not None and steer.backtrack > 0 and vector is not None and coeff != 0
     with steering as state, progress(desc, total=len(texts)) as bar:
@@ -62,14 +55,9 @@ def complete(
             idx = order[s : s + batch_size]
             if backtracking:  # our own decode loop: rows rewind on their own
                 assert state is not None and steer is not None
+                prompts = [tok(texts[i], add_special_tokens=False)["input_ids"] for i in idx]
                 rows = backtrack.decode(
-                    lm,
-                    [tok(texts[i], add_special_tokens=False)["input_ids"] for i in idx],
-                    state,
-                    steer,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
+                    lm, prompts, state, steer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
                 )
                 new: Any = [r.tokens for r in rows]
                 infos: list[dict[str, Any]] = [{"backtracks": r.backtracks} for r in rows]
@@ -87,6 +75,14 @@ def complete(
                     row_info[i] = info
             bar(len(idx))
     return out
+
+
+def _hf_kwargs(pad: int, max_new_tokens: int, min_new_tokens: int, temperature: float, top_p: float) -> dict:
+    """transformers' generate() arguments: sampling at temperature and top_p (no top-k), or greedy at 0."""
+    kw: dict = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, pad_token_id=pad)
+    if temperature > 0:
+        return kw | dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    return kw | dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
 def generate_records(

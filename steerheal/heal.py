@@ -536,22 +536,19 @@ def heal(
     teacher_records: Sequence[Record] | None = None,
     reference_model: nn.Module | None = None,
 ) -> dict:
-    """Train a LoRA on `records` over lm.model, write it to out_dir, return the heal.json summary. lm.model
-    is left as it was (plus `history`); `models.add_adapters(lm, [out_dir])` applies the new adapter.
-
-    `history`: adapters not yet merged into lm.model; they are merged after the reference is
-    taken, which is how --ref base works with a history (one copy of the weights).
-    `teacher_records`: the same completions in the teacher's context (e.g. with the persona as
-    system prompt); the student then fits the current model's distribution in that context
-    instead of the sampled tokens. `reference_model`: a separate frozen reference (the base).
-    """
+    """Train a LoRA on `records` over lm.model, write it to out_dir, return heal.json's summary; lm.model is
+    left as it was (`models.add_adapters` applies the adapter). `history`: adapters merged after the reference
+    is taken (--ref base with one copy of the weights). `teacher_records`: the rows in the teacher's context,
+    whose distribution the student fits instead of the sampled tokens. `reference_model`: a separate one."""
     cfg.check()
     t0 = time.perf_counter()
     records = list(records)
     _check_inputs(lm, records, cfg, reference_model)
-    rows = encode_rows(lm.tokenizer, records, cfg.max_len)
-    pad_id = pad_token_id(lm.tokenizer)
-    ids = [r.id for r in records]
+    rows, pad_id, ids = (
+        encode_rows(lm.tokenizer, records, cfg.max_len),
+        pad_token_id(lm.tokenizer),
+        [r.id for r in records],
+    )
     train_idx, val_idx = split(ids, cfg.val_frac, cfg.seed)
     torch.manual_seed(cfg.seed)
     cached = prepare_reference(lm, rows, cfg, history, reference_model)

@@ -59,13 +59,32 @@ def _str_list(data: dict, key: str, where: str, minimum: int = 0) -> list[str]:
     return list(val)
 
 
+REQUIRED_KEYS = ("name", "description", "target", "direction", "pairs", "prompts")
+KEYS = (*REQUIRED_KEYS, "extract_prompts", "generate_prompts", "narration", "demo")
+
+
+def _pairs(raw: Any, where: str) -> list[Pair]:
+    if not isinstance(raw, list) or not raw:
+        raise SteerhealError(f"{where}: key 'pairs' must be a non-empty list of {{pos, neg}} system prompts")
+    pairs = []
+    for i, p in enumerate(raw):
+        if not isinstance(p, dict) or set(p) != {"pos", "neg"}:
+            raise SteerhealError(f"{where}: pairs[{i}] must have exactly the keys pos and neg")
+        if not all(isinstance(p[k], str) and p[k].strip() for k in ("pos", "neg")):
+            raise SteerhealError(f"{where}: pairs[{i}].pos and .neg must be non-empty strings")
+        if p["pos"].strip() == p["neg"].strip():
+            raise SteerhealError(f"{where}: pairs[{i}] pos and neg are identical; they must be opposites")
+        pairs.append(Pair(p["pos"].strip(), p["neg"].strip()))
+    return pairs
+
+
 def parse_persona(data: Any, where: str, sha256: str = "") -> Persona:
     """Validate a parsed YAML document; `where` names the file in errors."""
     if not isinstance(data, dict):
         raise SteerhealError(
             f"{where}: the persona must be a YAML mapping with keys name, description, target, direction, pairs, prompts"
         )
-    for key in ("name", "description", "target", "direction", "pairs", "prompts"):
+    for key in REQUIRED_KEYS:
         if key not in data:
             raise SteerhealError(f"{where}: missing key '{key}' (see the persona schema in README.md)")
     for key in ("name", "description"):
@@ -76,36 +95,14 @@ def parse_persona(data: Any, where: str, sha256: str = "") -> Persona:
         raise SteerhealError(f"{where}: key 'target' is '{data['target']}'; expected one of {', '.join(FOUNDATIONS)}")
     if data["direction"] not in (1, -1) or isinstance(data["direction"], bool):
         raise SteerhealError(f"{where}: key 'direction' must be +1 or -1 (which way the persona moves '{target}')")
-    pairs_raw = data["pairs"]
-    if not isinstance(pairs_raw, list) or not pairs_raw:
-        raise SteerhealError(f"{where}: key 'pairs' must be a non-empty list of {{pos, neg}} system prompts")
-    pairs = []
-    for i, p in enumerate(pairs_raw):
-        if not isinstance(p, dict) or set(p) != {"pos", "neg"}:
-            raise SteerhealError(f"{where}: pairs[{i}] must have exactly the keys pos and neg")
-        if not all(isinstance(p[k], str) and p[k].strip() for k in ("pos", "neg")):
-            raise SteerhealError(f"{where}: pairs[{i}].pos and .neg must be non-empty strings")
-        if p["pos"].strip() == p["neg"].strip():
-            raise SteerhealError(f"{where}: pairs[{i}] pos and neg are identical; they must be opposites")
-        pairs.append(Pair(p["pos"].strip(), p["neg"].strip()))
+    pairs = _pairs(data["pairs"], where)
     narration = _str_list(data, "narration", where)
     for i, pat in enumerate(narration):
         try:
             re.compile(pat)
         except re.error as e:
             raise SteerhealError(f"{where}: narration[{i}] is not a valid regex ({e})") from None
-    unknown = set(data) - {
-        "name",
-        "description",
-        "target",
-        "direction",
-        "pairs",
-        "prompts",
-        "extract_prompts",
-        "generate_prompts",
-        "narration",
-        "demo",
-    }
+    unknown = set(data) - set(KEYS)
     if unknown:
         raise SteerhealError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     return Persona(
