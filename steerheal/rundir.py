@@ -96,21 +96,22 @@ def _meta() -> dict:
     import torch
     import transformers
 
+    git = lambda *a: subprocess.run(  # noqa: E731
+        ["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+    ).stdout.strip()
     try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-            ).stdout.strip()
-            or None
-        )
+        commit = git("rev-parse", "HEAD") or None
+        # a commit reproduces the code only when nothing of the package differs from it
+        dirty = bool(git("status", "--porcelain", "--", ".")) if commit else None
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        commit = dirty = None
     return {
         "steerheal": __version__,
         "torch": str(torch.__version__),
         "transformers": str(transformers.__version__),
         "peft": str(peft.__version__),
         "git_commit": commit,
+        "git_dirty": dirty,
     }
 
 

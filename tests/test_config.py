@@ -92,7 +92,11 @@ def test_a_run_directorys_config_yaml_reruns_that_runs_settings(tmp_path):
     write_config(tmp_path, cfg.to_dict(), load_persona(persona_path), persona_path)
     again = resolve_config(str(tmp_path / "config.yaml"), {})
     assert again == cfg and again.dose.method == "keep" and again.generate.n == 48
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["config"]["seed"] == 3
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert written["config"]["seed"] == 3
+    # the code version: the commit, and whether the package's files differ from it (in a git checkout)
+    assert set(written["versions"]) >= {"steerheal", "git_commit", "git_dirty"}
+    assert written["versions"]["git_dirty"] in (True, False, None)
 
 
 def test_a_committed_run_config_from_an_older_version_reproduces_that_runs_settings(tmp_path):
