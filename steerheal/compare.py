@@ -148,10 +148,17 @@ def gather(root: Path, cfg: RunConfig, arms: list[str], reference: str) -> tuple
     if reference in arms and reference not in numbers:
         log(f"compare: {reference} has no finished round yet, so no arm is set against it")
     summary = summarize(root, numbers, cfg, reference)
-    # The same trained models read under each protocol of eval.also (the null is the run's own protocol's).
+    # The same trained models read under each protocol of eval.also (the null is the run's own protocol's);
+    # runs made without it (an older config) have no such files, and the protocol is left out.
+    dirs_all = [d for dirs in started.values() for d in dirs]
+    scored = [
+        p for p in cfg.eval.also if all(protocol_path(d / BASELINES / "base.json", p).is_file() for d in dirs_all)
+    ]
+    for p in sorted(set(cfg.eval.also) - set(scored)):
+        log(f"compare: not every run was scored under {p} (eval.also); its decisions are left out")
     summary["protocols"] = {
         p: summarize(root, {arm: collect(dirs, p) for arm, dirs in started.items() if dirs}, cfg, reference, null=False)
-        for p in cfg.eval.also
+        for p in scored
     }
     summary["seed_cost_s"] = {arm: seed_cost(dirs) for arm, dirs in started.items() if dirs}
     return summary, numbers
@@ -186,14 +193,11 @@ def write_plan(
                 e = plan_entry(x, cfg.decide, len(family))
                 if e is None:
                     continue
-                need = (
-                    max(e["seeds_to_detect"], e["seeds_for_equivalence"])
-                    if x.get("decision") == "undecided"
-                    else e["seeds"]
-                )
+                now = x.get("decision_holm", x.get("decision"))  # selectivity is read after Holm
+                need = max(e["seeds_to_detect"], e["seeds_for_equivalence"]) if now == "undecided" else e["seeds"]
                 more = max(0, need - e["seeds"])
                 rows.append(
-                    {"protocol": protocol, "arm": arm, "measure": name, "decision": x.get("decision")}
+                    {"protocol": protocol, "arm": arm, "measure": name, "decision": now}
                     | e
                     | {"more_seeds": more, "more_hours": more * per_seed / 3600 if per_seed else None}
                 )
