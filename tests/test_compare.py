@@ -377,6 +377,11 @@ def test_paired_seeds_and_both_protocols_from_one_set_of_models(tiny_model_dir, 
     md = (out / "compare.md").read_text()
     assert "## Verdict under the zero-shot protocol" in md and "3 paired seeds, within-seed r" in md
     assert d["decision_holm"] in ("better", "worse", "equivalent", "undecided") and "decision: " in md
+    # a comparison not scored under a protocol of eval.also (an older run) is read under its own alone
+    from steerheal.compare import gather
+
+    (out / "steer" / "seed_0" / "baselines" / "base.zero-shot.json").unlink()
+    assert gather(out, cfg, ["steer", "prompt"], "steer")[0]["protocols"] == {}
     # --report-only also pools each arm's finished seeds into its own report (a run stopped early has none)
     (out / "prompt" / "report.md").unlink()
     run_compare(persona_file, out, cfg, ["steer", "prompt"], null_k=0, report_only=True)
