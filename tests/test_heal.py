@@ -164,9 +164,9 @@ def test_heal_lowers_nll_and_round_trips(tiny_model_dir, tmp_path, reg, agg, cac
         p.name for p in out.iterdir()
     }
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == s["steps"] and {"loss", "nll", "D", "barrier_active", "lr"} <= set(log[0])
+    assert len(log) == s["steps"] and {"loss", "fit", "D", "barrier_active", "lr"} <= set(log[0])
     assert json.loads((out / "heal.json").read_text())["data_sha256"] == s["data_sha256"]
-    # merge=False leaves lm.model as it was: a plain model with the same weights
+    # heal leaves lm.model as it was: a plain model with the same weights
     assert type(lm.model).__name__ == "LlamaForCausalLM"
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
     # round trip: the saved adapter reproduces the trained model's NLL
