@@ -243,9 +243,10 @@ def difference(
     out["verdict"] = verdict(interval, out.get("seed_ci"))
     if delta is not None:
         out["delta"] = delta
-        out["difference_ci90"] = ci(ba - bb, 1 - 2 * (1 - LEVEL) / 2)
+        tost_level = 1 - 2 * (1 - LEVEL)  # two one-sided tests at 5% read the 90% interval
+        out["difference_ci90"] = ci(ba - bb, tost_level)
         if "seed_ci" in out:
-            out["seed_ci90"] = t_test(*seeds, level=1 - 2 * (1 - LEVEL) / 2)[0]
+            out["seed_ci90"] = t_test(*seeds, level=tost_level)[0]
             out["tost_p"] = tost_p(*seeds, delta)
         out["decision"] = decision(out)
     return out
@@ -383,10 +384,6 @@ def t_quantile(p: float, df: float) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if t_p_value(mid, df) / 2 > 1 - p else (lo, mid)
     return hi
-
-
-def _t975(df: float) -> float:
-    return t_quantile(0.975, df)
 
 
 def holm(ps: Sequence[float]) -> list[float]:

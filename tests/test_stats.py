@@ -11,7 +11,6 @@ from steerheal import SteerhealError
 from steerheal.config import FOUNDATIONS
 from steerheal.stats import (
     EvalRows,
-    _t975,
     bootstrap_mean_ci,
     compare,
     difference,
@@ -150,7 +149,13 @@ def test_tost_and_the_four_decisions():
     near = [_moved(base, x, 0.2) for x in (0.31, 0.30, 0.32, 0.30, 0.29, 0.30)]
     far = [_moved(base, x + 0.3, 0.2) for x in (0.30, 0.32, 0.31, 0.29, 0.30, 0.31)]
     kw = dict(target="authority", direction=-1, measure="target_shift", paired=True, delta=0.1, n_boot=400)
-    assert difference(base, same, near, **kw)["decision"] == "equivalent"
+    eq = difference(base, same, near, **kw)
+    assert eq["decision"] == "equivalent"
+    # TOST reads the 90% intervals (they were 95% ones by a slip): narrower than the 95%, and the seeds' one is
+    # the 90% t-interval of the per-seed differences
+    diffs = [x - y for x, y in zip(*eq["per_seed"])]
+    assert eq["seed_ci90"] == pytest.approx(t_test(diffs, level=0.9)[0])
+    assert eq["difference_ci90"][1] - eq["difference_ci90"][0] < eq["difference_ci"][1] - eq["difference_ci"][0]
     assert difference(base, far, same, **kw)["decision"] == "better"
     assert difference(base, same, far, **kw)["decision"] == "worse"
     wide = [_moved(base, x, 0.2) for x in (0.0, 0.6, 0.1, 0.5, 0.3, 0.3)]
@@ -261,7 +266,7 @@ def test_t_p_value_matches_the_quantile_table_and_known_values():
     # Published two-sided 5% quantiles of t(k) (odd and even closed forms), and the quantile the intervals use.
     table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 10: 2.228, 30: 2.042, 60: 2.000, 120: 1.980}
     assert [t_p_value(q, k) for k, q in table.items()] == pytest.approx([0.05] * len(table), abs=2e-4)
-    assert [_t975(k) for k in table] == pytest.approx(list(table.values()), abs=1e-3)
+    assert [t_quantile(0.975, k) for k in table] == pytest.approx(list(table.values()), abs=1e-3)
     assert t_p_value(0.0, 3) == pytest.approx(1.0) and t_p_value(-3.182, 3) == pytest.approx(0.05, abs=2e-4)
     assert t_p_value(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| > 1) = 1/2
     assert t_p_value(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6))  # t(2): P(|T| <= t) = t / sqrt(2 + t^2)
