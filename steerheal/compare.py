@@ -1,8 +1,8 @@
 """Several arms, one report: does steer-heal beat prompt distillation, a random direction and
 plain fine-tuning?
 
-Each arm is a full loop (every seed) in out/<arm>/, built by loop.run_seeds, so a finished arm
-or seed is never rerun. The random null: K random directions, norm-matched to the steer arm's
+Each arm is a full loop per seed in out/<arm>/seed_S/, run seed by seed with every arm within a seed
+(loop.run_seed), so a finished arm or seed is never rerun and a run stopped early leaves the arms paired. The random null: K random directions, norm-matched to the steer arm's
 round-0 vector at its round-0 dose, each scored raw on the eval (null.json); every arm's
 round-0 raw shift is placed among them, and each healed arm among the random arm's healed seeds, by
 a rank p-value (a shift is persona-specific at p <= 0.05 the persona's way, which needs K >= 19).
@@ -141,7 +141,7 @@ def check_arms(arms: list[str], variants: dict[str, dict[str, Any]], reference: 
 def gather(root: Path, cfg: RunConfig, arms: list[str], reference: str) -> tuple[dict[str, Any], dict[str, dict]]:
     """What the arms have so far (seeds pooled as far as each got): the summary under the run's own protocol,
     with one more per protocol of eval.also, and the collected numbers."""
-    started = {arm: [d for d in arm_dirs(root, arm, cfg) if Run(d).done("round_00/done")] for arm in arms}
+    started = {arm: [d for d in arm_dirs(root, arm, cfg) if Run(d).done(f"{round_key(0)}/done")] for arm in arms}
     if not any(started.values()):
         raise SteerhealError(f"{root}: no arm has finished a round yet; nothing to report")
     numbers = {arm: collect(dirs) for arm, dirs in started.items() if dirs}
@@ -233,13 +233,13 @@ def write_plan(
 def random_null(root: Path, cfg: RunConfig, k: int) -> dict[str, Any]:
     """K norm-matched random directions at the steer arm's round-0 dose, each evaluated raw against base."""
     first = arm_dirs(root, "steer", cfg)[0]
-    v0 = SteeringVector.load(first / "round_00" / "vector.safetensors")
-    coeff = float(Run(first).json("round_00/dose.json")["coeff"])
+    v0 = SteeringVector.load(first / round_key(0) / "vector.safetensors")
+    coeff = float(Run(first).json(f"{round_key(0)}/dose.json")["coeff"])
     dtype = run_dtype(first, cfg.device)  # the base it is read against ran in this dtype
     lm = load_model(cfg.model, [], device=cfg.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     vigs = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
     base = EvalRows.from_report(Run(first).json(f"{BASELINES}/base.json"))
-    persona = Run(first).json("round_00/round.json")
+    persona = Run(first).json(f"{round_key(0)}/round.json")
     draws = []
     for i in range(k):
         rep = score_vignettes(lm, vigs, cfg.eval, vector=v0.random_like(10_000 + i), coeff=coeff)

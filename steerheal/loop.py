@@ -404,7 +404,7 @@ class Loop:
         """round.json (the round's numbers, from its artifacts) and the manifest's done mark."""
         run, key, d, t = self.run, round_key(r), self.rdir(r), self.persona.target
         vec = SteeringVector.load(d / "vector.safetensors")
-        v0 = SteeringVector.load(run.root / "round_00" / "vector.safetensors")
+        v0 = SteeringVector.load(run.root / round_key(0) / "vector.safetensors")
         heal_info = run.json(f"{key}/adapter/heal.json") if healed else None
         times = {p: run.seconds(f"{key}/{p}") for p in ROUND_STEPS}
         per_step = {p: run.tokens(f"{key}/{p}") for p in METHOD_STEPS}
