@@ -86,30 +86,41 @@ def bake(
 
 
 def steered_by_bias(lm: LoadedModel, vec: SteeringVector, coeff: float) -> nn.Module:
-    """lm.model rebuilt with MLP biases on: zero everywhere but down_proj.bias = coeff · v_L in each steered
-    block L, the same function as the hook at a constant coeff. Refused for an MLP without a bias switch."""
+    """lm.model rebuilt with MLP biases on (mlp_biases): the same function as the hook at a constant coeff."""
     vec.check_compatible(lm)
-    model, cfg = lm.model, lm.model.config
+    model: Any = lm.model
+    biases = mlp_biases(model, vec, coeff)
+    new_cfg = copy.deepcopy(model.config)
+    new_cfg.mlp_bias = True
+    dtype = next(model.parameters()).dtype
+    steered = type(model)(new_cfg).to(dtype=dtype, device=next(model.parameters()).device)
+    missing, unexpected = steered.load_state_dict(model.state_dict() | biases, strict=False)
+    if unexpected or missing:
+        raise SteerhealError(
+            f"{new_cfg.model_type}: switching mlp_bias on changed more than the MLP biases; use the hook"
+        )
+    steered.tie_weights()
+    return steered.eval()
+
+
+def mlp_biases(model: nn.Module, vec: SteeringVector | None, coeff: float) -> dict[str, torch.Tensor]:
+    """The MLP biases of a steerable checkpoint, by parameter name: zero everywhere but down_proj.bias =
+    coeff · v_L in each steered block L. Refused for an MLP without a bias switch (config.mlp_bias)."""
+    cfg: Any = model.config
+    names = {id(m): n for n, m in model.named_modules()}
     blocks = decoder_layers(model)
     if not hasattr(cfg, "mlp_bias") or not all(hasattr(getattr(b, "mlp", None), "down_proj") for b in blocks):
         raise SteerhealError(
             f"{cfg.model_type}: its MLP has no bias switch (config.mlp_bias), so steering cannot be baked into the "
-            "checkpoint; steer with the hook instead (steerheal generate --vector V --coeff C, or the loop)"
+            "checkpoint; steer with the hook instead (steerheal generate --vector V --coeff C, or the loop with "
+            "--backend hf)"
         )
-    new_cfg = copy.deepcopy(cfg)
-    new_cfg.mlp_bias = True
-    dtype = next(model.parameters()).dtype
-    steered = type(model)(new_cfg).to(dtype=dtype, device=next(model.parameters()).device)
-    missing, unexpected = steered.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not k.endswith(".bias") or ".mlp." not in k for k in missing):
-        raise SteerhealError(f"{cfg.model_type}: switching mlp_bias on changed more than the MLP biases; use the hook")
-    with torch.no_grad():
-        for i, block in enumerate(decoder_layers(steered)):
-            mlp: Any = block.get_submodule("mlp")
-            for proj in mlp.modules():
-                if isinstance(proj, nn.Linear) and proj.bias is not None:
-                    proj.bias.zero_()
-            if i in vec.directions:
-                mlp.down_proj.bias.copy_(coeff * vec.directions[i].to(dtype))
-    steered.tie_weights()
-    return steered.eval()
+    out: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(blocks):
+        mlp: Any = block.get_submodule("mlp")
+        for proj in mlp.modules():
+            if isinstance(proj, nn.Linear):
+                out[f"{names[id(proj)]}.bias"] = torch.zeros(proj.out_features)
+        if vec is not None and i in vec.directions:
+            out[f"{names[id(mlp.down_proj)]}.bias"] = coeff * vec.directions[i].float().cpu()
+    return out

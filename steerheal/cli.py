@@ -60,6 +60,8 @@ DtypeOpt = Annotated[
 ]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model repo's own code to run.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
+BACKEND_HELP = "Where completions are sampled: hf (transformers) or vllm (needs scripts/setup_vllm.sh)."
+BackendOpt = Annotated[str, typer.Option(help=BACKEND_HELP)]
 OutOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: stdout).")]
 
 
@@ -205,6 +207,7 @@ def generate(
     backtrack_tokens: Annotated[int, typer.Option(help="Tokens rewound and replayed.")] = _S.backtrack_tokens,
     backtrack_scale: Annotated[float, typer.Option(help="C's share while replaying.")] = _S.backtrack_scale,
     backtrack_max: Annotated[int, typer.Option(help="Rewinds per completion at most.")] = _S.backtrack_max,
+    backend: BackendOpt = _G.backend,
     output: OutOpt = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -214,7 +217,7 @@ def generate(
     quiet: QuietOpt = False,
 ) -> None:
     """Generate completions with C·v added to the residual stream; JSONL records to stdout or -o."""
-    from .generate import generate_records
+    from .generate import generate_records, use_backend
     from .persona import load_persona
     from .records import write_records
     from .vector import SteeringVector
@@ -231,7 +234,16 @@ def generate(
         backtrack_scale=backtrack_scale,
         backtrack_max=backtrack_max,
     )
-    steer.check()
+    cfg = GenerateConfig(
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        steer=steer,
+        backend=backend,
+    )
+    cfg.check()
     p = load_persona(persona)
     vec = SteeringVector.load(vector_path) if vector_path else None
     if vec is None and coeff != 0:
@@ -239,9 +251,7 @@ def generate(
     lm = _load(model, adapter, device, dtype, trust_remote_code)
     if vec is not None:
         vec.check_compatible(lm)
-    cfg = GenerateConfig(
-        n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, steer=steer
-    )
+    use_backend(lm, backend, seed)
     recs = generate_records(lm, p.name, p.generation, cfg, vector=vec, coeff=coeff, system=system, seed=seed)
     write_records(recs, output)
 
@@ -462,7 +472,7 @@ def _run_config(config: str | None, set_: list[str] | None, **flags: Any) -> Any
     from .config import deep_merge, parse_set
 
     coeff, vignettes = flags.pop("coeff", None), flags.pop("vignettes", None)
-    online = flags.pop("online", False)
+    online, backend = flags.pop("online", False), flags.pop("backend", None)
     over: dict = {k: v for k, v in flags.items() if v is not None and v != "auto" and v is not False}
     if online:
         over["online"] = {"enabled": True}
@@ -470,6 +480,8 @@ def _run_config(config: str | None, set_: list[str] | None, **flags: Any) -> Any
         over["dose"] = {"method": "fixed", "coeff": coeff}
     if vignettes is not None:
         over["eval"] = {"vignettes": vignettes}
+    if backend is not None:
+        over["generate"] = {"backend": backend}
     return resolve_config(config, deep_merge(over, parse_set(set_ or [])))
 
 
@@ -520,6 +532,7 @@ def loop(
             "(online.steps, online.batch, online.ref_every via --set)."
         ),
     ] = False,
+    backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP + " Default: generate.backend.")] = None,
     config: ConfigOpt = None,
     rounds: RoundsOpt = None,
     seed: SeedOpt = None,
@@ -543,6 +556,7 @@ def loop(
         set_,
         arm=arm,
         online=online,
+        backend=backend,
         rounds=rounds,
         seed=seed,
         seeds=seeds,

@@ -69,6 +69,7 @@ ARMS = tuple(ARM_TABLE)
 STEERED_MEASURES = ("all", "first")
 SCHEDULES = ("constant", "linear", "exp")
 GATE_MODES = ("hard", "soft")
+BACKENDS = ("hf", "vllm")
 
 # Every random stream of a round comes from the run's seed, never from the arm: two arms with one seed
 # draw the same samples, LoRA initialisation and data order wherever the arm does not change them by
@@ -154,6 +155,20 @@ class GenerateConfig:
     top_p: float = 0.95
     batch_size: int = 32
     steer: SteerConfig = field(default_factory=SteerConfig)
+    # hf: transformers in this process; vllm: a vLLM engine through a steerable checkpoint (vllm_backend.py),
+    # from the venv scripts/setup_vllm.sh makes. Every sampling step uses it (completions, prompt arms, dose
+    # probes, coherence, demos); scoring stays on hf.
+    backend: str = "hf"
+
+    def check(self) -> None:
+        self.steer.check()
+        _choice("generate.backend", self.backend, BACKENDS)
+        s = self.steer
+        if self.backend == "vllm" and (s.method != "constant" or s.gate is not None or s.backtrack > 0):
+            raise SteerhealError(
+                "generate.backend vllm steers at a constant C only (a bias in the checkpoint); the decay schedules, "
+                "the cosine gate and backtracking need per-token state: use --backend hf"
+            )
 
 
 @dataclass
@@ -340,9 +355,11 @@ class RunConfig:
         _choice("dose.method", self.dose.method, DOSES)
         if self.dose.method == "fixed" and self.dose.coeff is None:
             raise SteerhealError("dose.method fixed needs dose.coeff (--coeff C)")
-        self.generate.steer.check()
+        self.generate.check()
         self.heal.check()
         self.online.check()
+        if self.online.enabled and self.generate.backend != "hf":
+            raise SteerhealError("online mode samples from the model while it trains: use --backend hf")
         if self.online.enabled and self.heal.ref == "base":
             raise SteerhealError(
                 "online mode's reference is the trailing student (online.ref_every): drop heal.ref base"
@@ -476,6 +493,7 @@ def with_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
 # changed since. A key missing from a run's config.yaml and not covered here is refused, never guessed.
 BEFORE_THE_KEY: dict[str, Any] = {
     "heal.ref_top_k": 0,  # the reference was the whole vocabulary before the top-k cache
+    "generate.backend": "hf",  # every run sampled on transformers before the vLLM backend
 }
 DEFAULT_WAS_THE_BEHAVIOUR = ("steered_measures", "generate.steer", "heal.checkpoint", "online", "eval.also", "decide")
 

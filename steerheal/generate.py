@@ -38,6 +38,7 @@ def complete(
     """Complete each chat (left padding, KV cache), optionally with coeff · v added; texts in input order.
 
     temperature 0 means greedy. Prompts are batched in order of length to waste little on padding.
+    With an engine on lm (generate.backend vllm), it samples instead, at a constant C.
     `steer`: C's schedule along the completion, its cosine gate and backtracking (backtrack.py);
     `row_info` (one dict per chat) receives each row's gate-open share and rewinds.
     """
@@ -45,6 +46,21 @@ def complete(
     texts = [render_prompt(tok, m) for m in chats]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[str] = [""] * len(texts)
+    if lm.engine is not None:  # generate.backend vllm: the same token ids in, token ids out
+        with progress(desc, total=len(texts)) as bar:
+            rows = lm.engine.complete(
+                lm,
+                [tok(t, add_special_tokens=False)["input_ids"] for t in texts],
+                vector=vector,
+                coeff=coeff,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+            )
+            bar(len(texts))
+        return [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = _hf_kwargs(tok.pad_token_id, max_new_tokens, min_new_tokens, temperature, top_p)
@@ -75,6 +91,17 @@ def complete(
                     row_info[i] = info
             bar(len(idx))
     return out
+
+
+def use_backend(lm: LoadedModel, backend: str, seed: int = 0) -> None:
+    """Sample lm's completions on `backend` (GenerateConfig.backend) from now on: vllm attaches the process's
+    engine for lm's model, which follows lm's adapters and C·v by itself."""
+    if backend == "vllm":
+        from .vllm_backend import engine_for
+
+        lm.engine = engine_for(lm, seed)
+    else:
+        lm.engine = None
 
 
 def _hf_kwargs(pad: int, max_new_tokens: int, min_new_tokens: int, temperature: float, top_p: float) -> dict:

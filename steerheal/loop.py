@@ -33,7 +33,7 @@ from .dose import choose_dose
 from .evaluate import score_vignettes
 from .filter import filter_records
 from .filter import summary as filter_summary
-from .generate import generate_records
+from .generate import generate_records, use_backend
 from .heal import heal
 from .models import (
     BaseView,
@@ -490,6 +490,7 @@ def open_loop(
     keep_base(lm.model)  # adapters stay residuals over the base weights, so the base can judge (Loop.judge)
     lm.model = merge_adapters(lm.model, finished_adapters(run, cfg.rounds))
     lm.adapters = finished_adapters(run, cfg.rounds)
+    use_backend(lm, cfg.generate.backend, cfg.seed)
     return Loop(run, persona, cfg, lm, vignettes, baselines_from, TokenMeter(lm.model))
 
 

@@ -36,6 +36,7 @@ class LoadedModel:
     tokenizer: Any  # a PreTrainedTokenizerBase with a chat template
     name: str
     adapters: list[str] = field(default_factory=list)
+    engine: Any = None  # a vllm_backend.VllmEngine that samples for this model (generate.backend vllm), or None
 
     @property
     def device(self) -> torch.device:
@@ -317,6 +318,19 @@ def add_adapters(lm: LoadedModel, adapters: Sequence[str | Path]) -> None:
     """Apply saved adapters to lm for good, in order, the way load_model applies them, and record them."""
     lm.model = merge_adapters(lm.model, [str(a) for a in adapters])
     lm.adapters = lm.adapters + [str(a) for a in adapters]
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights the model computes with: each residual adapter (add_low_rank) folded into its weight in
+    fp32, then cast to the weight's dtype (which, in bf16, rounds most of a small heal away)."""
+    sd = dict(model.state_dict())
+    for name, mod in model.named_modules():
+        residuals = getattr(mod, "steerheal_low_rank", None)
+        if residuals:
+            w: torch.Tensor = mod.weight
+            delta = sum(s * (b @ a) for a, b, s in residuals)
+            sd[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
+    return sd
 
 
 def add_low_rank(model: nn.Module, adapter_dir: str | Path) -> None:

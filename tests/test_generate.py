@@ -217,3 +217,39 @@ def test_a_forced_backtrack_replays_k_tokens_at_the_reduced_coefficient(tiny, ti
         row = [s[b] for s in shares]
         assert row.count(0.25) == 3 and set(row) == {1.0, 0.25}  # k tokens replayed at 0.25 · C
         assert all(s[n + b] == 0.0 for s in shares)  # the unsteered mirror never steers
+
+
+@pytest.mark.parametrize(
+    "sets, says",
+    [
+        (["generate.steer.method=linear"], "constant C only"),
+        (["generate.steer.gate=0.2"], "constant C only"),
+        (["generate.steer.backtrack=4"], "constant C only"),
+        (["online.enabled=true"], "online mode samples"),
+    ],
+)
+def test_the_vllm_backend_refuses_what_needs_per_token_state(sets, says):
+    from steerheal import SteerhealError
+    from steerheal.config import parse_set, resolve_config
+
+    with pytest.raises(SteerhealError, match=says):
+        resolve_config(None, parse_set(["generate.backend=vllm", *sets]))
+    resolve_config(None, parse_set(sets))  # the same settings on hf are fine
+    with pytest.raises(SteerhealError, match="use one of hf, vllm"):
+        resolve_config(None, parse_set(["generate.backend=sglang"]))
+
+
+def test_vllm_missing_is_one_line_that_names_the_setup(tiny_model_dir, persona_file):
+    """Where vLLM is not installed (the main venv), --backend vllm says how to get it, without a traceback."""
+    pytest.importorskip("typer")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    from typer.testing import CliRunner
+
+    from steerheal.cli import app
+
+    args = ["generate", str(persona_file), "--model", str(tiny_model_dir), "-n", "1", "--backend", "vllm"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "scripts/setup_vllm.sh" in r.output and "Traceback" not in r.output
