@@ -27,6 +27,8 @@ from .config import (
     GenerateConfig,
     HealConfig,
     SteerConfig,
+    VectorConfig,
+    help_of,
     resolve_config,
 )
 
@@ -60,9 +62,12 @@ DtypeOpt = Annotated[
 ]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model repo's own code to run.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs on stderr.")]
-BACKEND_HELP = "Where completions are sampled: hf (transformers) or vllm (needs scripts/setup_vllm.sh)."
-BackendOpt = Annotated[str, typer.Option(help=BACKEND_HELP)]
 OutOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: stdout).")]
+
+
+def _opt(section: type, name: str, *names: str, **kw: Any) -> Any:
+    """The option for a config field, its help line read from the field (config.opt): stated once."""
+    return typer.Option(*names, help=help_of(section, name), **kw)
 
 
 def command(fn: Callable) -> Callable:
@@ -130,19 +135,13 @@ def _load(model: str | None, adapter: list[Path] | None, device: str, dtype: str
 def vector(
     persona: Annotated[Path, typer.Argument(help="Persona YAML with contrastive pairs and prompts.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the vector (.safetensors).")],
-    layers: Annotated[
-        str, typer.Option(help="Layer band as depth fractions (0.45:0.55) or indices (12,13).")
-    ] = _V.layers,
-    normalize: Annotated[
-        bool, typer.Option("--normalize", help="Unit-normalise each layer's direction.")
-    ] = _V.normalize,
+    layers: Annotated[str, _opt(VectorConfig, "layers")] = _V.layers,
+    normalize: Annotated[bool, _opt(VectorConfig, "normalize", "--normalize")] = _V.normalize,
     fmt: Annotated[
         str, typer.Option("--format", help="safetensors, or gguf to also write a llama.cpp control vector.")
     ] = "safetensors",
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = _V.batch_size,
-    max_prompts: Annotated[
-        Optional[int], typer.Option(help="Use only the first N user prompts (quicker).")
-    ] = _V.max_prompts,
+    batch_size: Annotated[int, _opt(VectorConfig, "batch_size")] = _V.batch_size,
+    max_prompts: Annotated[Optional[int], _opt(VectorConfig, "max_prompts")] = _V.max_prompts,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     device: DeviceOpt = "auto",
@@ -178,36 +177,24 @@ def generate(
         Optional[Path], typer.Option("--vector", "-v", help="Steering vector (.safetensors).")
     ] = None,
     coeff: Annotated[float, typer.Option(help="Steering coefficient C: adds C·v; 0 = unsteered.")] = 0.0,
-    n: Annotated[int, typer.Option("-n", help="Number of completions (cycles over the prompts).")] = _G.n,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per completion.")] = _G.max_new_tokens,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = _G.temperature,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = _G.top_p,
+    n: Annotated[int, _opt(GenerateConfig, "n", "-n")] = _G.n,
+    max_new_tokens: Annotated[int, _opt(GenerateConfig, "max_new_tokens")] = _G.max_new_tokens,
+    temperature: Annotated[float, _opt(GenerateConfig, "temperature")] = _G.temperature,
+    top_p: Annotated[float, _opt(GenerateConfig, "top_p")] = _G.top_p,
     seed: Annotated[int, typer.Option(help="Random seed.")] = _SEED,
-    batch_size: Annotated[int, typer.Option(help="Completions per batch.")] = _G.batch_size,
+    batch_size: Annotated[int, _opt(GenerateConfig, "batch_size")] = _G.batch_size,
     system: Annotated[Optional[str], typer.Option(help="A system prompt (the prompting baseline).")] = None,
-    schedule: Annotated[
-        str, typer.Option(help="C along the completion: constant, linear (to the floor) or exp (halving).")
-    ] = _S.method,
-    decay_tokens: Annotated[
-        int, typer.Option(help="linear: the token where C reaches the floor; exp: the half-life in tokens.")
-    ] = _S.tokens,
-    floor: Annotated[float, typer.Option(help="The smallest share of C a decay goes down to.")] = _S.floor,
-    gate: Annotated[
-        Optional[float], typer.Option(help="Cosine gate: add C·v only where cos(h, v) is below this.")
-    ] = _S.gate,
-    gate_mode: Annotated[
-        str, typer.Option(help="hard (all or nothing) or soft (scale by gate − cos, clipped at 0).")
-    ] = _S.gate_mode,
-    backtrack: Annotated[
-        int, typer.Option(help="Backtrack-and-replay: the window (tokens) of unsteered NLL to watch; 0 = off.")
-    ] = _S.backtrack,
-    backtrack_nll: Annotated[
-        float, typer.Option(help="Rewind when the window's mean NLL under the unsteered model exceeds this.")
-    ] = _S.backtrack_nll,
-    backtrack_tokens: Annotated[int, typer.Option(help="Tokens rewound and replayed.")] = _S.backtrack_tokens,
-    backtrack_scale: Annotated[float, typer.Option(help="C's share while replaying.")] = _S.backtrack_scale,
-    backtrack_max: Annotated[int, typer.Option(help="Rewinds per completion at most.")] = _S.backtrack_max,
-    backend: BackendOpt = _G.backend,
+    schedule: Annotated[str, _opt(SteerConfig, "method")] = _S.method,
+    decay_tokens: Annotated[int, _opt(SteerConfig, "tokens")] = _S.tokens,
+    floor: Annotated[float, _opt(SteerConfig, "floor")] = _S.floor,
+    gate: Annotated[Optional[float], _opt(SteerConfig, "gate")] = _S.gate,
+    gate_mode: Annotated[str, _opt(SteerConfig, "gate_mode")] = _S.gate_mode,
+    backtrack: Annotated[int, _opt(SteerConfig, "backtrack")] = _S.backtrack,
+    backtrack_nll: Annotated[float, _opt(SteerConfig, "backtrack_nll")] = _S.backtrack_nll,
+    backtrack_tokens: Annotated[int, _opt(SteerConfig, "backtrack_tokens")] = _S.backtrack_tokens,
+    backtrack_scale: Annotated[float, _opt(SteerConfig, "backtrack_scale")] = _S.backtrack_scale,
+    backtrack_max: Annotated[int, _opt(SteerConfig, "backtrack_max")] = _S.backtrack_max,
+    backend: Annotated[str, _opt(GenerateConfig, "backend")] = _G.backend,
     output: OutOpt = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -262,16 +249,12 @@ def filter_(
     output: OutOpt = None,
     rejected: Annotated[Optional[Path], typer.Option(help="Also write the dropped records here.")] = None,
     persona: Annotated[Optional[Path], typer.Option(help="Persona YAML whose narration patterns to apply.")] = None,
-    max_ppl: Annotated[float, typer.Option(help="Drop if perplexity under the reference model >= this.")] = _F.max_ppl,
-    max_repetition: Annotated[
-        float, typer.Option(help="Drop if the top n-gram share >= this (loops).")
-    ] = _F.max_repetition,
-    min_words: Annotated[int, typer.Option(help="Drop completions shorter than this many words.")] = _F.min_words,
-    ppl_tail: Annotated[
-        bool, typer.Option("--ppl-tail/--ppl-all", help="Perplexity over the last quarter, or all, of the completion.")
-    ] = _F.ppl_tail,
-    max_len: Annotated[int, typer.Option(help="Truncate prompt + completion to this many tokens.")] = _F.max_len,
-    batch_size: Annotated[int, typer.Option(help="Records per forward pass.")] = _F.batch_size,
+    max_ppl: Annotated[float, _opt(FilterConfig, "max_ppl")] = _F.max_ppl,
+    max_repetition: Annotated[float, _opt(FilterConfig, "max_repetition")] = _F.max_repetition,
+    min_words: Annotated[int, _opt(FilterConfig, "min_words")] = _F.min_words,
+    ppl_tail: Annotated[bool, _opt(FilterConfig, "ppl_tail", "--ppl-tail/--ppl-all")] = _F.ppl_tail,
+    max_len: Annotated[int, _opt(FilterConfig, "max_len")] = _F.max_len,
+    batch_size: Annotated[int, _opt(FilterConfig, "batch_size")] = _F.batch_size,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     device: DeviceOpt = "auto",
@@ -327,42 +310,34 @@ def heal(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Adapter directory to write (peft + train_log.jsonl + heal.json).")
     ],
-    reg: Annotated[
-        str, typer.Option(help="Barrier divergence: kl_rev = KL(student‖ref), kl_fwd, or nll (no barrier).")
-    ] = _H.reg,
-    agg: Annotated[
-        str, typer.Option(help="Per-sequence aggregation of per-position KL: rmse, mean, p95, max.")
-    ] = _H.agg,
-    tau: Annotated[float, typer.Option(help="Barrier threshold: D below tau costs nothing.")] = _H.tau,
-    lam: Annotated[float, typer.Option(help="Barrier weight: loss = NLL + lam·relu(D − tau).")] = _H.lam,
-    ref: Annotated[str, typer.Option(help="Reference: prev (with the --adapter history) or base (without).")] = _H.ref,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = _H.rank,
-    alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = _H.alpha,
-    layers: Annotated[str, typer.Option(help="LoRA layer band as depth fractions (0.2:0.8) or indices.")] = _H.layers,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (cosine schedule with warm-up).")] = _H.lr,
-    epochs: Annotated[int, typer.Option(help="Passes over the training rows.")] = _H.epochs,
-    batch_size: Annotated[int, typer.Option(help="Rows per micro-batch.")] = _H.batch_size,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = _H.grad_accum,
-    max_len: Annotated[int, typer.Option(help="Truncate prompt + completion to this many tokens.")] = _H.max_len,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _H.weight_decay,
-    val_frac: Annotated[float, typer.Option(help="Fraction of rows held out for validation NLL and D.")] = _H.val_frac,
-    warmup: Annotated[float, typer.Option(help="Warm-up as a fraction of the steps.")] = _H.warmup,
-    max_grad_norm: Annotated[
-        float, typer.Option(help="Clip the gradient norm at this; 0 = no clipping.")
-    ] = _H.max_grad_norm,
-    min_rows: Annotated[int, typer.Option(help="Refuse to heal on fewer rows than this.")] = _H.min_rows,
-    checkpoint: Annotated[
-        bool, typer.Option(help="Gradient checkpointing: recompute activations in backward (less memory, more time).")
-    ] = _H.checkpoint,
+    reg: Annotated[str, _opt(HealConfig, "reg")] = _H.reg,
+    agg: Annotated[str, _opt(HealConfig, "agg")] = _H.agg,
+    tau: Annotated[float, _opt(HealConfig, "tau")] = _H.tau,
+    lam: Annotated[float, _opt(HealConfig, "lam")] = _H.lam,
+    ref: Annotated[str, _opt(HealConfig, "ref")] = _H.ref,
+    rank: Annotated[int, _opt(HealConfig, "rank")] = _H.rank,
+    alpha: Annotated[int, _opt(HealConfig, "alpha")] = _H.alpha,
+    layers: Annotated[str, _opt(HealConfig, "layers")] = _H.layers,
+    lr: Annotated[float, _opt(HealConfig, "lr")] = _H.lr,
+    epochs: Annotated[int, _opt(HealConfig, "epochs")] = _H.epochs,
+    batch_size: Annotated[int, _opt(HealConfig, "batch_size")] = _H.batch_size,
+    grad_accum: Annotated[int, _opt(HealConfig, "grad_accum")] = _H.grad_accum,
+    max_len: Annotated[int, _opt(HealConfig, "max_len")] = _H.max_len,
+    weight_decay: Annotated[float, _opt(HealConfig, "weight_decay")] = _H.weight_decay,
+    val_frac: Annotated[float, _opt(HealConfig, "val_frac")] = _H.val_frac,
+    warmup: Annotated[float, _opt(HealConfig, "warmup")] = _H.warmup,
+    max_grad_norm: Annotated[float, _opt(HealConfig, "max_grad_norm")] = _H.max_grad_norm,
+    min_rows: Annotated[int, _opt(HealConfig, "min_rows")] = _H.min_rows,
+    checkpoint: Annotated[bool, _opt(HealConfig, "checkpoint")] = _H.checkpoint,
     ref_cache_gb: Annotated[
         float,
-        typer.Option(help="Cache the reference log-probs once if they fit in this many GB; else recompute per step."),
+        _opt(HealConfig, "ref_cache_gb"),
     ] = _H.ref_cache_gb,
     ref_top_k: Annotated[
         int,
-        typer.Option(help="Keep each position's top k reference log-probs in the cache (0 = the whole vocabulary)."),
+        _opt(HealConfig, "ref_top_k"),
     ] = _H.ref_top_k,
-    seed: Annotated[int, typer.Option(help="Random seed (LoRA init, split, shuffling).")] = _H.seed,
+    seed: Annotated[int, _opt(HealConfig, "seed")] = _H.seed,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
     device: DeviceOpt = "auto",
@@ -532,7 +507,9 @@ def loop(
             "(online.steps, online.batch, online.ref_every via --set)."
         ),
     ] = False,
-    backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP + " Default: generate.backend.")] = None,
+    backend: Annotated[
+        Optional[str], typer.Option(help=help_of(GenerateConfig, "backend") + " Default: generate.backend.")
+    ] = None,
     config: ConfigOpt = None,
     rounds: RoundsOpt = None,
     seed: SeedOpt = None,
@@ -658,25 +635,14 @@ def eval_(
     system: Annotated[Optional[str], typer.Option(help="A system prompt (the prompting baseline).")] = None,
     vignettes: Annotated[
         Optional[str],
-        typer.Option(
-            "--vignettes",
-            help="A tinymfv-schema JSONL path, tinymfv:classic|scifi|ai-actor (downloaded), or omit for the demo set.",
-        ),
+        _opt(EvalConfig, "vignettes", "--vignettes"),
     ] = _E.vignettes,
-    condition: Annotated[
-        str, typer.Option(help="other_violate, self_violate or both (tinymfv sources only).")
-    ] = _E.condition,
-    think_tokens: Annotated[
-        int, typer.Option(help="Let the model write K tokens before it must answer; 0 = answer at once.")
-    ] = _E.think_tokens,
-    protocol: Annotated[
-        str, typer.Option(help="kshot (seven worked examples of our own first) or zero-shot (tinymfv's protocol).")
-    ] = _E.protocol,
-    limit: Annotated[
-        Optional[int], typer.Option(help="A balanced sample of N vignettes (round-robin over foundations).")
-    ] = _E.limit,
+    condition: Annotated[str, _opt(EvalConfig, "condition")] = _E.condition,
+    think_tokens: Annotated[int, _opt(EvalConfig, "think_tokens")] = _E.think_tokens,
+    protocol: Annotated[str, _opt(EvalConfig, "protocol")] = _E.protocol,
+    limit: Annotated[Optional[int], _opt(EvalConfig, "limit")] = _E.limit,
     seed: Annotated[int, typer.Option(help="Seed for the balanced --limit sample.")] = _SEED,
-    batch_size: Annotated[int, typer.Option(help="Vignettes per forward pass.")] = _E.batch_size,
+    batch_size: Annotated[int, _opt(EvalConfig, "batch_size")] = _E.batch_size,
     output: OutOpt = None,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,

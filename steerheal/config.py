@@ -90,14 +90,24 @@ def heal_seed(base: int, seed: int, r: int) -> int:
     return base + SEED_STRIDE * seed + r
 
 
+def opt(default: Any, help: str) -> Any:
+    """A field with the help line of its command-line option (cli._opt reads it): one place for both."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(section: type, name: str) -> str:
+    """The help line of a field made with opt."""
+    return next(f for f in dataclasses.fields(section) if f.name == name).metadata["help"]
+
+
 @dataclass
 class VectorConfig:
     """Contrastive extraction: a narrow middle band (a wide one collapsed the prototype's model)."""
 
-    layers: str = "0.45:0.55"
-    max_prompts: int | None = None  # only the first N user prompts (quicker)
-    normalize: bool = False
-    batch_size: int = 16
+    layers: str = opt("0.45:0.55", "Layer band as depth fractions (0.45:0.55) or indices (12,13).")
+    max_prompts: int | None = opt(None, "Use only the first N user prompts (quicker).")
+    normalize: bool = opt(False, "Unit-normalise each layer's direction.")
+    batch_size: int = opt(16, "Prompts per forward pass.")
 
 
 @dataclass
@@ -105,18 +115,20 @@ class SteerConfig:
     """How C·v is added along a completion while sampling. Only sampling follows it (the loop's
     completions, keep-rate dose probes); the iso-KL probes, raw-steered eval and measures steer at C."""
 
-    method: str = "constant"  # constant | linear | exp: C's share along the completion (see vector.py)
-    tokens: int = 32  # linear: the token where C reaches its floor; exp: the half-life in tokens
-    floor: float = 0.0  # the smallest share of C a decay goes down to
-    gate: float | None = None  # cosine gate: add C·v only where cos(h, v) < gate (None: no gate)
-    gate_mode: str = "hard"  # hard: all or nothing; soft: scale by (gate − cos), clipped at 0
+    method: str = opt("constant", "C along the completion: constant, linear (to the floor) or exp (halving).")
+    tokens: int = opt(32, "linear: the token where C reaches the floor; exp: the half-life in tokens.")
+    floor: float = opt(0.0, "The smallest share of C a decay goes down to.")
+    gate: float | None = opt(None, "Cosine gate: add C·v only where cos(h, v) is below this.")
+    gate_mode: str = opt("hard", "hard (all or nothing) or soft (scale by gate − cos, clipped at 0).")
     # Backtrack-and-replay (backtrack.py): watch the unsteered model's NLL of the sampled tokens over a
     # window; when its mean crosses backtrack_nll, rewind backtrack_tokens and resample them at a lower C.
-    backtrack: int = 0  # the window in tokens; 0 = never backtrack
-    backtrack_nll: float = 4.0  # nats per token: about the filter's max_ppl 50 (ln 50 = 3.9)
-    backtrack_tokens: int = 8  # k, the tokens rewound and replayed
-    backtrack_scale: float = 0.5  # C's share while replaying them
-    backtrack_max: int = 4  # rewinds per completion at most
+    backtrack: int = opt(0, "Backtrack-and-replay: the window (tokens) of unsteered NLL to watch; 0 = off.")
+    backtrack_nll: float = opt(
+        4.0, "Rewind when the window's mean NLL under the unsteered model exceeds this."
+    )  # nats per token: about the filter's max_ppl 50 (ln 50 = 3.9)
+    backtrack_tokens: int = opt(8, "Tokens rewound and replayed.")
+    backtrack_scale: float = opt(0.5, "C's share while replaying.")
+    backtrack_max: int = opt(4, "Rewinds per completion at most.")
 
     def check(self) -> None:
         _choice("generate.steer.method", self.method, SCHEDULES)
@@ -149,16 +161,15 @@ class SteerConfig:
 
 @dataclass
 class GenerateConfig:
-    n: int = 32
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 0.95
-    batch_size: int = 32
+    n: int = opt(32, "Number of completions (cycles over the prompts).")
+    max_new_tokens: int = opt(64, "Tokens per completion.")
+    temperature: float = opt(1.0, "Sampling temperature; 0 = greedy.")
+    top_p: float = opt(0.95, "Nucleus sampling mass.")
+    batch_size: int = opt(32, "Completions per batch.")
     steer: SteerConfig = field(default_factory=SteerConfig)
-    # hf: transformers in this process; vllm: a vLLM engine through a steerable checkpoint (vllm_backend.py),
-    # from the venv scripts/setup_vllm.sh makes. Every sampling step uses it (completions, prompt arms, dose
-    # probes, coherence, demos); scoring stays on hf.
-    backend: str = "hf"
+    # vllm: a vLLM engine through a steerable checkpoint (vllm_backend.py), from the venv scripts/setup_vllm.sh
+    # makes. Every sampling step uses it (completions, prompt arms, dose probes, coherence, demos); scoring stays on hf.
+    backend: str = opt("hf", "Where completions are sampled: hf (transformers) or vllm (needs scripts/setup_vllm.sh).")
 
     def check(self) -> None:
         self.steer.check()
@@ -191,44 +202,52 @@ class DoseConfig:
 
 @dataclass
 class FilterConfig:
-    max_ppl: float = 50.0
-    max_repetition: float = 0.3
-    min_words: int = 4
-    ppl_tail: bool = True  # perplexity over the last quarter of the completion, where steering drift shows
-    max_len: int = 512
-    batch_size: int = 16
+    max_ppl: float = opt(50.0, "Drop if perplexity under the reference model >= this.")
+    max_repetition: float = opt(0.3, "Drop if the top n-gram share >= this (loops).")
+    min_words: int = opt(4, "Drop completions shorter than this many words.")
+    ppl_tail: bool = opt(
+        True, "Perplexity over the last quarter, or all, of the completion."
+    )  # perplexity over the last quarter of the completion, where steering drift shows
+    max_len: int = opt(512, "Truncate prompt + completion to this many tokens.")
+    batch_size: int = opt(16, "Records per forward pass.")
 
 
 @dataclass
 class HealConfig:
     """What to train; defaults follow the prototype (LoRA r32/a64 on the middle 60%, tau 0.5, lam 0.3)."""
 
-    reg: str = "kl_rev"
-    agg: str = "rmse"
-    tau: float = 0.5
-    lam: float = 0.3
-    ref: str = "prev"
-    rank: int = 32
-    alpha: int = 64
-    layers: str = "0.2:0.8"
-    lr: float = 1e-4
-    epochs: int = 2
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_len: int = 256
-    weight_decay: float = 0.0
-    val_frac: float = 0.125
-    seed: int = 0
-    min_rows: int = 8
-    warmup: float = 0.1  # a fraction of the steps, at least one step when > 0
-    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+    reg: str = opt("kl_rev", "Barrier divergence: kl_rev = KL(student‖ref), kl_fwd, or nll (no barrier).")
+    agg: str = opt("rmse", "Per-sequence aggregation of per-position KL: rmse, mean, p95, max.")
+    tau: float = opt(0.5, "Barrier threshold: D below tau costs nothing.")
+    lam: float = opt(0.3, "Barrier weight: loss = NLL + lam·relu(D − tau).")
+    ref: str = opt("prev", "Reference: prev (with the --adapter history) or base (without).")
+    rank: int = opt(32, "LoRA rank.")
+    alpha: int = opt(64, "LoRA alpha.")
+    layers: str = opt("0.2:0.8", "LoRA layer band as depth fractions (0.2:0.8) or indices.")
+    lr: float = opt(1e-4, "AdamW learning rate (cosine schedule with warm-up).")
+    epochs: int = opt(2, "Passes over the training rows.")
+    batch_size: int = opt(4, "Rows per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    max_len: int = opt(256, "Truncate prompt + completion to this many tokens.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    val_frac: float = opt(0.125, "Fraction of rows held out for validation NLL and D.")
+    seed: int = opt(0, "Random seed (LoRA init, split, shuffling).")
+    min_rows: int = opt(8, "Refuse to heal on fewer rows than this.")
+    warmup: float = opt(
+        0.1, "Warm-up as a fraction of the steps."
+    )  # a fraction of the steps, at least one step when > 0
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm at this; 0 = no clipping.")
     # Gradient checkpointing: each block's activations are recomputed in backward instead of kept
     # (less memory for more time; measured in the README's Performance section).
-    checkpoint: bool = False
-    ref_cache_gb: float = 2.0
+    checkpoint: bool = opt(False, "Gradient checkpointing: recompute activations in backward (less memory, more time).")
+    ref_cache_gb: float = opt(
+        2.0, "Cache the reference log-probs once if they fit in this many GB; else recompute per step."
+    )
     # The cached reference keeps each position's top k log-probs (0 = the whole vocabulary): memory
     # independent of V. k = 1024 moves the demo's barrier D by 1.2% on average (bench_refcache.py).
-    ref_top_k: int = 1024
+    ref_top_k: int = opt(
+        1024, "Keep each position's top k reference log-probs in the cache (0 = the whole vocabulary)."
+    )
 
     def check(self) -> None:
         _choice("heal.reg", self.reg, REGS)
@@ -269,12 +288,14 @@ class OnlineConfig:
 
 @dataclass
 class EvalConfig:
-    vignettes: str | None = None  # a tinymfv JSONL path, tinymfv:<set>, or None for the demo set
-    condition: str = "other_violate"
-    limit: int | None = None  # a balanced sample of N vignettes
-    think_tokens: int = 0
-    batch_size: int = 16
-    protocol: str = "kshot"  # kshot: seven worked examples first (our own); zero-shot: tinymfv's published protocol
+    vignettes: str | None = opt(
+        None, "A tinymfv-schema JSONL path, tinymfv:classic|scifi|ai-actor (downloaded), or omit for the demo set."
+    )
+    condition: str = opt("other_violate", "other_violate, self_violate or both (tinymfv sources only).")
+    limit: int | None = opt(None, "A balanced sample of N vignettes (round-robin over foundations).")
+    think_tokens: int = opt(0, "Let the model write K tokens before it must answer; 0 = answer at once.")
+    batch_size: int = opt(16, "Vignettes per forward pass.")
+    protocol: str = opt("kshot", "kshot (seven worked examples of our own first) or zero-shot (tinymfv's protocol).")
     # Protocols each model is also scored under (<eval>.<protocol>.json beside each eval): one set of trained
     # models read both ways, at the cost of an eval each, and compare gives each verdict under each.
     also: list[str] = field(default_factory=list)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from steerheal import SteerhealError, cli
 from steerheal.config import (
     HealConfig,
     RunConfig,
+    SteerConfig,
     parse_set,
     resolve_config,
 )
@@ -45,6 +47,27 @@ def test_every_step_option_defaults_to_what_the_loop_runs(command, section):
     if command in ("generate", "heal"):  # every key of these sections has an option (eval.also: --set only)
         assert not set(want) - set(params), set(want) - set(params)
     assert params.get("seed") is None or params["seed"].default == loop.seed or command == "heal"
+
+
+@pytest.mark.parametrize("command,section", [(c, s) for c, (s, _) in MIRRORS.items()])
+def test_every_step_option_reads_its_help_from_the_config_field(command, section):
+    """One place per help line: an option that mirrors a config field says what the field's metadata says,
+    and every field of generate and heal (each has an option) carries a help line."""
+    hints = typing.get_type_hints(getattr(cli, command), include_extras=True)
+    cls = type(getattr(RunConfig(), section))
+    steer = {f.name: f for f in dataclasses.fields(SteerConfig)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if command == "generate":
+        fields |= {STEER_OPTIONS.get(n, n): f for n, f in steer.items()}
+    checked = 0
+    for name, hint in hints.items():
+        option = next((m for m in getattr(hint, "__metadata__", ()) if hasattr(m, "help")), None)
+        if name in fields and option is not None:
+            assert option.help == fields[name].metadata["help"], f"{command} --{name}"
+            checked += 1
+    assert checked >= 4
+    if command in ("generate", "heal"):
+        assert all("help" in f.metadata for n, f in fields.items() if n != "steer"), command
 
 
 def test_presets_only_override_known_keys():
