@@ -84,21 +84,6 @@ def baseline_steps(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return BASELINE_STEPS + tuple(s for s, _ in alt), BASELINE_FILES + tuple(f for _, f in alt)
 
 
-ROUND_STEPS = (
-    "vector",
-    "random",
-    "dose",
-    "generate",
-    "filter",
-    "eval_steered",
-    "demo_steered",
-    "gen_steered",
-    "heal",
-    "eval_healed",
-    "demo_healed",
-    "gen_healed",
-)
-
 METHOD_STEPS = ("vector", "random", "dose", "generate", "filter", "heal")  # the rest measure the model
 
 # ---------------------------------------------------------------- the pieces of a round
@@ -406,7 +391,7 @@ class Loop:
         vec = SteeringVector.load(d / "vector.safetensors")
         v0 = SteeringVector.load(run.root / round_key(0) / "vector.safetensors")
         heal_info = run.json(f"{key}/adapter/heal.json") if healed else None
-        times = {p: run.seconds(f"{key}/{p}") for p in ROUND_STEPS}
+        times = {p: run.seconds(f"{key}/{p}") for p in run.steps_under(key)}  # what ran, also the alt protocols
         per_step = {p: run.tokens(f"{key}/{p}") for p in METHOD_STEPS}
         if heal_info and "tokens" in heal_info:  # online: the segment's own count covers a resumed one whole
             times["heal"], per_step["heal"] = heal_info["time_s"], heal_info["tokens"]

@@ -58,6 +58,10 @@ class Run:
         self.manifest["steps"][step] = entry
         write_json(self.manifest_path, self.manifest)
 
+    def steps_under(self, prefix: str) -> list[str]:
+        """The finished steps under `prefix/` (a round's key), by name, in the order they finished."""
+        return [k.split("/", 1)[1] for k in self.manifest["steps"] if k.startswith(prefix + "/")]
+
     def seconds(self, step: str) -> float:
         return float(self.manifest["steps"].get(step, {}).get("time_s", 0.0))
 

@@ -78,3 +78,14 @@ def test_stop_rules_and_the_bake_suggestion(tiny_model_dir, persona_file, tmp_pa
     res = run_loop(persona_file, tmp_path / "rows", _cfg(tiny_model_dir, "rounds=3", "filter.max_ppl=1.0"))
     assert res.rounds_done == 1 and "fewer than heal.min_rows" in res.stop_reason
     assert not (res.root / "round_00" / "adapter").exists()
+
+
+def test_a_rounds_steps_are_read_from_the_manifest_in_the_order_they_ran(tmp_path):
+    """round.json's step times come from what the round ran (alt-protocol evals too), not from a hand-kept list."""
+    from steerheal.rundir import Run
+
+    run = Run(tmp_path)
+    for step in ("round_00/vector", "round_01/vector", "round_00/eval_healed", "round_00/eval_healed.kshot"):
+        run.mark(step, 1.0)
+    assert run.steps_under("round_00") == ["vector", "eval_healed", "eval_healed.kshot"]
+    assert Run(tmp_path).steps_under("round_01") == ["vector"]  # read back from manifest.json
