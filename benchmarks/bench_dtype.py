@@ -87,7 +87,7 @@ def print_gaps(base: dict[str, dict], model: dict[str, dict], persona: str = PER
     for k in MEASURES:
         g = measurement_gap(rows["bf16"], rows["fp32"], p.target, p.direction, k)
         fp = compare(*rows["fp32"][:1], [rows["fp32"][1]], p.target, p.direction)
-        print(f"  {k:13s} fp32 {ci_text(fp[k], fp[f'{k}_ci'])}   gap {ci_text(g['difference'], g['difference_ci'])}")
+        print(f"  {k:13s} fp32 {ci_text(fp[k], fp[f'{k}_ci'])}   gap {ci_text(g.difference, g.difference_ci)}")
 
 
 def loop_model(dtype: str, adapters: list[str], fp32_head: bool = False) -> LoadedModel:

@@ -27,9 +27,10 @@ from .plot import plot_compare
 from .progress import log
 from .records import write_json, write_text
 from .report import render
-from .results import collect
+from .results import ArmDifference, collect
 from .rundir import BASELINES, Run, protocol_path, round_key
 from .stats import (
+    Difference,
     EvalRows,
     compare,
     decision,
@@ -186,14 +187,14 @@ def write_plan(
     for protocol, summ in [(summary["protocol"], summary), *summary["protocols"].items()]:
         family = {a: e["reference_minus_arm"] for a, e in summ["arms"].items() if e.get("reference_minus_arm")}
         for arm, d in family.items():
-            diffs = {"selectivity": d} | {
-                f"{arm} minus {reference}: {m}": x for m, x in d["arm_minus_reference"].items()
+            diffs = {"selectivity": d.selectivity} | {
+                f"{arm} minus {reference}: {m}": x for m, x in d.arm_minus_reference.items()
             }
             for name, x in diffs.items():
                 e = plan_entry(x, cfg.decide, len(family))
                 if e is None:
                     continue
-                now = x.get("decision_holm", x.get("decision"))  # selectivity is read after Holm
+                now = x.decision_holm or x.decision  # selectivity is read after Holm
                 need = max(e["seeds_to_detect"], e["seeds_for_equivalence"]) if now == "undecided" else e["seeds"]
                 more = max(0, need - e["seeds"])
                 rows.append(
@@ -326,26 +327,26 @@ def holm_family(arms: dict[str, dict], decide: DecideConfig | None = None) -> No
     seed_p_holm, holm_m, verdict_holm, and with decide the decision after Holm and the plan's seeds, in
     place. An arm with one seed has no seed test: it counts in the family with p = 1, so it is never called
     after Holm."""
-    family = [e["reference_minus_arm"] for e in arms.values() if e.get("reference_minus_arm")]
-    tost = holm([_p(d.get("tost_p")) for d in family])
-    for d, p, q in zip(family, holm([_p(d.get("seed_p")) for d in family]), tost):
-        d |= {"seed_p_holm": p, "holm_m": len(family), "verdict_holm": d["verdict"] if p < 0.05 else "unclear"}
-        if decide is not None and "delta" in d:
-            d |= {"tost_p_holm": q, "decision_holm": decision(d, p, q), "plan": plan_entry(d, decide, len(family))}
+    family = [e["reference_minus_arm"].selectivity for e in arms.values() if e.get("reference_minus_arm")]
+    tost = holm([_p(d.tost_p) for d in family])
+    for d, p, q in zip(family, holm([_p(d.seed_p) for d in family]), tost):
+        d.seed_p_holm, d.holm_m, d.verdict_holm = p, len(family), d.verdict if p < 0.05 else "unclear"
+        if decide is not None and d.delta is not None:
+            d.tost_p_holm, d.decision_holm, d.plan = q, decision(d, p, q), plan_entry(d, decide, len(family))
 
 
 def _p(p: float | None) -> float:
     return 1.0 if p is None or math.isnan(p) else p
 
 
-def plan_entry(d: dict[str, Any], decide: DecideConfig, m: int) -> dict[str, Any] | None:
+def plan_entry(d: Difference, decide: DecideConfig, m: int) -> dict[str, Any] | None:
     """Seeds per arm the difference needs, from its seeds so far: the SD of the per-seed differences (paired)
     or of the arms' values (Welch), read at its upper confidence bound, for the power to detect ±delta or
     to show equivalence within ±delta, Holm's family of m included. None with fewer than three seeds."""
-    if "per_seed" not in d or min(len(x) for x in d["per_seed"]) < 3:
+    if d.per_seed is None or d.delta is None or min(len(x) for x in d.per_seed) < 3:
         return None
-    va, vb = d["per_seed"]
-    paired = d["seed_test"] == "paired t"
+    va, vb = d.per_seed
+    paired = d.seed_test == "paired t"
     if paired:
         values, n = [x - y for x, y in zip(va, vb)], len(va)
         sd = float(np.std(values, ddof=1))
@@ -353,7 +354,8 @@ def plan_entry(d: dict[str, Any], decide: DecideConfig, m: int) -> dict[str, Any
         n = min(len(va), len(vb))
         sd = float(math.sqrt((np.var(va, ddof=1) + np.var(vb, ddof=1)) / 2))
     ucl = sd_upper(sd, n, decide.sd_confidence)
-    need = lambda eq: seeds_needed(ucl, d["delta"], 0.05, decide.power, m, eq, paired)  # noqa: E731
+    delta = d.delta
+    need = lambda eq: seeds_needed(ucl, delta, 0.05, decide.power, m, eq, paired)  # noqa: E731
     return {
         "seeds": n,
         "paired": paired,
@@ -361,13 +363,13 @@ def plan_entry(d: dict[str, Any], decide: DecideConfig, m: int) -> dict[str, Any
         "sd_upper": ucl,
         "sd_confidence": decide.sd_confidence,
         "power": decide.power,
-        "delta": d["delta"],
+        "delta": delta,
         "seeds_to_detect": need(False),
         "seeds_for_equivalence": need(True),
     }
 
 
-def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[str, dict]) -> dict | None:
+def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[str, dict]) -> ArmDifference | None:
     """Selectivity of arm a minus arm b at the last healed round both reached (a partial run is not set
     against a finished one's later round), paired over vignettes, and over seeds where both arms ran the
     seed (common random numbers: the paired t over those seeds; Welch over all seeds when fewer than two
@@ -401,12 +403,8 @@ def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[st
         m: difference(base, rb, ra, c["target"], c["direction"], m, paired=paired, delta=margin(m))
         for m in ("target_shift", "pmass_ratio")
     }
-    front = pareto_word(axes["target_shift"]["verdict"], axes["pmass_ratio"]["verdict"])
-    return (
-        {"round": last, "seeds": [len(ra), len(rb)], "paired_seeds": shared if paired else []}
-        | d
-        | {"arm_minus_reference": axes, "front": front}
-    )
+    front = pareto_word(str(axes["target_shift"].verdict), str(axes["pmass_ratio"].verdict))
+    return ArmDifference(last, [len(ra), len(rb)], shared if paired else [], d, axes, front)
 
 
 def pareto_word(shift: str, coherence: str) -> str:

@@ -126,7 +126,14 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """JSON, atomically; typed results (a dataclass with to_dict) as their dicts."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_to_dict) + "\n")
+
+
+def _to_dict(obj: Any) -> Any:
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def write_records(records: Iterable[Record], path: str | Path | None, stream: IO[str] | None = None) -> None:

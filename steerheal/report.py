@@ -15,7 +15,7 @@ from .config import COHERENCE_HELD, NULL_ALPHA, REFERENCE
 from .records import read_records, write_text
 from .results import collect
 from .rundir import BASELINES, round_key
-from .stats import beats, intervals, seed_ci_text, verdict
+from .stats import Difference, beats, intervals, seed_ci_text, verdict
 
 # ---------------------------------------------------------------- formatting
 
@@ -164,8 +164,8 @@ def answers(c: dict[str, Any]) -> list[str]:
     moved = verdict(*intervals(healed[0]["healed"], "target_shift"))
     step_txt = (
         ", ".join(
-            f"{_f(s['difference'], 2, True)} [{_f(s['difference_ci'][0], 2, True)}, {_f(s['difference_ci'][1], 2, True)}]"
-            f"{seed_ci_text(s)} ({s['verdict']})"
+            f"{_f(s.difference, 2, True)} [{_f(s.difference_ci[0], 2, True)}, {_f(s.difference_ci[1], 2, True)}]"
+            f"{seed_ci_text(s)} ({s.verdict})"
             for s in steps
         )
         or "only one round"
@@ -176,12 +176,12 @@ def answers(c: dict[str, Any]) -> list[str]:
         f"{', '.join(_f(_mean(r['cos_v0']), 2) for r in rounds)}."
     )
     d = healed[-1]["heal_vs_prompt"]
-    lo, hi = d["difference_ci"]
+    lo, hi = d.difference_ci
     q4 = (
-        f"**Beats prompting?** {beats(d['verdict'], verdict(*intervals(last, 'selectivity')))} "
+        f"**Beats prompting?** {beats(str(d.verdict), verdict(*intervals(last, 'selectivity')))} "
         "(yes needs both the difference and "
         "the healed model's own selectivity above 0): selectivity of the last healed round minus the prompting baseline's = "
-        f"{_f(d['difference'], 2, True)} [{_f(lo, 2, True)}, {_f(hi, 2, True)}]{seed_ci_text(d)} (the coherence gate inside selectivity "
+        f"{_f(d.difference, 2, True)} [{_f(lo, 2, True)}, {_f(hi, 2, True)}]{seed_ci_text(d)} (the coherence gate inside selectivity "
         f"compares them at matched coherence). Healed: {ci_text(last, 'selectivity', seeds=True)}; prompting: {ci_text(c['prompt'], 'selectivity')}."
     )
     return [f"- {q}" for q in (q0, q1, q2, q3, q4)]
@@ -192,11 +192,11 @@ def _q1(healed: list[dict[str, Any]]) -> str:
     paired = [r for r in healed if "heal_vs_steer_pmass" in r]
     parts = [
         f"r{r['round']}: pmass ratio steered {ci_text(r['steered'], 'pmass_ratio', sign=False)} → healed "
-        f"{ci_text(r['healed'], 'pmass_ratio', sign=False)}, difference {r['heal_vs_steer_pmass']['verdict']}; "
+        f"{ci_text(r['healed'], 'pmass_ratio', sign=False)}, difference {r['heal_vs_steer_pmass'].verdict}; "
         f"shift steered {ci_text(r['steered'], 'target_shift')} vs healed {ci_text(r['healed'], 'target_shift')}"
         for r in paired
     ]
-    yes = sum(r["heal_vs_steer_pmass"]["verdict"] == "yes" for r in paired)
+    yes = sum(r["heal_vs_steer_pmass"].verdict == "yes" for r in paired)
     return (
         f"**Q1 can we heal?** healing raised coherence over raw steering (intervals above 0) in {yes}/{len(paired)} "
         "rounds. " + "; ".join(parts) + "."
@@ -383,9 +383,9 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
             )
             vp = e["vs_prompting"]
             parts.append(
-                f"beats prompting: {beats(vp['verdict'], verdict(*intervals(e['last'], 'selectivity')))} "
-                f"(selectivity difference {vp['difference']:+.2f} "
-                f"[{vp['difference_ci'][0]:+.2f}, {vp['difference_ci'][1]:+.2f}]{seed_ci_text(vp)})"
+                f"beats prompting: {beats(str(vp.verdict), verdict(*intervals(e['last'], 'selectivity')))} "
+                f"(selectivity difference {vp.difference:+.2f} "
+                f"[{vp.difference_ci[0]:+.2f}, {vp.difference_ci[1]:+.2f}]{seed_ci_text(vp)})"
             )
         for key, name in (
             ("null_raw", "raw round 0 among the random directions"),
@@ -396,47 +396,43 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
                 where = f" (round {p['round']})" if "round" in p else ""
                 z = f", z {p['z']:+.2f}" if math.isfinite(p["z"]) else ""  # no z from one draw
                 parts.append(f"{name}{where}: percentile {p['percentile']:.0f}{z}, {_null_word(p)}")
-        d = e.get("reference_minus_arm")
-        if d:
+        ad = e.get("reference_minus_arm")
+        if ad:
+            d = ad.selectivity
             parts.append(
-                f"{ref} minus {arm} (selectivity, round {d['round']}): {d['difference']:+.2f} [{d['difference_ci'][0]:+.2f}, "
-                f"{d['difference_ci'][1]:+.2f}]{seed_ci_text(d)}, {ref} better: {d['verdict']}"
+                f"{ref} minus {arm} (selectivity, round {ad.round}): {d.difference:+.2f} [{d.difference_ci[0]:+.2f}, "
+                f"{d.difference_ci[1]:+.2f}]{seed_ci_text(d)}, {ref} better: {d.verdict}"
                 + (
-                    f" (Holm over the {d['holm_m']} arms set against {ref}: p {d['seed_p_holm']:.3f}, "
-                    f"{d['verdict_holm']})"
-                    if "seed_p_holm" in d
+                    f" (Holm over the {d.holm_m} arms set against {ref}: p {d.seed_p_holm:.3f}, {d.verdict_holm})"
+                    if d.seed_p_holm is not None
                     else ""
                 )
-                + (
-                    " (one seed on a side: the interval holds no seed-to-seed variance)"
-                    if min(d.get("seeds", [2])) < 2
-                    else ""
-                )
+                + (" (one seed on a side: the interval holds no seed-to-seed variance)" if min(ad.seeds) < 2 else "")
             )
-            if "decision_holm" in d:
+            if d.decision_holm is not None:
                 parts.append(decision_text(d, ref, arm))
-            if "arm_minus_reference" in d:
-                sh, pm = d["arm_minus_reference"]["target_shift"], d["arm_minus_reference"]["pmass_ratio"]
-                parts.append(
-                    f"{arm} minus {ref}: shift {sh['difference']:+.2f} [{sh['difference_ci'][0]:+.2f}, "
-                    f"{sh['difference_ci'][1]:+.2f}]{seed_ci_text(sh)}, pmass ratio {pm['difference']:+.2f} "
-                    f"[{pm['difference_ci'][0]:+.2f}, {pm['difference_ci'][1]:+.2f}]{seed_ci_text(pm)}; "
-                    f"against {ref} (shift, coherence): {d['front']}"
-                )
+            sh, pm = ad.arm_minus_reference["target_shift"], ad.arm_minus_reference["pmass_ratio"]
+            parts.append(
+                f"{arm} minus {ref}: shift {sh.difference:+.2f} [{sh.difference_ci[0]:+.2f}, "
+                f"{sh.difference_ci[1]:+.2f}]{seed_ci_text(sh)}, pmass ratio {pm.difference:+.2f} "
+                f"[{pm.difference_ci[0]:+.2f}, {pm.difference_ci[1]:+.2f}]{seed_ci_text(pm)}; "
+                f"against {ref} (shift, coherence): {ad.front}"
+            )
         out.append("- " + "; ".join(parts) + ".")
     return out
 
 
-def decision_text(d: dict[str, Any], ref: str, arm: str) -> str:
+def decision_text(d: Difference, ref: str, arm: str) -> str:
     """The decision on selectivity after Holm, in words, and for an undecided one what the plan expects."""
-    word, delta = d["decision_holm"], d["delta"]
+    word, delta = d.decision_holm, d.delta
+    assert word is not None and delta is not None, "read after compare.holm_family with a margin"
     said = {
         "better": f"{ref} better than {arm}",
         "worse": f"{ref} worse than {arm}",
-        "equivalent": f"{ref} and {arm} equivalent within ±{delta:g} (TOST, Holm p {d['tost_p_holm']:.3f})",
+        "equivalent": f"{ref} and {arm} equivalent within ±{delta:g} (TOST, Holm p {d.tost_p_holm:.3f})",
         "undecided": "undecided",
     }[word]
-    plan = d.get("plan")
+    plan = d.plan
     if word == "undecided" and plan:
         said += (
             f": the plan expects {plan['seeds_to_detect']} seeds per arm to detect ±{delta:g}, or "

@@ -4,13 +4,32 @@ a report, a plot or a comparison shows, with paired bootstrap intervals from sta
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .rundir import BASELINES, ROUND_GLOB, protocol_path, round_key
-from .stats import EvalRows, compare, difference
+from .stats import Difference, EvalRows, compare, difference
+
+
+@dataclass
+class ArmDifference:
+    """compare: the reference arm minus another, at the last healed round both reached. In compare.json, one
+    object: the selectivity difference's fields beside these."""
+
+    round: int
+    seeds: list[int]  # seeds on each side
+    paired_seeds: list[int]  # the seeds both ran, when the seed test is paired
+    selectivity: Difference  # reference − arm, with Holm's reading over the family (compare.holm_family)
+    arm_minus_reference: dict[str, Difference]  # the Pareto axes: target_shift, pmass_ratio
+    front: str  # where the arm lies against the reference on (shift, coherence)
+
+    def to_dict(self) -> dict[str, Any]:
+        head = {"round": self.round, "seeds": self.seeds, "paired_seeds": self.paired_seeds}
+        axes = {m: d.to_dict() for m, d in self.arm_minus_reference.items()}
+        return head | self.selectivity.to_dict() | {"arm_minus_reference": axes, "front": self.front}
 
 
 def _json(p: Path) -> Any:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from statistics import NormalDist
 from typing import Any
 
@@ -55,6 +55,39 @@ class EvalRows:
         )
 
 
+@dataclass
+class Difference:
+    """measure(a) − measure(b), both against base, with its intervals (`difference`); a family of them read
+    together (compare.holm_family) adds Holm's reading. In JSON, the fields that are set."""
+
+    measure: str
+    difference: float
+    difference_ci: list[float]  # the paired bootstrap's 95% interval
+    # With at least two seeds a side: each side's per-seed values, and the t-interval and p over the seeds
+    per_seed: list[list[float]] | None = None
+    seed_ci: list[float] | None = None
+    seed_p: float | None = None
+    seed_test: str | None = None  # "paired t" or "Welch t"
+    seed_corr: float | None = None  # paired, over more than two seeds: the within-seed r
+    verdict: str | None = None  # yes (a − b above 0 on every interval) or unclear
+    # With a margin delta: the 90% intervals the two one-sided tests read, their p, and the decision
+    delta: float | None = None
+    difference_ci90: list[float] | None = None
+    seed_ci90: list[float] | None = None
+    tost_p: float | None = None
+    decision: str | None = None
+    # After Holm over a family of differences
+    seed_p_holm: float | None = None
+    holm_m: int | None = None
+    verdict_holm: str | None = None
+    tost_p_holm: float | None = None
+    decision_holm: str | None = None
+    plan: dict[str, Any] | None = None  # the seeds compare's plan expects it needs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 def ci(draws: np.ndarray, level: float = LEVEL) -> list[float]:
     """Percentile interval of bootstrap draws along axis 0."""
     a = (1 - level) / 2
@@ -86,15 +119,15 @@ def intervals(m: dict[str, Any], k: str) -> list[list[float]]:
     return [m[f"{k}_ci"]] + ([m[f"{k}_seed_ci"]] if f"{k}_seed_ci" in m else [])
 
 
-def seed_ci_text(d: dict[str, Any]) -> str:
+def seed_ci_text(d: Difference) -> str:
     """'; over seeds lo to hi (Welch t, 3 vs 3)' for a difference with an interval over seeds, else ''."""
-    if "seed_ci" not in d:
+    if d.seed_ci is None or d.per_seed is None:
         return ""
-    lo, hi = d["seed_ci"]
-    n_a, n_b = len(d["per_seed"][0]), len(d["per_seed"][1])
-    how = f"{n_a} paired seeds" if d["seed_test"] == "paired t" else f"{n_a} vs {n_b}"
-    corr = f", within-seed r {d['seed_corr']:+.2f}" if "seed_corr" in d else ""
-    return f"; over seeds {lo:+.2f} to {hi:+.2f} ({d['seed_test']}, {how}{corr})"
+    lo, hi = d.seed_ci
+    n_a, n_b = len(d.per_seed[0]), len(d.per_seed[1])
+    how = f"{n_a} paired seeds" if d.seed_test == "paired t" else f"{n_a} vs {n_b}"
+    corr = f", within-seed r {d.seed_corr:+.2f}" if d.seed_corr is not None else ""
+    return f"; over seeds {lo:+.2f} to {hi:+.2f} ({d.seed_test}, {how}{corr})"
 
 
 def _stratified_draws(label: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -200,7 +233,7 @@ def difference(
     seed: int = 0,
     paired: bool = False,
     delta: float | None = None,
-) -> dict[str, Any]:
+) -> Difference:
     """measure(a) − measure(b), both against base, on the same vignette draws: 'does a beat b?' with a CI.
 
     With at least two seeds a side, `seed_ci` is the t-interval of the difference over the seeds'
@@ -225,46 +258,42 @@ def difference(
     pick_b = pick_a if paired else rng.integers(0, len(b), size=(n_boot, len(b)))
     va, ba = pooled(a, pick_a)
     vb, bb = pooled(b, pick_b)
-    interval = ci(ba - bb)
-    out: dict[str, Any] = {
-        "measure": measure,
-        "difference": float(np.mean(va) - np.mean(vb)),
-        "difference_ci": interval,
-    }
+    out = Difference(measure, float(np.mean(va) - np.mean(vb)), ci(ba - bb))
     seeds: tuple[list[float], list[float] | None] = ([x - y for x, y in zip(va, vb)], None) if paired else (va, vb)
     if len(a) > 1 and len(b) > 1:
         # The seeds' own interval: resampling 3 seeds cannot see how far a fourth would land.
-        out["per_seed"] = [va, vb]
-        out["seed_ci"], out["seed_p"] = t_test(*seeds)
-        out["seed_test"] = "paired t" if paired else "Welch t"
+        out.per_seed = [va, vb]
+        out.seed_ci, out.seed_p = t_test(*seeds)
+        out.seed_test = "paired t" if paired else "Welch t"
         if paired and len(va) > 2 and np.std(va) > 0 and np.std(vb) > 0:
             # How much pairing buys: var(a − b) = var a + var b − 2 r sd a sd b.
-            out["seed_corr"] = float(np.corrcoef(va, vb)[0, 1])
-    out["verdict"] = verdict(interval, out.get("seed_ci"))
+            out.seed_corr = float(np.corrcoef(va, vb)[0, 1])
+    out.verdict = verdict(out.difference_ci, out.seed_ci)
     if delta is not None:
-        out["delta"] = delta
+        out.delta = delta
         tost_level = 1 - 2 * (1 - LEVEL)  # two one-sided tests at 5% read the 90% interval
-        out["difference_ci90"] = ci(ba - bb, tost_level)
-        if "seed_ci" in out:
-            out["seed_ci90"] = t_test(*seeds, level=tost_level)[0]
-            out["tost_p"] = tost_p(*seeds, delta)
-        out["decision"] = decision(out)
+        out.difference_ci90 = ci(ba - bb, tost_level)
+        if out.seed_ci is not None:
+            out.seed_ci90 = t_test(*seeds, level=tost_level)[0]
+            out.tost_p = tost_p(*seeds, delta)
+        out.decision = decision(out)
     return out
 
 
 DECISIONS = ("better", "worse", "equivalent", "undecided")
 
 
-def decision(d: dict[str, Any], p_holm: float | None = None, tost_holm: float | None = None) -> str:
+def decision(d: Difference, p_holm: float | None = None, tost_holm: float | None = None) -> str:
     """One of DECISIONS for a difference from `difference(..., delta=)`: better or worse when every 95%
     interval leaves 0 on that side (and, given, Holm's p of the seed test is below 5%); equivalent when
     every 90% interval (two one-sided tests at 5%) lies inside ±delta (and, given, Holm's TOST p is below
     5%); else undecided. A small but resolved difference is both; better or worse is read first."""
-    v = verdict(d["difference_ci"], d.get("seed_ci"))
+    v = verdict(d.difference_ci, d.seed_ci)
     if v != "unclear" and (p_holm is None or p_holm < 1 - LEVEL):
         return "better" if v == "yes" else "worse"
-    delta = d["delta"]
-    inside = all(-delta < lo and hi < delta for lo, hi in [d["difference_ci90"], d.get("seed_ci90", [0.0, 0.0])])
+    delta = d.delta
+    assert delta is not None and d.difference_ci90 is not None, "a decision needs difference(..., delta=)"
+    inside = all(-delta < lo and hi < delta for lo, hi in [d.difference_ci90, d.seed_ci90 or [0.0, 0.0]])
     if inside and (tost_holm is None or tost_holm < 1 - LEVEL):
         return "equivalent"
     return "undecided"
@@ -278,7 +307,7 @@ def measurement_gap(
     measure: str = "selectivity",
     n_boot: int = N_BOOT,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> Difference:
     """measure(a's model against a's base) − measure(b's against b's), each pair (base, model), on the same
     vignette draws: one model measured two ways (two dtypes, two protocols). Whatever each way adds to
     base and model alike cancels; the interval says whether what is left is resolved."""
@@ -290,7 +319,7 @@ def measurement_gap(
     ident = np.arange(len(a[0].ids))[None, :]
     point = _measures(*a, ident, t, direction)[measure][0] - _measures(*b, ident, t, direction)[measure][0]
     boot = _measures(*a, draws, t, direction)[measure] - _measures(*b, draws, t, direction)[measure]
-    return {"measure": measure, "difference": float(point), "difference_ci": ci(boot)}
+    return Difference(measure, float(point), ci(boot))
 
 
 def sd_upper(sd: float, n: int, confidence: float) -> float:

@@ -33,8 +33,13 @@ from .vector import SteeringVector
 
 # vLLM on a GPU shares it with the loop's own model (heal, eval): half of its memory, not vLLM's 90%.
 GPU_SHARE = 0.5
-# vLLM's CPU build binds one core and takes 4 GiB of KV cache unless told: all cores, 2 GiB, unless the user says.
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}"}
+# Unless the user's environment says otherwise: vLLM's CPU build binds one core and takes 4 GiB of KV cache
+# (here: every core, 2 GiB), and it logs at INFO (here: warnings only, beside the loop's own log).
+VLLM_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+}
 
 
 class Worker:
@@ -63,6 +68,8 @@ class VllmEngine:
 
     @classmethod
     def start(cls, lm: LoadedModel, seed: int = 0) -> VllmEngine:
+        for k, v in VLLM_ENV.items():  # before the import: vLLM reads its logging level then
+            os.environ.setdefault(k, v)
         try:
             from vllm import LLM
         except ImportError:
@@ -70,8 +77,6 @@ class VllmEngine:
                 "generate.backend vllm: vLLM is not installed here; run scripts/setup_vllm.sh and use "
                 ".venv-vllm/bin/steerheal (or --backend hf)"
             ) from None
-        for k, v in CPU_ENV.items():
-            os.environ.setdefault(k, v)
         root = Path(tempfile.mkdtemp(prefix="steerheal-vllm-"))
         atexit.register(shutil.rmtree, root, True)
         save_checkpoint(lm.model, root, None, 0.0)
@@ -117,10 +122,6 @@ class VllmEngine:
             self.llm.collective_rpc("steerheal_load", args=(str(path),))
             self.vector, self.coeff = vector, coeff
             self.pushes += 1
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     def complete(
         self,

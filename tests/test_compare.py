@@ -197,19 +197,18 @@ def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
     got = _arm_difference(tmp_path, RunConfig(), "steer", "nll", numbers)
     rows = lambda arm: [EvalRows.from_report(evals[arm, 1])]  # noqa: E731
     want = difference(EvalRows.from_report(base), rows("steer"), rows("nll"), "authority", -1, "selectivity")
-    assert got["round"] == 1 and got["seeds"] == [1, 1] and got["difference"] == pytest.approx(want["difference"])
-    assert got["difference_ci"] == pytest.approx(want["difference_ci"])
+    sel = got.selectivity
+    assert got.round == 1 and got.seeds == [1, 1] and sel.difference == pytest.approx(want.difference)
+    assert sel.difference_ci == pytest.approx(want.difference_ci)
     line = verdict_lines({"arms": {"nll": {"reference_minus_arm": got}}}, "authority")[0]
     assert "round 1" in line and "no seed-to-seed variance" in line
     # The Pareto axes, arm minus steer (not steer minus arm) at the same round 1.
-    shift = got["arm_minus_reference"]["target_shift"]
-    assert shift["difference"] == pytest.approx(
-        difference(EvalRows.from_report(base), rows("nll"), rows("steer"), "authority", -1, "target_shift")[
-            "difference"
-        ]
+    shift = got.arm_minus_reference["target_shift"]
+    assert shift.difference == pytest.approx(
+        difference(EvalRows.from_report(base), rows("nll"), rows("steer"), "authority", -1, "target_shift").difference
     )
-    assert got["arm_minus_reference"]["pmass_ratio"]["difference"] == pytest.approx(0)  # the same pmass everywhere
-    assert f"against steer (shift, coherence): {got['front']}" in line
+    assert got.arm_minus_reference["pmass_ratio"].difference == pytest.approx(0)  # the same pmass everywhere
+    assert f"against steer (shift, coherence): {got.front}" in line
 
 
 def test_pareto_word_reads_both_axes():
@@ -318,22 +317,25 @@ def test_holm_over_the_arms_set_against_the_reference():
     p 0.02 alone: adjusted, the smallest needs p < 0.05 / 3, so none is called."""
     from steerheal.compare import holm_family
     from steerheal.report import verdict_lines
+    from steerheal.results import ArmDifference
+    from steerheal.stats import Difference
 
-    def arm(p: float, verdict: str) -> dict:
-        d = {"round": 2, "seeds": [3, 3], "difference": 0.3, "difference_ci": [0.1, 0.5], "verdict": verdict}
-        seeds = {"seed_p": p, "seed_ci": [0.05, 0.6], "seed_test": "Welch t", "per_seed": [[0.3] * 3, [0.0] * 3]}
-        return {"reference_minus_arm": d | seeds}
+    def arm(p: float | None, verdict: str) -> dict:
+        d = Difference("selectivity", 0.3, [0.1, 0.5], verdict=verdict)
+        if p is not None:
+            d.seed_p, d.seed_ci, d.seed_test, d.per_seed = p, [0.05, 0.6], "Welch t", [[0.3] * 3, [0.0] * 3]
+        axes = {m: Difference(m, 0.0, [-0.1, 0.1], verdict="unclear") for m in ("target_shift", "pmass_ratio")}
+        return {"reference_minus_arm": ArmDifference(2, [3, 3], [], d, axes, "unclear")}
 
     # An arm with one seed has no seed test: it counts in the family with p = 1 and is never called.
-    one_seed = {"reference_minus_arm": {"verdict": "yes"}}
-    arms = {"a": arm(0.01, "yes"), "b": arm(0.30, "unclear"), "one": one_seed}
+    arms = {"a": arm(0.01, "yes"), "b": arm(0.30, "unclear"), "one": arm(None, "yes")}
     holm_family(arms)
-    got = {k: e["reference_minus_arm"] for k, e in arms.items()}
-    assert [got[k]["seed_p_holm"] for k in ("a", "b", "one")] == pytest.approx([0.03, 0.60, 1.0])
-    assert [got[k]["verdict_holm"] for k in ("a", "b", "one")] == ["yes", "unclear", "unclear"]
+    got = {k: e["reference_minus_arm"].selectivity for k, e in arms.items()}
+    assert [got[k].seed_p_holm for k in ("a", "b", "one")] == pytest.approx([0.03, 0.60, 1.0])
+    assert [got[k].verdict_holm for k in ("a", "b", "one")] == ["yes", "unclear", "unclear"]
     arms = {"a": arm(0.02, "yes"), "b": arm(0.02, "yes"), "c": arm(0.02, "yes")}
     holm_family(arms)
-    assert {e["reference_minus_arm"]["verdict_holm"] for e in arms.values()} == {"unclear"}
+    assert {e["reference_minus_arm"].selectivity.verdict_holm for e in arms.values()} == {"unclear"}
     line = verdict_lines({"arms": arms, "reference": "const"}, "authority")[0]
     assert "const better: yes (Holm over the 3 arms set against const: p 0.060, unclear)" in line
 

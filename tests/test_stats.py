@@ -118,7 +118,7 @@ def test_the_bootstrap_resamples_seeds_before_vignettes():
     base = uniform()
     a = [_moved(base, x, 0.2) for x in (1.0, -1.0)]
     b = [_moved(base, 0.0, 0.2), _moved(base, 0.0, 0.2)]
-    lo, hi = difference(base, a, b, "authority", -1, "target_shift", n_boot=400)["difference_ci"]
+    lo, hi = difference(base, a, b, "authority", -1, "target_shift", n_boot=400).difference_ci
     assert lo <= -0.9 and hi >= 0.9
 
 
@@ -150,17 +150,17 @@ def test_tost_and_the_four_decisions():
     far = [_moved(base, x + 0.3, 0.2) for x in (0.30, 0.32, 0.31, 0.29, 0.30, 0.31)]
     kw = dict(target="authority", direction=-1, measure="target_shift", paired=True, delta=0.1, n_boot=400)
     eq = difference(base, same, near, **kw)
-    assert eq["decision"] == "equivalent"
+    assert eq.decision == "equivalent"
     # TOST reads the 90% intervals (they were 95% ones by a slip): narrower than the 95%, and the seeds' one is
     # the 90% t-interval of the per-seed differences
-    diffs = [x - y for x, y in zip(*eq["per_seed"])]
-    assert eq["seed_ci90"] == pytest.approx(t_test(diffs, level=0.9)[0])
-    assert eq["difference_ci90"][1] - eq["difference_ci90"][0] < eq["difference_ci"][1] - eq["difference_ci"][0]
-    assert difference(base, far, same, **kw)["decision"] == "better"
-    assert difference(base, same, far, **kw)["decision"] == "worse"
+    diffs = [x - y for x, y in zip(*eq.per_seed)]
+    assert eq.seed_ci90 == pytest.approx(t_test(diffs, level=0.9)[0])
+    assert eq.difference_ci90[1] - eq.difference_ci90[0] < eq.difference_ci[1] - eq.difference_ci[0]
+    assert difference(base, far, same, **kw).decision == "better"
+    assert difference(base, same, far, **kw).decision == "worse"
     wide = [_moved(base, x, 0.2) for x in (0.0, 0.6, 0.1, 0.5, 0.3, 0.3)]
     d = difference(base, wide, same, **kw)
-    assert d["decision"] == "undecided" and d["tost_p"] > 0.05
+    assert d.decision == "undecided" and d.tost_p > 0.05
     # Holm's p (from the family) can hold back a call the intervals alone would make
     assert decision(difference(base, far, same, **kw), p_holm=0.2, tost_holm=1.0) == "undecided"
 
@@ -217,7 +217,7 @@ def test_difference_between_arms_and_mismatched_vignettes():
         rows(base.logp - np.eye(7)[FOUNDATIONS.index("authority")] * s, base.pmass, base.label) for s in (1.0, 0.2)
     )
     d = difference(base, [strong], [weak], "authority", -1)
-    assert d["difference"] == pytest.approx(0.8) and d["verdict"] == "yes"
+    assert d.difference == pytest.approx(0.8) and d.verdict == "yes"
     other = rows(base.logp[:-1], base.pmass[:-1], base.label[:-1])
     with pytest.raises(SteerhealError, match="same vignettes"):
         compare(base, [other], "authority", -1)
@@ -304,18 +304,18 @@ def test_three_seeds_that_disagree_do_not_make_a_difference_certain():
     a = FOUNDATIONS.index("authority")
     seeds = [rows(base.logp - np.eye(7)[a] * s, base.pmass, base.label) for s in (0.1, 0.5, 0.9)]
     d = difference(base, seeds, [base, base, base], "authority", -1, "target_shift")
-    assert d["difference_ci"][0] > 0
-    assert d["per_seed"][0] == pytest.approx([0.1, 0.5, 0.9]) and d["seed_test"] == "Welch t"
-    assert d["seed_ci"] == pytest.approx(t_interval([0.1, 0.5, 0.9]))
-    assert d["verdict"] == "unclear" and d["seed_p"] > 0.05
+    assert d.difference_ci[0] > 0
+    assert d["per_seed"][0] == pytest.approx([0.1, 0.5, 0.9]) and d.seed_test == "Welch t"
+    assert d.seed_ci == pytest.approx(t_interval([0.1, 0.5, 0.9]))
+    assert d.verdict == "unclear" and d.seed_p > 0.05
     # Paired seeds (two rounds of the same runs): the t-interval of the per-seed differences.
     later = [rows(m.logp - np.eye(7)[a] * 0.3, m.pmass, m.label) for m in seeds]
     p = difference(base, later, seeds, "authority", -1, "target_shift", paired=True)
-    assert p["seed_test"] == "paired t" and p["seed_ci"] == pytest.approx([0.3, 0.3]) and p["verdict"] == "yes"
+    assert p.seed_test == "paired t" and p.seed_ci == pytest.approx([0.3, 0.3]) and p.verdict == "yes"
     # With spread in the per-seed differences, the paired p is the one-sample t of those differences.
     later = [rows(m.logp - np.eye(7)[a] * x, m.pmass, m.label) for m, x in zip(seeds, (0.2, 0.3, 0.7))]
     p = difference(base, later, seeds, "authority", -1, "target_shift", paired=True)
-    assert p["seed_p"] == pytest.approx(t_test([0.2, 0.3, 0.7])[1]) and 0.05 < p["seed_p"] < 0.2
+    assert p.seed_p == pytest.approx(t_test([0.2, 0.3, 0.7])[1]) and 0.05 < p.seed_p < 0.2
 
 
 def test_a_measurement_gap_cancels_what_a_way_of_measuring_adds_to_base_and_model_alike():
@@ -334,12 +334,12 @@ def test_a_measurement_gap_cancels_what_a_way_of_measuring_adds_to_base_and_mode
         -1,
         "target_shift",
     )
-    assert same["difference"] == pytest.approx(0.0, abs=1e-12)
-    assert same["difference_ci"][0] <= 0 <= same["difference_ci"][1]
+    assert same.difference == pytest.approx(0.0, abs=1e-12)
+    assert same.difference_ci[0] <= 0 <= same.difference_ci[1]
     weaker = rows(model.logp + 0.3 * auth, model.pmass, model.label)  # the other way sees less of the shift
     gap = measurement_gap((base, weaker), (base, model), "authority", -1, "target_shift")
-    assert gap["difference"] == pytest.approx(-0.3)
-    assert gap["difference_ci"][1] < 0
+    assert gap.difference == pytest.approx(-0.3)
+    assert gap.difference_ci[1] < 0
     with pytest.raises(SteerhealError, match="same vignettes"):
         measurement_gap(
             (base, rows(model.logp[:-1], model.pmass[:-1], model.label[:-1])), (base, model), "authority", -1
