@@ -271,7 +271,7 @@ def test_a_seed_counts_in_the_difference_only_once_its_round_is_finished(tmp_pat
         for arm in ("steer", "gate")
     }
     got = _arm_difference(tmp_path, RunConfig(seeds=[0, 1]), "steer", "gate", numbers)
-    assert got["seeds"] == [2, 1] and "seed_ci" not in got
+    assert got.seeds == [2, 1] and got.selectivity.seed_ci is None
 
 
 def test_the_per_seed_table_keeps_each_seed_on_its_own_row(tmp_path):
@@ -390,7 +390,7 @@ def test_paired_seeds_and_both_protocols_from_one_set_of_models(tiny_model_dir, 
     assert "seed 2: 1 rounds done" in (out / "prompt" / "report.md").read_text()
     # compare --plan: from these three paired seeds, runs nothing
     from steerheal.compare import plan_entry, write_plan
-    from steerheal.stats import sd_upper, seeds_needed
+    from steerheal.stats import Difference, sd_upper, seeds_needed
 
     steps = {a: json.loads((out / a / "seed_0" / "manifest.json").read_text())["steps"] for a in ("steer", "prompt")}
     write_plan(out, cfg, ["steer", "prompt"], {}, None)
@@ -402,5 +402,5 @@ def test_paired_seeds_and_both_protocols_from_one_set_of_models(tiny_model_dir, 
     assert row["paired"] and row["seeds"] == 3 and row["sd"] == pytest.approx(sd)
     assert row["sd_upper"] == pytest.approx(sd_upper(sd, 3, 0.8))
     assert row["seeds_to_detect"] == seeds_needed(row["sd_upper"], 0.1, 0.05, 0.8, 1, False, True)
-    assert row == {**row, **plan_entry(d, cfg.decide, 1)}
+    assert row == {**row, **plan_entry(Difference.from_dict(d), cfg.decide, 1)}
     assert plan["seed_cost_s"]["steer"] > 0 and "| kshot | prompt | selectivity |" in (out / "plan.md").read_text()

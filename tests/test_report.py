@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from steerheal.report import answers
+from steerheal.stats import Difference
 
 
 def numbers(pmass_seed_ci: list[float]) -> dict:
@@ -18,7 +19,7 @@ def numbers(pmass_seed_ci: list[float]) -> dict:
         "pmass_ratio_seed_ci": pmass_seed_ci,
     }
     fs = {"rows": 32, "kept": 30, "reasons": {"perplexity": 2}, "median_ppl_dropped": 60.0, "median_ppl_kept": 10.0}
-    diff = {"difference": 0.1, "difference_ci": [0.05, 0.15], "verdict": "yes"}
+    diff = Difference("selectivity", 0.1, [0.05, 0.15], verdict="yes")
     return {
         "target": "authority",
         "seeds": [0, 1, 2],
@@ -52,12 +53,13 @@ def _line(c: dict, q: str) -> str:
 def test_q1_counts_the_rounds_where_healing_raised_coherence():
     c = numbers([0.91, 0.99])
     steered = {"pmass_ratio": 0.5, "pmass_ratio_ci": [0.45, 0.55], "target_shift": 0.6, "target_shift_ci": [0.5, 0.7]}
-    up, flat = {"verdict": "yes"}, {"verdict": "unclear"}
+    up = Difference("pmass_ratio", 0.45, [0.4, 0.5], verdict="yes")
+    flat = Difference("pmass_ratio", 0.0, [-0.1, 0.1], verdict="unclear")
     r0 = c["rounds"][0] | {"steered": steered, "heal_vs_steer_pmass": up}
     r1 = r0 | {
         "round": 1,
         "heal_vs_steer_pmass": flat,
-        "step_vs_prev": {"difference": 0.0, "difference_ci": [-0.1, 0.1], "verdict": "unclear"},
+        "step_vs_prev": Difference("target_shift", 0.0, [-0.1, 0.1], verdict="unclear"),
     }
     c["rounds"] = [r0, r1]
     q1 = _line(c, "Q1")
@@ -71,7 +73,7 @@ def test_beats_prompting_needs_the_difference_and_the_healed_selectivity():
     healed = c["rounds"][0]["healed"]
     c["rounds"][0]["healed"] = healed | {"selectivity_ci": [-0.1, 0.3]}  # its own selectivity not above 0
     assert "**Beats prompting?** unclear" in _line(c, "Beats prompting")
-    c["rounds"][0]["heal_vs_prompt"] = {"difference": -0.2, "difference_ci": [-0.3, -0.1], "verdict": "no"}
+    c["rounds"][0]["heal_vs_prompt"] = Difference("selectivity", -0.2, [-0.3, -0.1], verdict="no")
     assert "**Beats prompting?** no" in _line(c, "Beats prompting")
 
 

@@ -305,7 +305,7 @@ def test_three_seeds_that_disagree_do_not_make_a_difference_certain():
     seeds = [rows(base.logp - np.eye(7)[a] * s, base.pmass, base.label) for s in (0.1, 0.5, 0.9)]
     d = difference(base, seeds, [base, base, base], "authority", -1, "target_shift")
     assert d.difference_ci[0] > 0
-    assert d["per_seed"][0] == pytest.approx([0.1, 0.5, 0.9]) and d.seed_test == "Welch t"
+    assert d.per_seed[0] == pytest.approx([0.1, 0.5, 0.9]) and d.seed_test == "Welch t"
     assert d.seed_ci == pytest.approx(t_interval([0.1, 0.5, 0.9]))
     assert d.verdict == "unclear" and d.seed_p > 0.05
     # Paired seeds (two rounds of the same runs): the t-interval of the per-seed differences.
