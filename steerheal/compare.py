@@ -27,7 +27,7 @@ from .plot import plot_compare
 from .progress import log
 from .records import write_json, write_text
 from .report import render
-from .results import ArmDifference, collect
+from .results import ArmDifference, RoundRecord, collect
 from .rundir import BASELINES, Run, protocol_path, round_key
 from .stats import (
     Difference,
@@ -240,11 +240,11 @@ def random_null(root: Path, cfg: RunConfig, k: int) -> dict[str, Any]:
     lm = load_model(cfg.model, [], device=cfg.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     vigs = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
     base = EvalRows.from_report(Run(first).json(f"{BASELINES}/base.json"))
-    persona = Run(first).json(f"{round_key(0)}/round.json")
+    persona = RoundRecord.read(first / round_key(0) / "round.json")
     draws = []
     for i in range(k):
         rep = score_vignettes(lm, vigs, cfg.eval, vector=v0.random_like(10_000 + i), coeff=coeff)
-        m = compare(base, [EvalRows.from_report(rep)], persona["target"], persona["direction"])
+        m = compare(base, [EvalRows.from_report(rep)], persona.target, persona.direction)
         draws.append({k2: m[k2] for k2 in ("target_shift", "selectivity", "pmass_ratio")})
         log(f"  random null {i + 1}/{k}: shift {m['target_shift']:+.3f}, pmass ratio {m['pmass_ratio']:.3f}")
     return {"k": k, "coeff": coeff, "vector_norm": v0.norm(), "draws": draws}
@@ -387,7 +387,7 @@ def _arm_difference(root: Path, cfg: RunConfig, a: str, b: str, numbers: dict[st
         out = {}
         for s, d in zip(cfg.seeds or [cfg.seed], arm_dirs(root, arm, cfg)):
             rd = d / round_key(last)
-            if (rd / "round.json").is_file() and Run(d).json(f"{round_key(last)}/round.json")["healed"]:
+            if (rd / "round.json").is_file() and RoundRecord.read(rd / "round.json").healed:
                 path = protocol_path(rd / "eval_healed.json", c.get("alt_protocol"))
                 out[s] = EvalRows.from_report(json.loads(path.read_text()))
         return out

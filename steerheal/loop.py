@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import resource
 import time
 from collections.abc import Callable
@@ -55,9 +54,9 @@ from .online import Segment, run_segment
 from .persona import Persona, load_persona
 from .progress import log
 from .records import Record, read_records, with_system, without_system, write_json, write_records
+from .results import RoundRecord, read_rounds
 from .rundir import (
     BASELINES,
-    ROUND_GLOB,
     Run,
     check_resume,
     finished_adapters,
@@ -226,7 +225,7 @@ class Loop:
     def round(self, r: int) -> str | None:
         """Run (or resume) round r; the stop reason, if the loop should stop after it."""
         if self.run.done(f"{round_key(r)}/done"):
-            return self.run.json(f"{round_key(r)}/round.json").get("stop")
+            return RoundRecord.read(self.rdir(r) / "round.json").stop
         log(f"[round {r + 1}/{self.cfg.rounds}]{self._eta(r)}")
         act = self.intervention(r, self.vector(r))
         hcfg = dataclasses.replace(
@@ -371,7 +370,7 @@ class Loop:
     def _eta(self, r: int) -> str:
         if r == 0 or not self.run.done(f"{round_key(r - 1)}/done"):
             return ""
-        prev = self.run.json(f"{round_key(r - 1)}/round.json")["time_s"]["total"]
+        prev = RoundRecord.read(self.rdir(r - 1) / "round.json").time_s["total"]
         return f" (last round took {prev / 60:.1f} min; ETA {(self.cfg.rounds - r) * prev / 60:.1f} min)"
 
     def _coherence_stop(self, r: int) -> str | None:
@@ -399,46 +398,34 @@ class Loop:
         # The method's compute (the measurements, the same for every arm, are left out)
         tokens = {k: sum(t[k] for t in per_step.values()) for k in ("forward", "trained")}
         dose = run.json(f"{key}/dose.json")
-        info = {
-            "round": r,
-            "arm": self.cfg.arm,
-            "coeff": dose["coeff"],
-            "dose": dose,
-            "filter": filter_summary(read_records(d / "kept.jsonl") + read_records(d / "rejected.jsonl")),
-            "target": t,
-            "direction": self.persona.direction,
-            "cos_v0": round(vec.cosine(v0), 4),
-            "vector_norm": round(vec.norm(), 4),
-            "steered": eval_summary(run.json(f"{key}/eval_steered.json"), t)
-            if run.done(f"{key}/eval_steered")
-            else None,
-            "healed": eval_summary(run.json(f"{key}/eval_healed.json"), t) if healed else None,
-            "base_target_nats": eval_summary(run.json(f"{BASELINES}/base.json"), t)["target_nats"],
-            "gen_steered": _gen_summary(run.json(f"{key}/gen_steered.json"))
-            if run.done(f"{key}/gen_steered")
-            else None,
-            "gen_healed": _gen_summary(run.json(f"{key}/gen_healed.json")) if healed else None,
-            "heal": None
-            if heal_info is None
-            else {
-                k: heal_info.get(k)
-                for k in (
-                    "val_nll_start",
-                    "val_nll",
-                    "val_D_mean",
-                    "val_D_rmse",
-                    "barrier_frac",
-                    "steps",
-                    "rows",
-                    "time_s",
-                )
-            },
-            "time_s": times,
-            "tokens": tokens,
-            "online": self.cfg.online.enabled,
-            "stop": stop,
-            "below_floor": healed and stop is not None,
-        }
+        done = run.done
+
+        def measured(step: str, summarize: Callable[[dict], dict | None]) -> dict | None:
+            return summarize(run.json(f"{key}/{step}.json")) if done(f"{key}/{step}") else None
+
+        heal_keys = ("val_nll_start", "val_nll", "val_D_mean", "val_D_rmse", "barrier_frac", "steps", "rows", "time_s")
+        info = RoundRecord(
+            round=r,
+            arm=self.cfg.arm,
+            coeff=dose["coeff"],
+            dose=dose,
+            filter=filter_summary(read_records(d / "kept.jsonl") + read_records(d / "rejected.jsonl")),
+            target=t,
+            direction=self.persona.direction,
+            cos_v0=round(vec.cosine(v0), 4),
+            vector_norm=round(vec.norm(), 4),
+            steered=measured("eval_steered", lambda e: eval_summary(e, t)),
+            healed=eval_summary(run.json(f"{key}/eval_healed.json"), t) if healed else None,
+            base_target_nats=eval_summary(run.json(f"{BASELINES}/base.json"), t)["target_nats"],
+            heal=None if heal_info is None else {k: heal_info.get(k) for k in heal_keys},
+            time_s=times,
+            gen_steered=measured("gen_steered", _gen_summary),
+            gen_healed=_gen_summary(run.json(f"{key}/gen_healed.json")) if healed else None,
+            tokens=tokens,
+            online=self.cfg.online.enabled,
+            stop=stop,
+            below_floor=healed and stop is not None,
+        )
         write_json(d / "round.json", info)
         run.mark(f"{key}/done", 0.0)
 
@@ -537,9 +524,8 @@ def pool_seeds(persona_path: str | Path, out: str | Path, cfg: RunConfig, dirs: 
 
 def stop_reason(root: Path) -> str:
     """Why a finished run stopped, from its last round.json."""
-    rounds = sorted(root.glob(ROUND_GLOB + "/round.json"))
-    last = json.loads(rounds[-1].read_text()) if rounds else None
-    return "no round finished" if last is None else last.get("stop") or f"{last['round'] + 1} rounds done"
+    rounds = read_rounds(root)
+    return "no round finished" if not rounds else rounds[-1].stop or f"{rounds[-1].round + 1} rounds done"
 
 
 def run_loop(
@@ -581,7 +567,7 @@ def finish(loop: Loop, stop_reason: str, t0: float) -> LoopResult:
     broke = [
         r
         for r in range(rounds)
-        if loop.run.done(f"{round_key(r)}/done") and loop.run.json(f"{round_key(r)}/round.json").get("below_floor")
+        if loop.run.done(f"{round_key(r)}/done") and RoundRecord.read(loop.rdir(r) / "round.json").below_floor
     ]
     adapters = [a for r, a in enumerate(loop.finished_adapters()) if not broke or r < broke[0]]
     if adapters:

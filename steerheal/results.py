@@ -4,7 +4,7 @@ a report, a plot or a comparison shows, with paired bootstrap intervals from sta
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,48 @@ import yaml
 
 from .rundir import BASELINES, ROUND_GLOB, protocol_path, round_key
 from .stats import Difference, EvalRows, compare, difference
+
+
+@dataclass
+class RoundRecord:
+    """round.json: a finished round's numbers, read off its artifacts (Loop.finish_round)."""
+
+    round: int
+    arm: str
+    coeff: float
+    dose: dict[str, Any]  # dose.json: the method, its probes, the chosen C
+    filter: dict[str, Any]  # filter.summary of kept + rejected rows
+    target: str
+    direction: int
+    cos_v0: float  # this round's vector against round 0's
+    vector_norm: float
+    steered: dict[str, Any] | None  # loop.eval_summary of the raw-steered eval (None: not measured this round)
+    healed: dict[str, Any] | None  # ... of the healed eval (None: the round stopped before its heal)
+    base_target_nats: float
+    heal: dict[str, Any] | None  # the heal's validation numbers, steps, rows and time
+    time_s: dict[str, float]  # seconds per step that ran, and their total
+    # Keys added after the first runs: an older round.json reads with these defaults
+    gen_steered: dict[str, Any] | None = None  # generation coherence, steered and healed
+    gen_healed: dict[str, Any] | None = None
+    tokens: dict[str, int] | None = None  # the method's token passes (forward, trained)
+    online: bool = False
+    stop: str | None = None  # why the loop stops after this round
+    below_floor: bool = False  # healed coherence fell below pmass_floor × base
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def read(cls, path: Path) -> RoundRecord:
+        d = json.loads(Path(path).read_text())
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def read_rounds(run_dir: Path) -> list[RoundRecord]:
+    """The records of a run's finished rounds, in order."""
+    return [
+        RoundRecord.read(d / "round.json") for d in sorted(run_dir.glob(ROUND_GLOB)) if (d / "round.json").is_file()
+    ]
 
 
 @dataclass
@@ -45,9 +87,7 @@ def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]
     `protocol`: the evals as scored under another protocol of eval.also (None: the run's own)."""
     at = lambda p: protocol_path(p, protocol)  # noqa: E731
     first = run_dirs[0]
-    rounds_by_seed = [
-        [_json(d / "round.json") for d in sorted(r.glob(ROUND_GLOB)) if (d / "round.json").is_file()] for r in run_dirs
-    ]
+    rounds_by_seed = [read_rounds(r) for r in run_dirs]
     conf = yaml.safe_load((first / "config.yaml").read_text())
     base_rep = _json(at(first / BASELINES / "base.json"))
     base = EvalRows.from_report(base_rep)
@@ -72,7 +112,7 @@ def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]
         dirs = [d / round_key(r) for d, x in zip(run_dirs, rounds_by_seed) if len(x) > r]
         # steered_measures=first: no raw-steered eval after round 0
         steered = [_rows(at(d / "eval_steered.json")) for d in dirs if at(d / "eval_steered.json").is_file()]
-        healed = [_rows(at(d / "eval_healed.json")) for d, i in zip(dirs, infos) if i["healed"]]
+        healed = [_rows(at(d / "eval_healed.json")) for d, i in zip(dirs, infos) if i.healed]
         row = _round_row(r, infos, [s for s, x in zip(out["seeds"], rounds_by_seed) if len(x) > r])
         row["steered"] = compare(base, steered, target, direction) if steered else None
         row["healed"] = compare(base, healed, target, direction) if healed else None
@@ -96,23 +136,23 @@ def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]
     return out
 
 
-def _round_row(r: int, infos: list[dict], seed_ids: list[int]) -> dict[str, Any]:
+def _round_row(r: int, infos: list[RoundRecord], seed_ids: list[int]) -> dict[str, Any]:
     """Round r's per-seed facts from each seed's round.json, aligned with seed_ids."""
     return {
         "round": r,
         "n_seeds": len(infos),
         "seed_ids": seed_ids,  # aligned with coeff, kept_frac, ...
-        "seed_healed": [bool(i["healed"]) for i in infos],  # the True ones, in order, are healed's per-seed values
-        "coeff": [i["coeff"] for i in infos],
-        "kept_frac": [i["filter"]["kept_frac"] for i in infos],
-        "filter": [i["filter"] for i in infos],
-        "cos_v0": [i["cos_v0"] for i in infos],
-        "heal": [i["heal"] for i in infos if i["heal"]],
-        "time_s": [i["time_s"] for i in infos],
-        "tokens": [i["tokens"] for i in infos if "tokens" in i],  # rounds run before token counting have none
-        "stop": [i.get("stop") for i in infos],
-        "gen_steered": [i.get("gen_steered") for i in infos],
-        "gen_healed": [i.get("gen_healed") for i in infos],
+        "seed_healed": [bool(i.healed) for i in infos],  # the True ones, in order, are healed's per-seed values
+        "coeff": [i.coeff for i in infos],
+        "kept_frac": [i.filter["kept_frac"] for i in infos],
+        "filter": [i.filter for i in infos],
+        "cos_v0": [i.cos_v0 for i in infos],
+        "heal": [i.heal for i in infos if i.heal],
+        "time_s": [i.time_s for i in infos],
+        "tokens": [i.tokens for i in infos if i.tokens is not None],  # rounds run before token counting have none
+        "stop": [i.stop for i in infos],
+        "gen_steered": [i.gen_steered for i in infos],
+        "gen_healed": [i.gen_healed for i in infos],
     }
 
 

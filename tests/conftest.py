@@ -229,3 +229,29 @@ def persona_file(tmp_path) -> Path:
     p = tmp_path / "persona.yaml"
     p.write_text(PERSONA_YAML)
     return p
+
+
+def round_json(r: int, healed: bool = True, **fields) -> str:
+    """A round.json as Loop.finish_round writes one, with placeholder numbers; `fields` override them."""
+    import dataclasses
+    import json
+
+    from steerheal.results import RoundRecord
+
+    rec = RoundRecord(
+        round=r,
+        arm="steer",
+        coeff=2.0,
+        dose={"coeff": 2.0},
+        filter={"kept_frac": 1.0},
+        target="authority",
+        direction=-1,
+        cos_v0=1.0,
+        vector_norm=1.0,
+        steered=None,
+        healed={"target_shift": 0.0} if healed else None,
+        base_target_nats=-5.0,
+        heal=None,
+        time_s={"total": 1.0},
+    )
+    return json.dumps(dataclasses.replace(rec, **fields).to_dict())

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN, tiny_cli
+from conftest import TINY_RUN, round_json, tiny_cli
 
 from steerheal.compare import place
 
@@ -187,7 +187,7 @@ def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
             d = tmp_path / arm / f"round_{r:02d}"
             d.mkdir(parents=True)
             (d / "eval_healed.json").write_text(json.dumps(evals[arm, r]))
-            (d / "round.json").write_text(json.dumps({"round": r, "healed": True}))
+            (d / "round.json").write_text(round_json(r))
         numbers[arm] = {
             "rounds": [{"round": r, "healed": {"target_shift": 0.0}} for r in rounds],
             "base": base,
@@ -260,7 +260,7 @@ def test_a_seed_counts_in_the_difference_only_once_its_round_is_finished(tmp_pat
             d.mkdir(parents=True)
             (d / "eval_healed.json").write_text(json.dumps(report()))
             if not (arm == "gate" and seed == 1):
-                (d / "round.json").write_text(json.dumps({"round": 0, "healed": True}))
+                (d / "round.json").write_text(round_json(0))
     numbers = {
         arm: {
             "rounds": [{"round": 0, "healed": {"target_shift": 0.0}}],
@@ -300,8 +300,7 @@ def test_the_per_seed_table_keeps_each_seed_on_its_own_row(tmp_path):
             rd.mkdir()
             if healed:
                 (rd / "eval_healed.json").write_text(json.dumps(report(-0.5 * (seed + 1))))
-            info = {"healed": healed, "coeff": 2.0, "filter": {"kept_frac": kept[seed]}, "cos_v0": 1.0}
-            (rd / "round.json").write_text(json.dumps(info | {"heal": None, "time_s": {"total": 1.0}}))
+            (rd / "round.json").write_text(round_json(r, healed, filter={"kept_frac": kept[seed]}))
         dirs.append(d)
     numbers = {"steer": collect(dirs)}
     lines = [x for x in per_seed_lines(numbers) if x.startswith("| steer |")]
