@@ -7,11 +7,12 @@ Over 400 lines only because every option is spelled out once, with its help; no 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
@@ -68,6 +69,16 @@ OutOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output f
 def _opt(section: type, name: str, *names: str, **kw: Any) -> Any:
     """The option for a config field, its help line read from the field (config.opt): stated once."""
     return typer.Option(*names, help=help_of(section, name), **kw)
+
+
+T = TypeVar("T")
+
+
+def _section(section: type[T], options: dict[str, Any], **renamed: str) -> T:
+    """A config section from a command's options (its locals()), field by field; `renamed`: field=option
+    where the option's name differs. A field with no option keeps its default."""
+    names = {f.name: renamed.get(f.name, f.name) for f in dataclasses.fields(section)}  # type: ignore[arg-type]
+    return section(**{field: options[opt] for field, opt in names.items() if opt in options})
 
 
 def command(fn: Callable) -> Callable:
@@ -209,27 +220,8 @@ def generate(
     from .records import write_records
     from .vector import SteeringVector
 
-    steer = SteerConfig(
-        method=schedule,
-        tokens=decay_tokens,
-        floor=floor,
-        gate=gate,
-        gate_mode=gate_mode,
-        backtrack=backtrack,
-        backtrack_nll=backtrack_nll,
-        backtrack_tokens=backtrack_tokens,
-        backtrack_scale=backtrack_scale,
-        backtrack_max=backtrack_max,
-    )
-    cfg = GenerateConfig(
-        n=n,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=batch_size,
-        steer=steer,
-        backend=backend,
-    )
+    steer = _section(SteerConfig, locals(), method="schedule", tokens="decay_tokens")
+    cfg = _section(GenerateConfig, locals())
     cfg.check()
     p = load_persona(persona)
     vec = SteeringVector.load(vector_path) if vector_path else None
@@ -272,14 +264,7 @@ def filter_(
         raise SteerhealError(f"{records}: no records to filter")
     narration = load_persona(persona).narration if persona else []
     lm = _load(model, adapter, device, dtype, trust_remote_code)
-    cfg = FilterConfig(
-        max_ppl=max_ppl,
-        max_repetition=max_repetition,
-        min_words=min_words,
-        ppl_tail=ppl_tail,
-        max_len=max_len,
-        batch_size=batch_size,
-    )
+    cfg = _section(FilterConfig, locals())
     kept, dropped = filter_records(lm, recs, cfg, narration)
     if rejected:
         write_records(dropped, rejected)
@@ -349,30 +334,7 @@ def heal(
     from .heal import heal as heal_core
     from .records import read_records
 
-    cfg = HealConfig(
-        reg=reg,
-        agg=agg,
-        tau=tau,
-        lam=lam,
-        ref=ref,
-        rank=rank,
-        alpha=alpha,
-        layers=layers,
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_len=max_len,
-        weight_decay=weight_decay,
-        val_frac=val_frac,
-        seed=seed,
-        min_rows=min_rows,
-        warmup=warmup,
-        max_grad_norm=max_grad_norm,
-        checkpoint=checkpoint,
-        ref_cache_gb=ref_cache_gb,
-        ref_top_k=ref_top_k,
-    )
+    cfg = _section(HealConfig, locals())
     cfg.check()
     recs = read_records(records)
     history = [str(a) for a in adapter or []]
@@ -659,14 +621,7 @@ def eval_(
     from .vector import SteeringVector
     from .vignettes import load_vignettes
 
-    cfg = EvalConfig(
-        vignettes=vignettes,
-        condition=condition,
-        limit=limit,
-        think_tokens=think_tokens,
-        batch_size=batch_size,
-        protocol=protocol,
-    )
+    cfg = _section(EvalConfig, locals())
     cfg.check()
     vigs = load_vignettes(vignettes, condition, limit, seed)
     vec = SteeringVector.load(vector_path) if vector_path else None

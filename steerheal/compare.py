@@ -27,7 +27,7 @@ from .plot import plot_compare
 from .progress import log
 from .records import write_json, write_text
 from .report import render
-from .results import ArmDifference, RoundRecord, collect
+from .results import ArmDifference, ArmSummary, RoundRecord, collect
 from .rundir import BASELINES, Run, protocol_path, round_key
 from .stats import (
     Difference,
@@ -185,7 +185,7 @@ def write_plan(
     per_seed = sum(c for c in cost.values() if c) if all(cost.get(a) for a in arms) else None
     rows, L = [], []
     for protocol, summ in [(summary["protocol"], summary), *summary["protocols"].items()]:
-        family = {a: e["reference_minus_arm"] for a, e in summ["arms"].items() if e.get("reference_minus_arm")}
+        family = {a: e.reference_minus_arm for a, e in summ["arms"].items() if e.reference_minus_arm}
         for arm, d in family.items():
             diffs = {"selectivity": d.selectivity} | {
                 f"{arm} minus {reference}: {m}": x for m, x in d.arm_minus_reference.items()
@@ -279,9 +279,9 @@ def summarize(
     out: dict[str, Any] = {"protocol": next(iter(numbers.values()))["protocol"], "arms": {}, "null": draws}
     for arm, c in numbers.items():
         healed = [r for r in c["rounds"] if r["healed"]]
-        entry: dict[str, Any] = {"rounds": len(c["rounds"]), "healed_rounds": len(healed)}
+        entry = ArmSummary(len(c["rounds"]), len(healed))
         if healed:
-            entry["last"] = {
+            entry.last = {
                 k: healed[-1]["healed"][k]
                 for k in (
                     "target_shift",
@@ -294,12 +294,12 @@ def summarize(
                 )
                 if k in healed[-1]["healed"]  # a seed interval needs two seeds
             }
-            entry["vs_prompting"] = healed[-1]["heal_vs_prompt"]
+            entry.vs_prompting = healed[-1]["heal_vs_prompt"]
         # The null is directions at the steer arm's round-0 C: only an arm that steered at that C is placed in it
         # (not the prompt arms, nor the random arm, whose own dose rule picks another C).
         if draws and c["rounds"] and all(abs(x - draws["coeff"]) < 1e-3 for x in c["rounds"][0]["coeff"]):
             shifts = [d["target_shift"] for d in draws["draws"]]
-            entry["null_raw"] = place(c["rounds"][0]["steered"]["target_shift"], shifts)
+            entry.null_raw = place(c["rounds"][0]["steered"]["target_shift"], shifts)
         # Healed, like for like: the arm's mean healed shift among the random arm's healed seeds (each seed
         # its own random direction, distilled and healed the same way), at the arm's last healed round.
         rnd = numbers.get("random")
@@ -307,27 +307,26 @@ def summarize(
             r = healed[-1]["round"]
             same = [x for x in rnd["rounds"] if x["round"] == r and x["healed"]]
             if same:
-                entry["null_healed"] = place(
+                entry.null_healed = place(
                     healed[-1]["healed"]["target_shift"], same[0]["healed"]["target_shift_per_seed"]
-                )
-                entry["null_healed"]["round"] = r
+                ) | {"round": r}
         out["arms"][arm] = entry
     out["reference"] = reference
     if reference in numbers:
         for arm in numbers:
             if arm != reference:
-                out["arms"][arm]["reference_minus_arm"] = _arm_difference(root, cfg, reference, arm, numbers)
+                out["arms"][arm].reference_minus_arm = _arm_difference(root, cfg, reference, arm, numbers)
     holm_family(out["arms"], cfg.decide)
     return out
 
 
-def holm_family(arms: dict[str, dict], decide: DecideConfig | None = None) -> None:
+def holm_family(arms: dict[str, ArmSummary], decide: DecideConfig | None = None) -> None:
     """Several arms against one reference: Holm over that family keeps the chance of any false "better"
     (and, for the TOST p's, of any false "equivalent") at 5%, which each verdict alone does not. Adds
     seed_p_holm, holm_m, verdict_holm, and with decide the decision after Holm and the plan's seeds, in
     place. An arm with one seed has no seed test: it counts in the family with p = 1, so it is never called
     after Holm."""
-    family = [e["reference_minus_arm"].selectivity for e in arms.values() if e.get("reference_minus_arm")]
+    family = [e.reference_minus_arm.selectivity for e in arms.values() if e.reference_minus_arm]
     tost = holm([_p(d.tost_p) for d in family])
     for d, p, q in zip(family, holm([_p(d.seed_p) for d in family]), tost):
         d.seed_p_holm, d.holm_m, d.verdict_holm = p, len(family), d.verdict if p < 0.05 else "unclear"

@@ -47,20 +47,8 @@ def complete(
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[str] = [""] * len(texts)
     if lm.engine is not None:  # generate.backend vllm: the same token ids in, token ids out
-        with progress(desc, total=len(texts)) as bar:
-            rows = lm.engine.complete(
-                lm,
-                [tok(t, add_special_tokens=False)["input_ids"] for t in texts],
-                vector=vector,
-                coeff=coeff,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=min_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
-            )
-            bar(len(texts))
-        return [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
+        sampling = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature)
+        return _on_engine(lm, texts, vector, coeff, desc, top_p=top_p, seed=seed, **sampling)
     if seed is not None:
         torch.manual_seed(seed)
     kwargs = _hf_kwargs(tok.pad_token_id, max_new_tokens, min_new_tokens, temperature, top_p)
@@ -91,6 +79,18 @@ def complete(
                     row_info[i] = info
             bar(len(idx))
     return out
+
+
+def _on_engine(
+    lm: LoadedModel, texts: list[str], vector: SteeringVector | None, coeff: float, desc: str, **sampling: Any
+) -> list[str]:
+    """complete() on lm's vLLM engine: prompts as our token ids, completions decoded by our tokenizer."""
+    tok = lm.tokenizer
+    with progress(desc, total=len(texts)) as bar:
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        rows = lm.engine.complete(lm, ids, vector=vector, coeff=coeff, **sampling)
+        bar(len(texts))
+    return [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
 
 
 def use_backend(lm: LoadedModel, backend: str, seed: int = 0) -> None:

@@ -377,26 +377,25 @@ def verdict_lines(summary: dict[str, Any], target: str) -> list[str]:
         )
     for arm, e in summary["arms"].items():
         parts = [f"**{arm}**"]
-        if "last" in e:
+        if e.last is not None and e.vs_prompting is not None:
             parts.append(
-                f"last healed round: shift {ci_text(e['last'], 'target_shift')}, selectivity {ci_text(e['last'], 'selectivity')}"
+                f"last healed round: shift {ci_text(e.last, 'target_shift')}, selectivity {ci_text(e.last, 'selectivity')}"
             )
-            vp = e["vs_prompting"]
+            vp = e.vs_prompting
             parts.append(
-                f"beats prompting: {beats(str(vp.verdict), verdict(*intervals(e['last'], 'selectivity')))} "
+                f"beats prompting: {beats(str(vp.verdict), verdict(*intervals(e.last, 'selectivity')))} "
                 f"(selectivity difference {vp.difference:+.2f} "
                 f"[{vp.difference_ci[0]:+.2f}, {vp.difference_ci[1]:+.2f}]{seed_ci_text(vp)})"
             )
-        for key, name in (
-            ("null_raw", "raw round 0 among the random directions"),
-            ("null_healed", "healed among the random arm's healed seeds"),
+        for p, name in (
+            (e.null_raw, "raw round 0 among the random directions"),
+            (e.null_healed, "healed among the random arm's healed seeds"),
         ):
-            if key in e:
-                p = e[key]
+            if p is not None:
                 where = f" (round {p['round']})" if "round" in p else ""
                 z = f", z {p['z']:+.2f}" if math.isfinite(p["z"]) else ""  # no z from one draw
                 parts.append(f"{name}{where}: percentile {p['percentile']:.0f}{z}, {_null_word(p)}")
-        ad = e.get("reference_minus_arm")
+        ad = e.reference_minus_arm
         if ad:
             d = ad.selectivity
             parts.append(

@@ -82,6 +82,27 @@ def _rows(p: Path) -> EvalRows:
     return EvalRows.from_report(_json(p))
 
 
+@dataclass
+class ArmSummary:
+    """compare: one arm's standing, read at its last healed round. In compare.json, the fields that are set."""
+
+    rounds: int
+    healed_rounds: int
+    last: dict[str, Any] | None = None  # the last healed round's shift, selectivity, pmass ratio and intervals
+    vs_prompting: Difference | None = None  # its selectivity minus the prompting baseline's
+    null_raw: dict[str, Any] | None = None  # compare.place: round 0's raw shift among the random directions
+    null_healed: dict[str, Any] | None = None  # ... the healed shift among the random arm's healed seeds
+    reference_minus_arm: ArmDifference | None = None  # None for the reference itself
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"rounds": self.rounds, "healed_rounds": self.healed_rounds}
+        for k in ("last", "vs_prompting", "null_raw", "null_healed", "reference_minus_arm"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v.to_dict() if hasattr(v, "to_dict") else v
+        return out
+
+
 def collect(run_dirs: list[Path], protocol: str | None = None) -> dict[str, Any]:
     """Every number of the report, pooled over the run directories (seeds) that share base and vignettes;
     `protocol`: the evals as scored under another protocol of eval.also (None: the run's own)."""

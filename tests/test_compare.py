@@ -172,6 +172,7 @@ def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
     from steerheal.compare import _arm_difference
     from steerheal.config import RunConfig
     from steerheal.report import verdict_lines
+    from steerheal.results import ArmSummary
     from steerheal.stats import EvalRows, difference
 
     rng = np.random.default_rng(0)
@@ -200,7 +201,7 @@ def test_arms_are_compared_at_the_last_round_both_reached(tmp_path):
     sel = got.selectivity
     assert got.round == 1 and got.seeds == [1, 1] and sel.difference == pytest.approx(want.difference)
     assert sel.difference_ci == pytest.approx(want.difference_ci)
-    line = verdict_lines({"arms": {"nll": {"reference_minus_arm": got}}}, "authority")[0]
+    line = verdict_lines({"arms": {"nll": ArmSummary(2, 2, reference_minus_arm=got)}}, "authority")[0]
     assert "round 1" in line and "no seed-to-seed variance" in line
     # The Pareto axes, arm minus steer (not steer minus arm) at the same round 1.
     shift = got.arm_minus_reference["target_shift"]
@@ -316,25 +317,25 @@ def test_holm_over_the_arms_set_against_the_reference():
     p 0.02 alone: adjusted, the smallest needs p < 0.05 / 3, so none is called."""
     from steerheal.compare import holm_family
     from steerheal.report import verdict_lines
-    from steerheal.results import ArmDifference
+    from steerheal.results import ArmDifference, ArmSummary
     from steerheal.stats import Difference
 
-    def arm(p: float | None, verdict: str) -> dict:
+    def arm(p: float | None, verdict: str) -> ArmSummary:
         d = Difference("selectivity", 0.3, [0.1, 0.5], verdict=verdict)
         if p is not None:
             d.seed_p, d.seed_ci, d.seed_test, d.per_seed = p, [0.05, 0.6], "Welch t", [[0.3] * 3, [0.0] * 3]
         axes = {m: Difference(m, 0.0, [-0.1, 0.1], verdict="unclear") for m in ("target_shift", "pmass_ratio")}
-        return {"reference_minus_arm": ArmDifference(2, [3, 3], [], d, axes, "unclear")}
+        return ArmSummary(3, 3, reference_minus_arm=ArmDifference(2, [3, 3], [], d, axes, "unclear"))
 
     # An arm with one seed has no seed test: it counts in the family with p = 1 and is never called.
     arms = {"a": arm(0.01, "yes"), "b": arm(0.30, "unclear"), "one": arm(None, "yes")}
     holm_family(arms)
-    got = {k: e["reference_minus_arm"].selectivity for k, e in arms.items()}
+    got = {k: e.reference_minus_arm.selectivity for k, e in arms.items()}
     assert [got[k].seed_p_holm for k in ("a", "b", "one")] == pytest.approx([0.03, 0.60, 1.0])
     assert [got[k].verdict_holm for k in ("a", "b", "one")] == ["yes", "unclear", "unclear"]
     arms = {"a": arm(0.02, "yes"), "b": arm(0.02, "yes"), "c": arm(0.02, "yes")}
     holm_family(arms)
-    assert {e["reference_minus_arm"].selectivity.verdict_holm for e in arms.values()} == {"unclear"}
+    assert {e.reference_minus_arm.selectivity.verdict_holm for e in arms.values()} == {"unclear"}
     line = verdict_lines({"arms": arms, "reference": "const"}, "authority")[0]
     assert "const better: yes (Holm over the 3 arms set against const: p 0.060, unclear)" in line
 
