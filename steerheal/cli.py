@@ -24,6 +24,7 @@ from .config import (
     SWEEP_BANDS,
     SWEEP_COEFFS,
     EvalConfig,
+    ExecutorConfig,
     FilterConfig,
     GenerateConfig,
     HealConfig,
@@ -409,7 +410,7 @@ def _run_config(config: str | None, set_: list[str] | None, **flags: Any) -> Any
     from .config import deep_merge, parse_set
 
     coeff, vignettes = flags.pop("coeff", None), flags.pop("vignettes", None)
-    online, backend = flags.pop("online", False), flags.pop("backend", None)
+    online, backend, executor = flags.pop("online", False), flags.pop("backend", None), flags.pop("executor", None)
     over: dict = {k: v for k, v in flags.items() if v is not None and v != "auto" and v is not False}
     if online:
         over["online"] = {"enabled": True}
@@ -419,6 +420,8 @@ def _run_config(config: str | None, set_: list[str] | None, **flags: Any) -> Any
         over["eval"] = {"vignettes": vignettes}
     if backend is not None:
         over["generate"] = {"backend": backend}
+    if executor is not None:
+        over["executor"] = {"kind": executor}
     return resolve_config(config, deep_merge(over, parse_set(set_ or [])))
 
 
@@ -539,6 +542,13 @@ def compare(
         Optional[str],
         typer.Option(help="The arm every other one is set against (an arm or a --variant; default steer)."),
     ] = None,
+    executor: Annotated[
+        Optional[str],
+        typer.Option(
+            help=help_of(ExecutorConfig, "kind") + " Cluster options: --set executor.cluster=slurm, "
+            "executor.partition=..., executor.gpus_per_job=1, ..."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     rounds: RoundsOpt = None,
     seeds: SeedsOpt = None,
@@ -558,6 +568,7 @@ def compare(
     cfg = _run_config(
         config,
         set_,
+        executor=executor,
         rounds=rounds,
         seeds=seeds,
         model=model,

@@ -13,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import SteerhealError
+from .cluster import Unit, run_unit, submit
 from .config import ARMS, NULL_ALPHA, NULL_K_COMPARE, REFERENCE, DecideConfig, RunConfig, parse_set, with_overrides
 from .evaluate import score_vignettes
-from .loop import baseline_steps, pool_seeds, run_dtype, run_loop, run_seed
+from .loop import baseline_steps, pool_seeds, run_dtype
 from .models import load_model
 from .plot import plot_compare
 from .progress import log
@@ -102,20 +104,26 @@ def run_compare(
     shared = next(
         (d for a in ARMS for d in arm_dirs(root, a, cfg) if all(Run(d).done(k) for k in baseline_steps(cfg)[0])), None
     )
-    run = Run(root)
     # Seed by seed, every arm within a seed: a run stopped early leaves arms paired on the seeds it finished.
-    for i, s in enumerate([] if report_only else (cfg.seeds or [None])):
-        for arm in arms:
-            log(f"[arm {arm}]" + ("" if s is None else f" [seed {s}] ({i + 1}/{len(cfg.seeds)})"))
-            acfg = arm_config(cfg, arm, variants)
-            one = (
-                run_loop(persona_path, root / arm, acfg, force, shared)
-                if s is None
-                else run_seed(persona_path, root / arm, acfg, s, force, shared)
-            )
-            shared = shared or one.root
-        if i == 0 and "steer" in arms and null_k > 0:
-            run.step("null", lambda: write_json(root / "null.json", random_null(root, cfg, null_k)))
+    seeds: list[int | None] = [] if report_only else [*cfg.seeds] or [None]
+    units = [
+        Unit(str(persona_path), str(root / arm), arm_config(cfg, arm, variants), s, force, None)
+        for s in seeds
+        for arm in arms
+    ]
+    null = (
+        (lambda: write_json(root / "null.json", random_null(root, cfg, null_k))) if "steer" in arms and null_k else None
+    )
+    if cfg.executor.kind == "local":
+        run_here(units, shared, null, Run(root), len(arms))
+    elif units:
+        first = dataclasses.replace(units[0], shared=str(shared) if shared else None)
+        submit([first, *units[1:]], cfg.executor, root / "jobs")  # the baselines job first, then the units
+        if not cfg.executor.wait:
+            log("compare: jobs submitted; when they end, `steerheal compare ... --report-only` writes the report")
+            return root / "compare.md"
+        if null is not None:
+            Run(root).step("null", null)
     for arm in arms if cfg.seeds else []:  # each arm's own report, pooled over the seeds it finished
         finished = [d for d in arm_dirs(root, arm, cfg) if (d / "report.md").is_file()]
         if finished:
@@ -126,6 +134,17 @@ def run_compare(
     write_text(root / "compare.md", render(summary, numbers))
     log(f"compare report: {root / 'compare.md'}")
     return root / "compare.md"
+
+
+def run_here(units: list[Unit], shared: Path | None, null: Callable[[], None] | None, run: Run, n_arms: int) -> None:
+    """The units one after another in this process (executor local); the null after the first seed."""
+    for i, u in enumerate(units):
+        seed = "" if u.seed is None else f" [seed {u.seed}] ({i // n_arms + 1}/{len(u.cfg.seeds) or 1})"
+        log(f"[arm {Path(u.arm_root).name}]{seed}")
+        one = run_unit(dataclasses.replace(u, shared=str(shared) if shared else None))
+        shared = shared or Path(one)
+        if i == n_arms - 1 and null is not None:
+            run.step("null", null)
 
 
 def check_arms(arms: list[str], variants: dict[str, dict[str, Any]], reference: str | None) -> tuple[list[str], str]:

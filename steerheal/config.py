@@ -339,6 +339,31 @@ class DecideConfig:
         ]
 
 
+EXECUTORS = ("local", "submitit")
+CLUSTERS = ("local", "slurm")
+
+
+@dataclass
+class ExecutorConfig:
+    """Where compare runs its (arm, seed) units: one after another in this process (local), or each as a
+    job through submitit (cluster local: a process per job on this machine; slurm: an array job). Only
+    where runs happen: it never changes a result, so a run may resume under another executor."""
+
+    kind: str = opt("local", "local (one unit after another, here) or submitit (a job per arm and seed).")
+    cluster: str = opt("slurm", "submitit's cluster: slurm, or local (processes on this machine).")
+    partition: str | None = opt(None, "Slurm partition.")
+    gpus_per_job: int = opt(0, "GPUs per job.")
+    cpus_per_job: int | None = opt(None, "CPUs per job (Slurm); None: the cluster's default.")
+    threads: int | None = opt(None, "torch threads in each job; None: torch's default.")
+    timeout_min: int = opt(240, "A job's time limit in minutes.")
+    array_parallelism: int = opt(64, "Jobs running at once (Slurm's array limit; local processes go in waves).")
+    wait: bool = opt(True, "Wait for the jobs, then write the report; else submit and return.")
+
+    def check(self) -> None:
+        _choice("executor.kind", self.kind, EXECUTORS)
+        _choice("executor.cluster", self.cluster, CLUSTERS)
+
+
 @dataclass
 class RunConfig:
     """A whole `loop` run. Sections are the steps' own configs."""
@@ -365,6 +390,7 @@ class RunConfig:
     online: OnlineConfig = field(default_factory=OnlineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     decide: DecideConfig = field(default_factory=DecideConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def check(self) -> None:
         if self.rounds < 1:
@@ -387,6 +413,7 @@ class RunConfig:
             )
         self.eval.check()
         self.decide.check()
+        self.executor.check()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -516,7 +543,15 @@ BEFORE_THE_KEY: dict[str, Any] = {
     "heal.ref_top_k": 0,  # the reference was the whole vocabulary before the top-k cache
     "generate.backend": "hf",  # every run sampled on transformers before the vLLM backend
 }
-DEFAULT_WAS_THE_BEHAVIOUR = ("steered_measures", "generate.steer", "heal.checkpoint", "online", "eval.also", "decide")
+DEFAULT_WAS_THE_BEHAVIOUR = (
+    "steered_measures",
+    "generate.steer",
+    "heal.checkpoint",
+    "online",
+    "eval.also",
+    "decide",
+    "executor",
+)
 
 
 def _leaves(d: dict, prefix: str = "") -> list[str]:

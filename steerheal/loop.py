@@ -503,9 +503,12 @@ def run_seed(
     persona_path: str | Path, out: str | Path, cfg: RunConfig, s: int, force: bool, baselines_from: Path | None
 ) -> LoopResult:
     """Seed s of a several-seed config, in out/seed_s."""
-    return run_loop(
-        persona_path, Path(out) / f"seed_{s}", dataclasses.replace(cfg, seed=s, seeds=[]), force, baselines_from
-    )
+    return run_loop(persona_path, *seed_run(out, cfg, s), force, baselines_from)
+
+
+def seed_run(out: str | Path, cfg: RunConfig, s: int) -> tuple[Path, RunConfig]:
+    """Where seed s of a several-seed config runs, and the config it runs with."""
+    return Path(out) / f"seed_{s}", dataclasses.replace(cfg, seed=s, seeds=[])
 
 
 def pool_seeds(persona_path: str | Path, out: str | Path, cfg: RunConfig, dirs: list[Path]) -> None:
@@ -526,6 +529,15 @@ def stop_reason(root: Path) -> str:
     """Why a finished run stopped, from its last round.json."""
     rounds = read_rounds(root)
     return "no round finished" if not rounds else rounds[-1].stop or f"{rounds[-1].round + 1} rounds done"
+
+
+def run_baselines(
+    persona_path: str | Path, out: str | Path, cfg: RunConfig, force: bool = False, baselines_from: Path | None = None
+) -> Path:
+    """Only the baselines of the run in `out` (resumable): for jobs that adopt them. Returns the run's root."""
+    loop = open_loop(persona_path, out, cfg, force, baselines_from)
+    loop.baselines()
+    return loop.run.root
 
 
 def run_loop(

@@ -36,8 +36,9 @@ def round_key(r: int) -> str:
 
 
 # Config keys not compared as written on resume: rounds may change; dtype is compared as resolved
-# (the `dtype` input), since `auto` is bf16 on one CPU and fp32 on another; decide only reads results.
-RESUMABLE_KEYS = ("rounds", "dtype", "decide")
+# (the `dtype` input), since `auto` is bf16 on one CPU and fp32 on another; decide only reads results;
+# executor only says where the units run.
+RESUMABLE_KEYS = ("rounds", "dtype", "decide", "executor")
 
 
 class Run:

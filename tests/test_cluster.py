@@ -1,0 +1,79 @@
+"""compare on a scheduler (cluster.py): every (arm, seed) a submitit job, the same results as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from conftest import TINY_RUN
+
+from steerheal.compare import run_compare
+from steerheal.config import parse_set, resolve_config
+
+pytest.importorskip("submitit")
+
+# fp32 named: the jobs' processes see the CPU's own flags (auto: bf16 here), the suite's process none
+SETS = [*TINY_RUN, "rounds=1", "seeds=0,1", "coherence_prompts=0", "dtype=fp32"]
+
+
+def _summary(path):
+    """compare.json without what may differ between executors: the seeds' wall time, and the executor."""
+    s = json.loads(path.read_text())
+    s.pop("seed_cost_s")
+    for p in [s, *s["protocols"].values()]:
+        for arm in p["arms"].values():
+            arm.pop("config", None)
+    return s
+
+
+def test_jobs_on_the_local_executor_give_the_sequential_compare(tiny_model_dir, persona_file, tmp_path, one_thread):
+    """2 arms x 2 seeds as four jobs in parallel processes (one thread each) write the compare.json that one
+    process running them in order writes: the job order does not matter, the baselines are computed once."""
+    cfg = resolve_config(None, parse_set([*SETS, f"model={tiny_model_dir}"]))
+    run_compare(persona_file, tmp_path / "seq", cfg, ["steer", "prompt"], null_k=0)
+    jobs = resolve_config(
+        None,
+        parse_set(
+            [*SETS, f"model={tiny_model_dir}", "executor.kind=submitit", "executor.cluster=local", "executor.threads=1"]
+        ),
+    )
+    run_compare(persona_file, tmp_path / "jobs", jobs, ["steer", "prompt"], null_k=0)
+    assert _summary(tmp_path / "jobs" / "compare.json") == _summary(tmp_path / "seq" / "compare.json")
+    # the baselines job and four unit jobs; every unit adopted the baselines computed before them
+    assert len(list((tmp_path / "jobs" / "jobs").glob("*_result.pkl"))) == 5
+    for arm in ("steer", "prompt"):
+        for s in (0, 1):
+            steps = json.loads((tmp_path / "jobs" / arm / f"seed_{s}" / "manifest.json").read_text())["steps"]
+            assert (arm, s) == ("steer", 0) or steps["baselines/base"]["shared_from"] == str(
+                tmp_path / "jobs" / "steer" / "seed_0"
+            )
+
+
+def test_slurm_gets_one_array_job_with_the_resources_asked_for(tiny_model_dir, persona_file, tmp_path, monkeypatch):
+    """The submission submitit sends to Slurm, recorded by a stand-in sbatch: one array of the four units, at
+    most 2 at once, on the partition and with the GPUs and time asked for, each running steerheal's unit."""
+    from steerheal.cluster import Unit, submit
+
+    bin_dir, record = tmp_path / "bin", tmp_path / "sbatch.txt"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", f'cat "$1" >> {record}\necho "Submitted batch job 4242"'), ("srun", "exit 0")):
+        tool = bin_dir / name  # submitit checks for srun before it submits
+        tool.write_text(f"#!/bin/sh\n{body}\n")
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    over = ["executor.kind=submitit", "executor.partition=gpu", "executor.gpus_per_job=1", "executor.wait=false"]
+    cfg = resolve_config(None, parse_set([*SETS, f"model={tiny_model_dir}", *over, "executor.array_parallelism=2"]))
+    cfg.executor.timeout_min = 90
+    units = [
+        Unit(str(persona_file), str(tmp_path / a), cfg, s, False, None) for s in (0, 1) for a in ("steer", "prompt")
+    ]
+    jobs = submit(units, cfg.executor, tmp_path / "jobs")
+    base, array = record.read_text().split("#!/bin/bash")[1:]  # two submissions: the baselines, then the units
+    assert [j.job_id for j in jobs] == ["4242", *(f"4242_{i}" for i in range(4))]
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=90"):
+        assert line in base and line in array, line
+    assert "#SBATCH --array=0-3%2" in array and "--array" not in base
+    assert "#SBATCH --dependency=afterok:4242" in array  # the units start once the baselines are in
+    assert "submitit.core._submit" in array
