@@ -77,3 +77,24 @@ def test_slurm_gets_one_array_job_with_the_resources_asked_for(tiny_model_dir, p
     assert "#SBATCH --array=0-3%2" in array and "--array" not in base
     assert "#SBATCH --dependency=afterok:4242" in array  # the units start once the baselines are in
     assert "submitit.core._submit" in array
+
+
+def test_a_failed_job_is_named_and_the_same_command_resumes_it(tiny_model_dir, persona_file, tmp_path, one_thread):
+    """A unit whose job fails (here: its directory holds another run's config, which the resume check
+    refuses) is named in one error; the other units finish. Run again once the cause is gone, only the
+    failed unit runs: the finished ones are not redone."""
+    from steerheal import SteerhealError
+
+    sets = [*SETS, f"model={tiny_model_dir}", "executor.kind=submitit", "executor.cluster=local", "executor.threads=1"]
+    cfg = resolve_config(None, parse_set(sets))
+    out = tmp_path / "cmp"
+    bad = out / "prompt" / "seed_1"
+    bad.mkdir(parents=True)
+    (bad / "config.yaml").write_text("config: {rounds: 7}\n")
+    with pytest.raises(SteerhealError, match=r"1 of 4 jobs failed: prompt/seed_1 .*Run the same command again"):
+        run_compare(persona_file, out, cfg, ["steer", "prompt"], null_k=0)
+    done = {u: (out / u / "manifest.json").read_text() for u in ("steer/seed_0", "steer/seed_1", "prompt/seed_0")}
+    (bad / "config.yaml").unlink()
+    run_compare(persona_file, out, cfg, ["steer", "prompt"], null_k=0)
+    assert {u: (out / u / "manifest.json").read_text() for u in done} == done  # not rerun
+    assert (bad / "round_00" / "round.json").is_file() and (out / "compare.md").is_file()
