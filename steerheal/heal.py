@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -426,9 +427,12 @@ def train(
     teacher: list[torch.Tensor] | list[TopK] | None = None,
 ) -> list[dict]:
     """AdamW with a cosine schedule and warm-up over the training rows (each epoch in the seed's order by
-    row id, `ids`); one log row per optimizer step."""
+    row id, `ids`); one log row per optimizer step. Under `accelerate launch` (DDP) each process takes its
+    share of each step's micro-batches and the gradients are summed over processes: the step one process
+    takes with the same global batch."""
     dev = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    world, rank = processes()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     micro_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total = math.ceil(micro_per_epoch / cfg.grad_accum) * cfg.epochs
@@ -441,22 +445,27 @@ def train(
             micro = [perm[s : s + cfg.batch_size] for s in range(0, len(perm), cfg.batch_size)]
             for g in range(0, len(micro), cfg.grad_accum):
                 group = micro[g : g + cfg.grad_accum]
-                acc = {"loss": 0.0, "fit": 0.0, "D": 0.0}
-                active = False
-                for idx in group:
+                acc = {"loss": 0.0, "fit": 0.0, "D": 0.0, "active": 0.0, "bad": 0.0}
+                for idx in group[rank::world]:  # this process's share of the step's micro-batches
                     b = right_padded(rows, idx, pad_id, dev)
                     t_logp = cat_logprobs([teacher[i] for i in idx], dev) if teacher is not None else None
                     loss, fit, d = batch_terms(peft_model, b, ref.logprobs(b) if ref else None, cfg, t_logp)
                     if not torch.isfinite(loss):
-                        raise SteerhealError(
-                            f"step {step} (epoch {epoch}): loss is {float(loss)}; "
-                            "nothing written; lower --lr or check the data"
-                        )
+                        acc["bad"] = float(loss)  # raised below, by every process at once
+                        break
                     (loss / len(group)).backward()
                     acc["loss"] += float(loss.detach()) / len(group)
                     acc["fit"] += float(fit.detach()) / len(group)
                     acc["D"] += float(d.detach().mean()) / len(group)
-                    active |= bool((d > cfg.tau).any()) and ref is not None
+                    acc["active"] += float(bool((d > cfg.tau).any()) and ref is not None)
+                if world > 1:
+                    acc = _sum_over_processes(params, acc)
+                if acc["bad"] != 0:
+                    raise SteerhealError(
+                        f"step {step} (epoch {epoch}): loss is {acc['bad']}; nothing written; lower --lr or check the data"
+                    )
+                active = acc.pop("active") > 0
+                acc.pop("bad")
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 lr = sched.get_last_lr()[0]
@@ -467,6 +476,32 @@ def train(
                 step += 1
                 bar(1, loss=acc["loss"], D=acc["D"])
     return log_rows
+
+
+def processes() -> tuple[int, int]:
+    """(how many processes share the heal, this one's rank): (1, 0) alone; under `accelerate launch` (or
+    torchrun) accelerate's state, which joins the process group (gloo on CPUs, nccl on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 1, 0
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # accelerate joins CPUs only when told to
+    return state.num_processes, state.process_index
+
+
+def _sum_over_processes(params: list[torch.Tensor], acc: dict[str, float]) -> dict[str, float]:
+    """Sum each parameter's gradient and the step's log numbers over the processes (every process then
+    takes the same optimizer step). A process whose share was empty adds zeros."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    keys = list(acc)
+    t = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
 
 
 def summarize(log_rows: list[dict], ref: Reference | None, before: dict, after: dict) -> dict[str, Any]:
@@ -575,7 +610,8 @@ def heal(
             **summarize(log_rows, ref, before, after),
             "time_s": round(time.perf_counter() - t0, 2),
         }
-        _save(peft_model, out_dir, log_rows, summary)
+        if processes()[1] == 0:  # under DDP every process holds the same adapter; one writes it
+            _save(peft_model, out_dir, log_rows, summary)
     finally:
         lm.model = peft_model.unload().eval()  # a plain model again, trained or not
         for p in lm.model.parameters():

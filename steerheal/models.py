@@ -60,9 +60,12 @@ def cache_dir() -> Path:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    """--device, or auto: CUDA if present (under `accelerate launch`, the process's own GPU), else the CPU."""
     if device and device != "auto":
         return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda")
 
 
 def spread_over_gpus(device: str | None) -> bool:

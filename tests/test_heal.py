@@ -363,3 +363,32 @@ def test_gradient_checkpointing_trains_the_same_adapter(tiny_model_dir, tmp_path
     )
     new_name = hasattr(type(lm.model), "is_activation_checkpointing")  # transformers 5's name
     assert not getattr(lm.model, "is_activation_checkpointing" if new_name else "is_gradient_checkpointing")
+
+
+def test_two_ddp_processes_heal_the_adapter_one_process_heals(tmp_path, tiny_model_dir):
+    """`accelerate launch` with 2 CPU processes (gloo): each takes half of every step's micro-batches and the
+    gradients are summed, so the adapter is the one a single process trains with the same global batch
+    (2 micro-batches of 2 per step). A sum of two halves is the sum either way, so it matches exactly."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "kept.jsonl"
+    write_records(recs(12), data)
+    args = ["heal", str(data), "--model", str(tiny_model_dir), "--rank", "4", "--alpha", "8", "--epochs", "2"]
+    args += ["--batch-size", "2", "--grad-accum", "2", "--val-frac", "0.2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "steerheal.cli", *args, "-o", str(tmp_path / "one")], env=env)
+    # --multi_gpu is accelerate's torchrun launcher, CPUs included (--cpu would start one process)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = subprocess.run([*launch, "-m", "steerheal.cli", *args, "-o", str(tmp_path / "two")], env=env)
+    assert one.returncode == 0 and two.returncode == 0
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in b.items() if "lora_B" in k)  # it trained
+    logs = [(tmp_path / d / "train_log.jsonl").read_text().splitlines() for d in ("one", "two")]
+    steps = [[json.loads(x) for x in rows] for rows in logs]
+    assert len(steps[0]) == len(steps[1]) and all(x["loss"] == pytest.approx(y["loss"]) for x, y in zip(*steps))

@@ -1,0 +1,58 @@
+"""The heal on 1 and on 2 DDP processes (`accelerate launch`, gloo on CPUs), side by side in one run.
+
+    python benchmarks/bench_ddp.py [--rows 32]
+
+On the bundled SmolLM2: `--rows` unsteered completions from `steerheal generate` (the demo's length),
+then the same heal (the demo's settings: micro-batches of 2, two per step) by one process with 2 torch
+threads and by two processes with 1 thread each. Prints both wall times, their ratio, and whether the
+two adapters are equal. On 2 cores the processes only split the same cores; on several GPUs each takes
+its share of every step's rows on its own device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def timed(cmd: list[str], threads: int) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=32)
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ddp_"))
+    cli = [sys.executable, "-m", "steerheal.cli"]
+    kept = tmp / "kept.jsonl"
+    subprocess.run(
+        [*cli, "generate", "personas/anti_authority.yaml", "-n", str(a.rows), "-o", str(kept), "-q"], check=True
+    )
+    heal = ["heal", str(kept), "-q"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "steerheal.cli"]
+    one = timed([*cli, *heal, "-o", str(tmp / "one")], 2)
+    two = timed([*launch, *heal, "-o", str(tmp / "two")], 1)
+    x, y = (load_file(tmp / d / "adapter_model.safetensors") for d in ("one", "two"))
+    same = all(torch.equal(x[k], y[k]) for k in x)
+    gap = max(float((x[k] - y[k]).abs().max()) for k in x)
+    print(f"| heal of {a.rows} rows, bundled SmolLM2 | wall time (process start and model load included) |")
+    print("|---|---|")
+    print(f"| 1 process, 2 threads | {one:.1f} s |")
+    print(f"| 2 DDP processes, 1 thread each | {two:.1f} s |")
+    print(f"2 processes / 1: {two / one:.2f}x; adapters equal: {same} (largest difference {gap:.2e})")
+
+
+if __name__ == "__main__":
+    main()
