@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from steerheal.heal import accelerate_launch
+
 
 def timed(cmd: list[str], threads: int) -> float:
     t = time.perf_counter()
@@ -40,8 +42,7 @@ def main() -> None:
         [*cli, "generate", "personas/anti_authority.yaml", "-n", str(a.rows), "-o", str(kept), "-q"], check=True
     )
     heal = ["heal", str(kept), "-q"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "steerheal.cli"]
+    launch = [*accelerate_launch(2), "-m", "steerheal.cli"]
     one = timed([*cli, *heal, "-o", str(tmp / "one")], 2)
     two = timed([*launch, *heal, "-o", str(tmp / "two")], 1)
     x, y = (load_file(tmp / d / "adapter_model.safetensors") for d in ("one", "two"))

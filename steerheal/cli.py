@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -323,6 +324,7 @@ def heal(
         int,
         _opt(HealConfig, "ref_top_k"),
     ] = _H.ref_top_k,
+    processes: Annotated[int, _opt(HealConfig, "processes")] = _H.processes,
     seed: Annotated[int, _opt(HealConfig, "seed")] = _H.seed,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,
@@ -333,10 +335,16 @@ def heal(
 ) -> None:
     """Distil kept completions into a fresh LoRA: completion NLL + lam·relu(D − tau), D = KL to the reference."""
     from .heal import heal as heal_core
+    from .heal import launch
     from .records import read_records
 
     cfg = _section(HealConfig, locals())
     cfg.check()
+    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:  # relaunch this command on N processes
+        if records == "-":
+            raise SteerhealError("--processes needs the records in a file, not on stdin")
+        launch(Path(records), output, cfg, model, [str(a) for a in adapter or []], dtype, device)
+        return
     recs = read_records(records)
     history = [str(a) for a in adapter or []]
     # ref base: load without the history so the base reference is taken before heal merges it (one copy).

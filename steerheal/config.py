@@ -248,6 +248,7 @@ class HealConfig:
     ref_top_k: int = opt(
         1024, "Keep each position's top k reference log-probs in the cache (0 = the whole vocabulary)."
     )
+    processes: int = opt(1, "Processes the heal runs on (DDP, launched through accelerate); 1 = this process.")
 
     def check(self) -> None:
         _choice("heal.reg", self.reg, REGS)
@@ -260,6 +261,8 @@ class HealConfig:
             raise SteerhealError("heal.val_frac (--val-frac) must lie in [0, 1)")
         if not 0 <= self.warmup < 1:
             raise SteerhealError("heal.warmup (--warmup) must lie in [0, 1): a fraction of the steps")
+        if self.processes < 1:
+            raise SteerhealError("heal.processes (--processes) must be at least 1")
 
 
 @dataclass
@@ -405,6 +408,13 @@ class RunConfig:
         self.generate.check()
         self.heal.check()
         self.online.check()
+        if self.heal.processes > 1 and (
+            ARM_TABLE[self.arm].fits_prompted or self.heal.ref == "base" or self.online.enabled
+        ):
+            raise SteerhealError(
+                f"heal.processes {self.heal.processes}: the launched heal trains on the sampled rows against the "
+                "current model; arm prompt-kl (a teacher), heal.ref base and online mode need heal.processes 1"
+            )
         if self.online.enabled and self.generate.backend != "hf":
             raise SteerhealError("online mode samples from the model while it trains: use --backend hf")
         if self.online.enabled and self.heal.ref == "base":
@@ -541,6 +551,7 @@ def with_overrides(cfg: RunConfig, overrides: dict) -> RunConfig:
 # changed since. A key missing from a run's config.yaml and not covered here is refused, never guessed.
 BEFORE_THE_KEY: dict[str, Any] = {
     "heal.ref_top_k": 0,  # the reference was the whole vocabulary before the top-k cache
+    "heal.processes": 1,  # one process before DDP
     "generate.backend": "hf",  # every run sampled on transformers before the vLLM backend
 }
 DEFAULT_WAS_THE_BEHAVIOUR = (

@@ -504,6 +504,40 @@ def _sum_over_processes(params: list[torch.Tensor], acc: dict[str, float]) -> di
     return dict(zip(keys, t.tolist()))
 
 
+def accelerate_launch(processes: int) -> list[str]:
+    """`accelerate launch` for `processes` processes on this machine (--multi_gpu: accelerate's torchrun
+    launcher, CPUs included), on a free port, so that two launches at once do not collide."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}"),
+        *("--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"),
+    ]
+
+
+def launch(
+    records: Path, out_dir: Path, cfg: HealConfig, model: str | None, adapters: Sequence[str], dtype: str, device: str
+) -> None:
+    """`steerheal heal` on cfg.processes processes under `accelerate launch` (DDP), as a child process: the
+    records file, the model with its adapter history, and every heal setting passed on. Its error, if any,
+    becomes one line here."""
+    import subprocess
+
+    opts = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items() if k not in ("processes", "checkpoint")]
+    opts += ["--checkpoint" if cfg.checkpoint else "--no-checkpoint"]
+    opts += [f"--model={model}"] if model else []
+    opts += [f"--adapter={a}" for a in adapters] + [f"--dtype={dtype}", f"--device={device}"]
+    launcher = [*accelerate_launch(cfg.processes), "-m", "steerheal.cli"]
+    log(f"heal on {cfg.processes} processes: accelerate launch ... steerheal heal {records}")
+    done = subprocess.run([*launcher, "heal", str(records), "-o", str(out_dir), *opts, "--quiet"], text=True)
+    if done.returncode != 0:
+        raise SteerhealError(f"the heal on {cfg.processes} processes failed (exit {done.returncode}); its log is above")
+
+
 def summarize(log_rows: list[dict], ref: Reference | None, before: dict, after: dict) -> dict[str, Any]:
     """heal.json's numbers: NLL and D (to the reference) before and after training, and the barrier's use."""
     n = max(1, len(log_rows))

@@ -34,6 +34,7 @@ from .filter import filter_records
 from .filter import summary as filter_summary
 from .generate import generate_records, use_backend
 from .heal import heal
+from .heal import launch as launch_heal
 from .models import (
     BaseView,
     LoadedModel,
@@ -314,7 +315,12 @@ class Loop:
         out = self.rdir(r) / "adapter"
 
         def fit() -> None:
-            heal(self.lm, kept, hcfg, out, teacher_records=teacher, reference_model=base_ref)
+            if hcfg.processes > 1:  # DDP through accelerate: the same heal, from the files (RunConfig.check)
+                dtype = run_dtype(self.run.root, self.cfg.device)
+                kept_file = self.rdir(r) / "kept.jsonl"
+                launch_heal(kept_file, out, hcfg, self.cfg.model, self.lm.adapters, dtype, self.cfg.device)
+            else:
+                heal(self.lm, kept, hcfg, out, teacher_records=teacher, reference_model=base_ref)
             add_adapters(self.lm, [out])  # the next round's model
 
         self.step(r, "heal", fit, f" on {len(kept)} kept rows")

@@ -375,15 +375,15 @@ def test_two_ddp_processes_heal_the_adapter_one_process_heals(tmp_path, tiny_mod
 
     from safetensors.torch import load_file
 
+    from steerheal.heal import accelerate_launch
+
     data = tmp_path / "kept.jsonl"
     write_records(recs(12), data)
     args = ["heal", str(data), "--model", str(tiny_model_dir), "--rank", "4", "--alpha", "8", "--epochs", "2"]
     args += ["--batch-size", "2", "--grad-accum", "2", "--val-frac", "0.2", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "steerheal.cli", *args, "-o", str(tmp_path / "one")], env=env)
-    # --multi_gpu is accelerate's torchrun launcher, CPUs included (--cpu would start one process)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = accelerate_launch(2)  # --multi_gpu: accelerate's torchrun launcher, CPUs included
     two = subprocess.run([*launch, "-m", "steerheal.cli", *args, "-o", str(tmp_path / "two")], env=env)
     assert one.returncode == 0 and two.returncode == 0
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))

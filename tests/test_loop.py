@@ -194,3 +194,19 @@ def test_heal_alone_on_the_loops_kept_rows_gives_the_loops_adapter(tiny_model_di
     alone = load_file(tmp_path / "alone" / "adapter_model.safetensors")
     assert loop_w.keys() == alone.keys() and all(torch.equal(loop_w[k], alone[k]) for k in loop_w)
     assert any(float(v.abs().max()) > 0 for k, v in alone.items() if "lora_B" in k)  # it trained
+
+
+def test_the_loop_heals_on_two_processes_as_on_one(tiny_model_dir, persona_file, tmp_path):
+    """heal.processes 2: the loop launches its heal under accelerate (DDP, 2 CPU processes) and gets the
+    adapter its own process trains (the global batch the same: micro-batches of 2, two per step)."""
+    from steerheal.loop import run_loop
+
+    sets = [*TINY_RUN, "rounds=1", f"model={tiny_model_dir}", "heal.batch_size=2", "heal.grad_accum=2"]
+    out = {}
+    for n in (1, 2):
+        cfg = resolve_config(None, parse_set([*sets, f"heal.processes={n}"]))
+        out[n] = run_loop(persona_file, tmp_path / f"p{n}", cfg).root / "round_00" / "adapter"
+    a, b = (load_file(d / "adapter_model.safetensors") for d in out.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SteerhealError, match="heal.processes 2"):
+        resolve_config(None, parse_set([*sets, "heal.processes=2", "arm=prompt-kl"]))
