@@ -334,17 +334,20 @@ def heal(
     quiet: QuietOpt = False,
 ) -> None:
     """Distil kept completions into a fresh LoRA: completion NLL + lam·relu(D − tau), D = KL to the reference."""
+    from .heal import check_processes, launch
     from .heal import heal as heal_core
-    from .heal import launch
+    from .heal import processes as join_the_processes
     from .records import read_records
 
     cfg = _section(HealConfig, locals())
     cfg.check()
+    check_processes(cfg)
     if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:  # relaunch this command on N processes
         if records == "-":
             raise SteerhealError("--processes needs the records in a file, not on stdin")
-        launch(Path(records), output, cfg, model, [str(a) for a in adapter or []], dtype, device)
+        launch(Path(records), output, cfg, model, [str(a) for a in adapter or []], dtype, device, trust_remote_code)
         return
+    join_the_processes()  # under accelerate launch: join the group (and take this process's GPU) before loading
     recs = read_records(records)
     history = [str(a) for a in adapter or []]
     # ref base: load without the history so the base reference is taken before heal merges it (one copy).

@@ -9,6 +9,7 @@ adopted by each; the null and the report come after them, in the submitting proc
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,13 @@ def submit(units: list[Unit], ex: ExecutorConfig, folder: Path) -> list[Any]:
         params |= {"cpus_per_task": ex.cpus_per_job} if ex.cpus_per_job else {}
     executor.update_parameters(**params)
     first = units[0]
-    base = executor.submit(run_unit_baselines, first, ex.threads)
+    try:
+        base = executor.submit(run_unit_baselines, first, ex.threads)
+    except (OSError, subprocess.CalledProcessError) as e:  # no sbatch here, or Slurm refused the job
+        raise SteerhealError(
+            f"submitting to {ex.cluster} failed: {str(e).strip().splitlines()[-1][:300]}; check executor.partition "
+            "and the other executor settings, or use --set executor.cluster=local / --executor local"
+        ) from None
     log(f"submitted the baselines job {base.job_id} ({ex.cluster}); logs in {folder}")
     if ex.wait:
         _results(folder, [(f"baselines in {first.name}", base)])

@@ -68,9 +68,11 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def arm_config(cfg: RunConfig, arm: str, variants: dict[str, dict[str, Any]]) -> RunConfig:
-    if arm in variants:
-        return with_overrides(dataclasses.replace(cfg, arm="steer"), variants[arm])
-    return dataclasses.replace(cfg, arm=arm)
+    """The run's config for one arm or variant, checked as the arm's own (a rule may hold for one arm only)."""
+    out = with_overrides(dataclasses.replace(cfg, arm="steer"), variants[arm]) if arm in variants else None
+    out = out or dataclasses.replace(cfg, arm=arm)
+    out.check()
+    return out
 
 
 def arm_dirs(out: Path, arm: str, cfg: RunConfig) -> list[Path]:
@@ -120,7 +122,10 @@ def run_compare(
         first = dataclasses.replace(units[0], shared=str(shared) if shared else None)
         submit([first, *units[1:]], cfg.executor, root / "jobs")  # the baselines job first, then the units
         if not cfg.executor.wait:
-            log("compare: jobs submitted; when they end, `steerheal compare ... --report-only` writes the report")
+            log(
+                "compare: jobs submitted. When they end, run this command again with --executor local: every unit "
+                "is finished, so it only adds the random null and writes the report"
+            )
             return root / "compare.md"
         if null is not None:
             Run(root).step("null", null)

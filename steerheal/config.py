@@ -365,6 +365,12 @@ class ExecutorConfig:
     def check(self) -> None:
         _choice("executor.kind", self.kind, EXECUTORS)
         _choice("executor.cluster", self.cluster, CLUSTERS)
+        if self.array_parallelism < 1 or self.timeout_min < 1 or self.gpus_per_job < 0:
+            raise SteerhealError(
+                "executor: array_parallelism and timeout_min must be at least 1, gpus_per_job 0 or more"
+            )
+        if self.kind == "submitit" and self.cluster == "local" and not self.wait:
+            raise SteerhealError("executor.wait false needs Slurm (its dependencies order the jobs); on local, wait")
 
 
 @dataclass

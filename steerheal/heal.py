@@ -44,7 +44,7 @@ from .logprobs import (
     span_logprobs,
     vocab_size,
 )
-from .models import LoadedModel, add_adapters, decoder_layers, pad_token_id, parse_layers
+from .models import LoadedModel, TokenMeter, add_adapters, decoder_layers, pad_token_id, parse_layers
 from .progress import log, progress
 from .records import Record, atomic_path
 
@@ -459,7 +459,7 @@ def train(
                     acc["D"] += float(d.detach().mean()) / len(group)
                     acc["active"] += float(bool((d > cfg.tau).any()) and ref is not None)
                 if world > 1:
-                    acc = _sum_over_processes(params, acc)
+                    acc = _sum_over_processes(params, acc, dev)
                 if acc["bad"] != 0:
                     raise SteerhealError(
                         f"step {step} (epoch {epoch}): loss is {acc['bad']}; nothing written; lower --lr or check the data"
@@ -489,7 +489,17 @@ def processes() -> tuple[int, int]:
     return state.num_processes, state.process_index
 
 
-def _sum_over_processes(params: list[torch.Tensor], acc: dict[str, float]) -> dict[str, float]:
+def check_processes(cfg: HealConfig) -> None:
+    """Each process takes grad_accum / N of a step's micro-batches: a multiple, or some would idle."""
+    world = processes()[0] if cfg.processes == 1 else cfg.processes
+    if cfg.grad_accum % world:
+        raise SteerhealError(
+            f"heal on {world} processes: heal.grad_accum (--grad-accum) {cfg.grad_accum} must be a multiple of "
+            f"{world}, so that each process takes its share of every step's micro-batches"
+        )
+
+
+def _sum_over_processes(params: list[torch.Tensor], acc: dict[str, Any], device: torch.device) -> dict[str, float]:
     """Sum each parameter's gradient and the step's log numbers over the processes (every process then
     takes the same optimizer step). A process whose share was empty adds zeros."""
     import torch.distributed as dist
@@ -499,7 +509,7 @@ def _sum_over_processes(params: list[torch.Tensor], acc: dict[str, float]) -> di
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
     keys = list(acc)
-    t = torch.tensor([acc[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([acc[k] for k in keys], dtype=torch.float64, device=device)  # nccl reduces on the GPU
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
 
@@ -516,11 +526,19 @@ def accelerate_launch(processes: int) -> list[str]:
     return [
         *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={processes}"),
         *("--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={port}"),
+        f"--num_cpu_threads_per_process={max(1, (os.cpu_count() or 1) // processes)}",  # the cores, shared out
     ]
 
 
 def launch(
-    records: Path, out_dir: Path, cfg: HealConfig, model: str | None, adapters: Sequence[str], dtype: str, device: str
+    records: Path,
+    out_dir: Path,
+    cfg: HealConfig,
+    model: str | None,
+    adapters: Sequence[str],
+    dtype: str,
+    device: str,
+    trust_remote_code: bool = False,
 ) -> None:
     """`steerheal heal` on cfg.processes processes under `accelerate launch` (DDP), as a child process: the
     records file, the model with its adapter history, and every heal setting passed on. Its error, if any,
@@ -531,6 +549,7 @@ def launch(
     opts += ["--checkpoint" if cfg.checkpoint else "--no-checkpoint"]
     opts += [f"--model={model}"] if model else []
     opts += [f"--adapter={a}" for a in adapters] + [f"--dtype={dtype}", f"--device={device}"]
+    opts += ["--trust-remote-code"] if trust_remote_code else []
     launcher = [*accelerate_launch(cfg.processes), "-m", "steerheal.cli"]
     log(f"heal on {cfg.processes} processes: accelerate launch ... steerheal heal {records}")
     done = subprocess.run([*launcher, "heal", str(records), "-o", str(out_dir), *opts, "--quiet"], text=True)
@@ -610,6 +629,7 @@ def heal(
     is taken (--ref base with one copy of the weights). `teacher_records`: the rows in the teacher's context,
     whose distribution the student fits instead of the sampled tokens. `reference_model`: a separate one."""
     cfg.check()
+    check_processes(cfg)
     t0 = time.perf_counter()
     records = list(records)
     _check_inputs(lm, records, cfg, reference_model)
@@ -623,6 +643,8 @@ def heal(
     cached = prepare_reference(lm, rows, cfg, history, reference_model)
     teacher = teacher_logprobs(lm, rows, teacher_records, cfg) if teacher_records is not None else None
 
+    # Under DDP the parent's meter sees none of it: count here, summed over the processes into heal.json.
+    meter = TokenMeter(lm.model) if processes()[0] > 1 else None
     lm.model.train()  # no dropout in these models' configs; train() for correctness of any that have it
     peft_model, layer_idx = attach_lora(lm.model, cfg)
     cache_gb = ref_cache_bytes(rows, vocab_size(lm.model), cfg.ref_top_k) / 2**30
@@ -644,6 +666,10 @@ def heal(
             **summarize(log_rows, ref, before, after),
             "time_s": round(time.perf_counter() - t0, 2),
         }
+        if meter is not None:
+            counts = _sum_over_processes([], meter.totals(), lm.device)
+            summary["tokens"] = {k: int(v) for k, v in counts.items()}
+            meter.close()
         if processes()[1] == 0:  # under DDP every process holds the same adapter; one writes it
             _save(peft_model, out_dir, log_rows, summary)
     finally:

@@ -316,9 +316,12 @@ class Loop:
 
         def fit() -> None:
             if hcfg.processes > 1:  # DDP through accelerate: the same heal, from the files (RunConfig.check)
+                if teacher is not None or base_ref is not None:
+                    raise SteerhealError("heal.processes > 1 cannot pass a teacher or a separate reference on")
                 dtype = run_dtype(self.run.root, self.cfg.device)
                 kept_file = self.rdir(r) / "kept.jsonl"
-                launch_heal(kept_file, out, hcfg, self.cfg.model, self.lm.adapters, dtype, self.cfg.device)
+                c = self.cfg
+                launch_heal(kept_file, out, hcfg, c.model, self.lm.adapters, dtype, c.device, c.trust_remote_code)
             else:
                 heal(self.lm, kept, hcfg, out, teacher_records=teacher, reference_model=base_ref)
             add_adapters(self.lm, [out])  # the next round's model
@@ -469,7 +472,10 @@ def open_loop(
     lm.model = merge_adapters(lm.model, finished_adapters(run, cfg.rounds))
     lm.adapters = finished_adapters(run, cfg.rounds)
     use_backend(lm, cfg.generate.backend, cfg.seed)
-    return Loop(run, persona, cfg, lm, vignettes, baselines_from, TokenMeter(lm.model))
+    meter = TokenMeter(lm.model)
+    if lm.engine is not None:  # vLLM's passes never reach lm.model's embedding: the engine counts them
+        lm.engine.meter = meter
+    return Loop(run, persona, cfg, lm, vignettes, baselines_from, meter)
 
 
 def run_dtype(root: Path, device: str) -> str:

@@ -71,7 +71,8 @@ def pick_device(device: str | None = None) -> torch.device:
 def spread_over_gpus(device: str | None) -> bool:
     """--device auto on a machine with several GPUs: let accelerate place the layers (device_map="auto"),
     so a model larger than one GPU loads. An explicit --device (cuda:1, cpu) keeps everything there."""
-    return (device in (None, "auto")) and torch.cuda.is_available() and torch.cuda.device_count() > 1
+    ddp = "LOCAL_RANK" in os.environ  # under accelerate launch each process holds the whole model on its own GPU
+    return (device in (None, "auto")) and torch.cuda.is_available() and torch.cuda.device_count() > 1 and not ddp
 
 
 DTYPES = {

@@ -4,12 +4,13 @@ a report, a plot or a comparison shows, with paired bootstrap intervals from sta
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import SteerhealError
 from .rundir import BASELINES, ROUND_GLOB, protocol_path, round_key
 from .stats import Difference, EvalRows, compare, difference
 
@@ -46,6 +47,12 @@ class RoundRecord:
     @classmethod
     def read(cls, path: Path) -> RoundRecord:
         d = json.loads(Path(path).read_text())
+        need = [f.name for f in fields(cls) if f.default is MISSING and f.name not in d]
+        if need:
+            raise SteerhealError(
+                f"{path}: no {', '.join(need)}; a round.json from an older steerheal: rerun the round (delete its "
+                "directory and run the loop again)"
+            )
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 

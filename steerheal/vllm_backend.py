@@ -65,6 +65,7 @@ class VllmEngine:
     vector: SteeringVector | None = None  # the steering it serves now: C·v, or nothing
     coeff: float = 0.0
     pushes: int = 0
+    meter: Any = None  # the loop's TokenMeter: each call adds its prompt and generated tokens (no padding)
 
     @classmethod
     def start(cls, lm: LoadedModel, seed: int = 0) -> VllmEngine:
@@ -149,7 +150,10 @@ class VllmEngine:
         else:
             params = [SamplingParams(temperature=0.0, **common)] * len(prompts)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        rows = [list(o.outputs[0].token_ids) for o in outs]
+        if self.meter is not None:
+            self.meter.forward += sum(len(p) + len(r) for p, r in zip(prompts, rows))
+        return rows
 
 
 def save_checkpoint(model: Any, root: Path, vector: SteeringVector | None, coeff: float) -> None:

@@ -98,3 +98,47 @@ def test_a_failed_job_is_named_and_the_same_command_resumes_it(tiny_model_dir, p
     run_compare(persona_file, out, cfg, ["steer", "prompt"], null_k=0)
     assert {u: (out / u / "manifest.json").read_text() for u in done} == done  # not rerun
     assert (bad / "round_00" / "round.json").is_file() and (out / "compare.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "sets, says",
+    [
+        (["executor.array_parallelism=0"], "at least 1"),
+        (["executor.cluster=local", "executor.wait=false"], "needs Slurm"),
+        (["heal.processes=2", "arm=prompt-kl"], "heal.processes 2"),
+        (["heal.processes=2", "heal.grad_accum=3"], "multiple of 2"),
+    ],
+)
+def test_executor_and_process_settings_that_cannot_work_are_refused(sets, says):
+    from steerheal import SteerhealError
+    from steerheal.heal import check_processes
+
+    with pytest.raises(SteerhealError, match=says):
+        cfg = resolve_config(None, parse_set(["executor.kind=submitit", *sets]))
+        check_processes(cfg.heal)
+
+
+def test_compare_checks_each_arms_own_config(tmp_path, persona_file):
+    """A rule that holds for one arm only (no DDP heal for prompt-kl) is checked per arm, before anything runs."""
+    from steerheal import SteerhealError
+
+    cfg = resolve_config(None, parse_set([*SETS, "heal.processes=2", "heal.grad_accum=2"]))
+    with pytest.raises(SteerhealError, match="prompt-kl"):
+        run_compare(persona_file, tmp_path / "c", cfg, ["steer", "prompt-kl"], null_k=0)
+    assert not (tmp_path / "c" / "steer").exists()
+
+
+def test_slurm_missing_is_one_line(tmp_path, persona_file, monkeypatch):
+    """No sbatch on this machine: the submission fails with one line that says what to do."""
+    from steerheal import SteerhealError
+    from steerheal.cluster import Unit, submit
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"  # submitit looks for srun first; sbatch stays missing
+    srun.write_text("#!/bin/sh\nexit 0\n")
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    cfg = resolve_config(None, parse_set([*SETS, "executor.kind=submitit"]))
+    with pytest.raises(SteerhealError, match="submitting to slurm failed"):
+        submit([Unit(str(persona_file), str(tmp_path / "steer"), cfg, 0, False, None)], cfg.executor, tmp_path / "j")

@@ -208,5 +208,8 @@ def test_the_loop_heals_on_two_processes_as_on_one(tiny_model_dir, persona_file,
         out[n] = run_loop(persona_file, tmp_path / f"p{n}", cfg).root / "round_00" / "adapter"
     a, b = (load_file(d / "adapter_model.safetensors") for d in out.values())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the launched heal counts its own token passes (the parent's meter sees none): the same trained tokens
+    trained = [json.loads((d.parent / "round.json").read_text())["tokens"]["trained"] for d in out.values()]
+    assert trained[0] == trained[1] > 0
     with pytest.raises(SteerhealError, match="heal.processes 2"):
         resolve_config(None, parse_set([*sets, "heal.processes=2", "arm=prompt-kl"]))

@@ -89,3 +89,11 @@ def test_a_rounds_steps_are_read_from_the_manifest_in_the_order_they_ran(tmp_pat
         run.mark(step, 1.0)
     assert run.steps_under("round_00") == ["vector", "eval_healed", "eval_healed.kshot"]
     assert Run(tmp_path).steps_under("round_01") == ["vector"]  # read back from manifest.json
+
+
+def test_a_round_json_missing_a_key_is_one_line_naming_the_file_and_the_keys(tmp_path):
+    from steerheal.results import RoundRecord
+
+    (tmp_path / "round.json").write_text('{"round": 0, "healed": null}')
+    with pytest.raises(SteerhealError, match=r"round.json: no arm, coeff, .*rerun the round"):
+        RoundRecord.read(tmp_path / "round.json")
