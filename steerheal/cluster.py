@@ -100,8 +100,8 @@ def submit(units: list[Unit], ex: ExecutorConfig, folder: Path) -> list[Any]:
     shared = str(first.run()[0])
     units = [replace(u, shared=None if i == 0 else shared) for i, u in enumerate(units)]
     # Slurm runs at most array_parallelism of the array at once; submitit's local processes have no such cap,
-    # so here the units go in waves of that many.
-    wave = len(units) if ex.cluster == "slurm" or not ex.wait else ex.array_parallelism
+    # so there the units go in waves of that many (local always waits: ExecutorConfig.check).
+    wave = ex.array_parallelism if ex.cluster == "local" else len(units)
     jobs = []
     for i in range(0, len(units), wave):
         part = units[i : i + wave]

@@ -23,7 +23,7 @@ from . import SteerhealError
 from .cluster import Unit, run_unit, submit
 from .config import ARMS, NULL_ALPHA, NULL_K_COMPARE, REFERENCE, DecideConfig, RunConfig, parse_set, with_overrides
 from .evaluate import score_vignettes
-from .loop import baseline_steps, pool_seeds, run_dtype
+from .loop import baseline_steps, pool_seeds, run_dtype, seed_run
 from .models import load_model
 from .plot import plot_compare
 from .progress import log
@@ -69,15 +69,17 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
 
 def arm_config(cfg: RunConfig, arm: str, variants: dict[str, dict[str, Any]]) -> RunConfig:
     """The run's config for one arm or variant, checked as the arm's own (a rule may hold for one arm only)."""
-    out = with_overrides(dataclasses.replace(cfg, arm="steer"), variants[arm]) if arm in variants else None
-    out = out or dataclasses.replace(cfg, arm=arm)
+    if arm in variants:
+        out = with_overrides(dataclasses.replace(cfg, arm="steer"), variants[arm])
+    else:
+        out = dataclasses.replace(cfg, arm=arm)
     out.check()
     return out
 
 
 def arm_dirs(out: Path, arm: str, cfg: RunConfig) -> list[Path]:
     root = out / arm
-    return [root / f"seed_{s}" for s in cfg.seeds] if cfg.seeds else [root]
+    return [seed_run(root, cfg, s)[0] for s in cfg.seeds] if cfg.seeds else [root]
 
 
 def run_compare(

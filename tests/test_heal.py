@@ -392,3 +392,29 @@ def test_two_ddp_processes_heal_the_adapter_one_process_heals(tmp_path, tiny_mod
     logs = [(tmp_path / d / "train_log.jsonl").read_text().splitlines() for d in ("one", "two")]
     steps = [[json.loads(x) for x in rows] for rows in logs]
     assert len(steps[0]) == len(steps[1]) and all(x["loss"] == pytest.approx(y["loss"]) for x, y in zip(*steps))
+
+
+def test_the_launched_heal_gets_every_setting_and_the_models_flags(tmp_path, monkeypatch):
+    """heal.launch passes every heal setting on, and the model's flags (trust_remote_code was once dropped)."""
+    import subprocess
+
+    from steerheal.heal import launch
+
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    cfg = HealConfig(processes=2, grad_accum=2, tau=0.2, checkpoint=True)
+    launch(tmp_path / "kept.jsonl", tmp_path / "ad", cfg, "m", ["a0", "a1"], "bf16", "cpu", trust_remote_code=True)
+    cmd = seen["cmd"]
+    assert "--num_processes=2" in cmd and cmd[cmd.index("heal") + 1] == str(tmp_path / "kept.jsonl")
+    for flag in ("--tau=0.2", "--grad-accum=2", "--checkpoint", "--model=m", "--adapter=a0", "--adapter=a1"):
+        assert flag in cmd, flag
+    assert (
+        "--dtype=bf16" in cmd
+        and "--trust-remote-code" in cmd
+        and not any("processes" in c for c in cmd[cmd.index("heal") :])
+    )

@@ -120,3 +120,10 @@ def test_a_loop_round_on_vllm_keeps_the_same_rows_and_trains_the_same_adapter(pe
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     coeffs = [json.loads((d / "round.json").read_text())["coeff"] for d in out.values()]
     assert coeffs[0] == coeffs[1]
+    # vLLM's token passes never reach the loop's model: the engine counts them (prompt + completion)
+    steps = {b: json.loads((d.parent / "manifest.json").read_text())["steps"] for b, d in out.items()}
+    assert (
+        0
+        < steps["vllm"]["round_00/generate"]["tokens"]["forward"]
+        <= steps["hf"]["round_00/generate"]["tokens"]["forward"]
+    )
