@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import SteerhealError
-from .cluster import Unit, run_unit, submit
+from .cluster import Job, Unit, run_unit, run_unit_baselines, submit
 from .config import ARMS, NULL_ALPHA, NULL_K_COMPARE, REFERENCE, DecideConfig, RunConfig, parse_set, with_overrides
 from .evaluate import score_vignettes
 from .loop import baseline_steps, pool_seeds, run_dtype, seed_run
@@ -115,22 +114,17 @@ def run_compare(
         for s in seeds
         for arm in arms
     ]
-    null = (
-        (lambda: write_json(root / "null.json", random_null(root, cfg, null_k))) if "steer" in arms and null_k else None
-    )
+    null = Job("the random null", null_step, (str(root), cfg, null_k)) if "steer" in arms and null_k else None
     if cfg.executor.kind == "local":
-        run_here(units, shared, null, Run(root), len(arms))
+        run_here(units, shared, null, len(arms))
     elif units:
-        first = dataclasses.replace(units[0], shared=str(shared) if shared else None)
-        submit([first, *units[1:]], cfg.executor, root / "jobs")  # the baselines job first, then the units
+        submit_units(units, shared, null, cfg, root / "jobs")
         if not cfg.executor.wait:
             log(
                 "compare: jobs submitted. When they end, run this command again with --executor local: every unit "
-                "is finished, so it only adds the random null and writes the report"
+                "and the null are finished, so it only writes the report"
             )
             return root / "compare.md"
-        if null is not None:
-            Run(root).step("null", null)
     for arm in arms if cfg.seeds else []:  # each arm's own report, pooled over the seeds it finished
         finished = [d for d in arm_dirs(root, arm, cfg) if (d / "report.md").is_file()]
         if finished:
@@ -143,7 +137,7 @@ def run_compare(
     return root / "compare.md"
 
 
-def run_here(units: list[Unit], shared: Path | None, null: Callable[[], None] | None, run: Run, n_arms: int) -> None:
+def run_here(units: list[Unit], shared: Path | None, null: Job | None, n_arms: int) -> None:
     """The units one after another in this process (executor local); the null after the first seed."""
     for i, u in enumerate(units):
         seed = "" if u.seed is None else f" [seed {u.seed}] ({i // n_arms + 1}/{len(u.cfg.seeds) or 1})"
@@ -151,7 +145,28 @@ def run_here(units: list[Unit], shared: Path | None, null: Callable[[], None] | 
         one = run_unit(dataclasses.replace(u, shared=str(shared) if shared else None))
         shared = shared or Path(one)
         if i == n_arms - 1 and null is not None:
-            run.step("null", null)
+            null.fn(null.arg)
+
+
+def submit_units(units: list[Unit], shared: Path | None, null: Job | None, cfg: RunConfig, folder: Path) -> list[Any]:
+    """The units as jobs (executor submitit): the baselines job in the first unit's directory (adopted from
+    `shared`, an earlier run's, where there is one), then the units, which adopt them, then the null."""
+    first = dataclasses.replace(units[0], shared=str(shared) if shared else None)
+    held = str(first.run()[0])
+    array = [dataclasses.replace(u, shared=None if i == 0 else held) for i, u in enumerate(units)]
+    return submit(
+        Job(f"the baselines in {first.name}", run_unit_baselines, first),
+        [Job(u.name, run_unit, u) for u in array],
+        cfg.executor,
+        folder,
+        null,
+    )
+
+
+def null_step(job: tuple[str, RunConfig, int]) -> None:
+    """The random null, a resumable step of the comparison's own directory (on a cluster, a job of its own)."""
+    root, cfg, k = Path(job[0]), job[1], job[2]
+    Run(root).step("null", lambda: write_json(root / "null.json", random_null(root, cfg, k)))
 
 
 def check_arms(arms: list[str], variants: dict[str, dict[str, Any]], reference: str | None) -> tuple[list[str], str]:

@@ -6,13 +6,15 @@ run resumes at the first unfinished step and never redoes a finished one.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,8 +58,16 @@ class Run:
         entry: dict[str, Any] = {"time_s": round(seconds, 2), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if tokens is not None:
             entry["tokens"] = tokens
-        self.manifest["steps"][step] = entry
-        write_json(self.manifest_path, self.manifest)
+        self._write({step: entry})
+
+    def _write(self, entries: dict[str, Any]) -> None:
+        """Add finished steps to the manifest on disk, under a lock: other processes (a sweep's point jobs,
+        compare's null job) mark steps in the same manifest, so each mark merges into what they wrote."""
+        with _locked(self.root / ".manifest.lock"):
+            on_disk = json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else {"steps": {}}
+            on_disk["steps"].update(entries)
+            self.manifest = on_disk
+            write_json(self.manifest_path, self.manifest)
 
     def steps_under(self, prefix: str) -> list[str]:
         """The finished steps under `prefix/` (a round's key), by name, in the order they finished."""
@@ -90,10 +100,20 @@ class Run:
         for rel in files:
             (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
             write_text(self.root / rel, (src.root / rel).read_text())
-        for s in steps:
-            self.manifest["steps"][s] = {**src.manifest["steps"][s], "time_s": 0.0, "shared_from": str(src.root)}
-        write_json(self.manifest_path, self.manifest)
+        self._write({s: {**src.manifest["steps"][s], "time_s": 0.0, "shared_from": str(src.root)} for s in steps})
         return True
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on path (flock: local disks, and the NFS v4 / Lustre mounts of most clusters)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _meta() -> dict:

@@ -29,20 +29,22 @@ def _summary(path):
 
 
 def test_jobs_on_the_local_executor_give_the_sequential_compare(tiny_model_dir, persona_file, tmp_path, one_thread):
-    """2 arms x 2 seeds as four jobs in parallel processes (one thread each) write the compare.json that one
-    process running them in order writes: the job order does not matter, the baselines are computed once."""
+    """2 arms x 2 seeds as four jobs in parallel processes (one thread each), and the random null as a job after
+    them, write the compare.json that one process running them in order writes: the job order does not
+    matter, the baselines are computed once."""
     cfg = resolve_config(None, parse_set([*SETS, f"model={tiny_model_dir}"]))
-    run_compare(persona_file, tmp_path / "seq", cfg, ["steer", "prompt"], null_k=0)
+    run_compare(persona_file, tmp_path / "seq", cfg, ["steer", "prompt"], null_k=2)
     jobs = resolve_config(
         None,
         parse_set(
             [*SETS, f"model={tiny_model_dir}", "executor.kind=submitit", "executor.cluster=local", "executor.threads=1"]
         ),
     )
-    run_compare(persona_file, tmp_path / "jobs", jobs, ["steer", "prompt"], null_k=0)
+    run_compare(persona_file, tmp_path / "jobs", jobs, ["steer", "prompt"], null_k=2)
     assert _summary(tmp_path / "jobs" / "compare.json") == _summary(tmp_path / "seq" / "compare.json")
-    # the baselines job and four unit jobs; every unit adopted the baselines computed before them
-    assert len(list((tmp_path / "jobs" / "jobs").glob("*_result.pkl"))) == 5
+    assert json.loads((tmp_path / "jobs" / "null.json").read_text())["k"] == 2
+    # the baselines job, four unit jobs and the null's; every unit adopted the baselines computed before them
+    assert len(list((tmp_path / "jobs" / "jobs").glob("*_result.pkl"))) == 6
     for arm in ("steer", "prompt"):
         for s in (0, 1):
             steps = json.loads((tmp_path / "jobs" / arm / f"seed_{s}" / "manifest.json").read_text())["steps"]
@@ -52,9 +54,11 @@ def test_jobs_on_the_local_executor_give_the_sequential_compare(tiny_model_dir, 
 
 
 def test_slurm_gets_one_array_job_with_the_resources_asked_for(tiny_model_dir, persona_file, tmp_path, monkeypatch):
-    """The submission submitit sends to Slurm, recorded by a stand-in sbatch: one array of the four units, at
-    most 2 at once, on the partition and with the GPUs and time asked for, each running steerheal's unit."""
-    from steerheal.cluster import Unit, submit
+    """The submissions submitit sends to Slurm, recorded by a stand-in sbatch: the baselines job, one array of
+    the four units (at most 2 at once) once it has succeeded, and the null once the array has, each on the
+    partition and with the GPUs and time asked for, each running steerheal's job."""
+    from steerheal.cluster import Job, Unit
+    from steerheal.compare import null_step, submit_units
 
     bin_dir, record = tmp_path / "bin", tmp_path / "sbatch.txt"
     bin_dir.mkdir()
@@ -69,14 +73,16 @@ def test_slurm_gets_one_array_job_with_the_resources_asked_for(tiny_model_dir, p
     units = [
         Unit(str(persona_file), str(tmp_path / a), cfg, s, False, None) for s in (0, 1) for a in ("steer", "prompt")
     ]
-    jobs = submit(units, cfg.executor, tmp_path / "jobs")
-    base, array = record.read_text().split("#!/bin/bash")[1:]  # two submissions: the baselines, then the units
-    assert [j.job_id for j in jobs] == ["4242", *(f"4242_{i}" for i in range(4))]
+    null = Job("the random null", null_step, (str(tmp_path), cfg, 3))
+    jobs = submit_units(units, None, null, cfg, tmp_path / "jobs")
+    base, array, last = record.read_text().split("#!/bin/bash")[1:]  # the baselines, the units, the null
+    assert [j.job_id for j in jobs] == ["4242", *(f"4242_{i}" for i in range(4)), "4242"]
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=90"):
-        assert line in base and line in array, line
-    assert "#SBATCH --array=0-3%2" in array and "--array" not in base
-    assert "#SBATCH --dependency=afterok:4242" in array  # the units start once the baselines are in
-    assert "submitit.core._submit" in array
+        assert line in base and line in array and line in last, line
+    assert "#SBATCH --array=0-3%2" in array and "--array" not in base + last
+    assert "--dependency" not in base
+    assert "#SBATCH --dependency=afterok:4242" in array and "#SBATCH --dependency=afterok:4242" in last
+    assert all("submitit.core._submit" in s for s in (base, array, last))
 
 
 def test_a_failed_job_is_named_and_the_same_command_resumes_it(tiny_model_dir, persona_file, tmp_path, one_thread):
@@ -131,7 +137,8 @@ def test_compare_checks_each_arms_own_config(tmp_path, persona_file):
 def test_slurm_missing_is_one_line(tmp_path, persona_file, monkeypatch):
     """No sbatch on this machine: the submission fails with one line that says what to do."""
     from steerheal import SteerhealError
-    from steerheal.cluster import Unit, submit
+    from steerheal.cluster import Unit
+    from steerheal.compare import submit_units
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -141,4 +148,4 @@ def test_slurm_missing_is_one_line(tmp_path, persona_file, monkeypatch):
     monkeypatch.setenv("PATH", str(bin_dir))
     cfg = resolve_config(None, parse_set([*SETS, "executor.kind=submitit"]))
     with pytest.raises(SteerhealError, match="submitting to slurm failed"):
-        submit([Unit(str(persona_file), str(tmp_path / "steer"), cfg, 0, False, None)], cfg.executor, tmp_path / "j")
+        submit_units([Unit(str(persona_file), str(tmp_path / "steer"), cfg, 0, False, None)], None, None, cfg, tmp_path)

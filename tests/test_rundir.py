@@ -97,3 +97,32 @@ def test_a_round_json_missing_a_key_is_one_line_naming_the_file_and_the_keys(tmp
     (tmp_path / "round.json").write_text('{"round": 0, "healed": null}')
     with pytest.raises(SteerhealError, match=r"round.json: no arm, coeff, .*rerun the round"):
         RoundRecord.read(tmp_path / "round.json")
+
+
+def _mark_many(root: str, who: int) -> None:
+    from pathlib import Path
+
+    from steerheal.rundir import Run
+
+    run = Run(Path(root))  # read once, as a job does; the others write meanwhile
+    for i in range(25):
+        run.mark(f"w{who}/s{i}", 0.0)
+
+
+def test_jobs_marking_one_manifest_at_once_lose_no_step(tmp_path):
+    """The sweep's point jobs (and compare's null job) mark steps in one manifest from several processes: each
+    mark merges into what is on disk, under a lock, so no writer drops another's steps."""
+    import multiprocessing as mp
+
+    from steerheal.rundir import Run
+
+    Run(tmp_path).mark("first", 0.0)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_mark_many, args=(str(tmp_path), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    steps = Run(tmp_path).manifest["steps"]
+    assert set(steps) == {"first"} | {f"w{w}/s{i}" for w in range(4) for i in range(25)}
