@@ -414,6 +414,13 @@ SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Any config key, e.g. --set heal.lam=0.5 --set generate.n=96.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Resume even if the config changed.")]
+ExecutorOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help=help_of(ExecutorConfig, "kind") + " Cluster options: --set executor.cluster=slurm, "
+        "executor.partition=..., executor.gpus_per_job=1, ..."
+    ),
+]
 
 
 def _run_config(config: str | None, set_: list[str] | None, **flags: Any) -> Any:
@@ -445,6 +452,7 @@ def sweep(
     null_k: Annotated[
         int, typer.Option(help="Random directions per point, norm-matched to the real vector.")
     ] = NULL_K_SWEEP,
+    executor: ExecutorOpt = None,
     config: ConfigOpt = None,
     vignettes: VignettesOpt = None,
     set_: SetOpt = None,
@@ -458,7 +466,14 @@ def sweep(
     from .sweep import run_sweep
 
     cfg = _run_config(
-        config, set_, model=model, vignettes=vignettes, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        config,
+        set_,
+        executor=executor,
+        model=model,
+        vignettes=vignettes,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
     )
     try:
         cs = [float(c) for c in coeffs.split(",") if c.strip()]
@@ -553,13 +568,7 @@ def compare(
         Optional[str],
         typer.Option(help="The arm every other one is set against (an arm or a --variant; default steer)."),
     ] = None,
-    executor: Annotated[
-        Optional[str],
-        typer.Option(
-            help=help_of(ExecutorConfig, "kind") + " Cluster options: --set executor.cluster=slurm, "
-            "executor.partition=..., executor.gpus_per_job=1, ..."
-        ),
-    ] = None,
+    executor: ExecutorOpt = None,
     config: ConfigOpt = None,
     rounds: RoundsOpt = None,
     seeds: SeedsOpt = None,

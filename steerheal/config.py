@@ -348,11 +348,14 @@ CLUSTERS = ("local", "slurm")
 
 @dataclass
 class ExecutorConfig:
-    """Where compare runs its (arm, seed) units: one after another in this process (local), or each as a
-    job through submitit (cluster local: a process per job on this machine; slurm: an array job). Only
-    where runs happen: it never changes a result, so a run may resume under another executor."""
+    """Where compare runs its (arm, seed) units and sweep its points: one after another in this process
+    (local), or each as a job through submitit (cluster local: a process per job on this machine; slurm:
+    an array job). Only where runs happen: it never changes a result, so a run may resume under another
+    executor."""
 
-    kind: str = opt("local", "local (one unit after another, here) or submitit (a job per arm and seed).")
+    kind: str = opt(
+        "local", "local (one after another, here) or submitit (a job per compare arm and seed, per sweep point)."
+    )
     cluster: str = opt("slurm", "submitit's cluster: slurm, or local (processes on this machine).")
     partition: str | None = opt(None, "Slurm partition.")
     gpus_per_job: int = opt(0, "GPUs per job.")

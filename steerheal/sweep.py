@@ -4,7 +4,8 @@ Raw steering (no heal) swept over layer bands × coefficients; at every point th
 scored beside K random directions norm-matched to it (same layers, same per-layer norms, same
 coefficient), and its target shift is placed in that null (z-score, outside the null's range?).
 The prompt is swept by strength: no prompt, the first pair's pos prompt, every pair's pos prompt
-together. Each eval is one resumable step, so a killed sweep goes on where it stopped.
+together. Each eval is one resumable step, so a killed sweep goes on where it stopped; with executor submitit
+each point is a job (cluster.py).
 
 Out: sweep.json (every point, with CIs and its place in the null), sweep.md, sweep.png.
 """
@@ -12,15 +13,19 @@ Out: sweep.json (every point, with CIs and its place in the null), sweep.md, swe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import SteerhealError
+from .cluster import Job, submit
 from .config import MIN_PMASS_RATIO, NULL_K_SWEEP, RunConfig
 from .evaluate import score_vignettes
-from .models import load_model, parse_layers
-from .persona import load_persona
+from .models import LoadedModel, load_model, parse_layers
+from .persona import Persona, load_persona
 from .progress import log
 from .records import write_json, write_text
 from .report import ci_text
@@ -32,6 +37,122 @@ from .vignettes import load_vignettes
 KEYS = ("target_shift", "target_shift_ci", "selectivity", "selectivity_ci", "pmass_ratio", "pmass_ratio_ci")
 
 
+@dataclass
+class Sweep:
+    """One sweep's directory and settings; its steps run here or as jobs (executor submitit), and read back
+    without a model. The model is loaded only when a step has to run, so a finished sweep reports at once."""
+
+    persona_path: str
+    root: Path
+    cfg: RunConfig
+    bands: list[str]
+    coeffs: list[float]
+    null_k: int = NULL_K_SWEEP
+
+    @cached_property
+    def lm(self) -> LoadedModel:
+        c = self.cfg
+        return load_model(c.model, [], device=c.device, dtype=c.dtype, trust_remote_code=c.trust_remote_code)
+
+    @cached_property
+    def persona(self) -> Persona:
+        return load_persona(self.persona_path)
+
+    def __getstate__(self) -> dict[str, Any]:  # a job loads its own model
+        return {k: v for k, v in self.__dict__.items() if k != "lm"}
+
+    def points(self) -> list[tuple[str, float]]:
+        return [(band, c) for band in self.bands for c in self.coeffs]
+
+    def scored(self, key: str, **kw: Any) -> None:
+        """One eval as a resumable step: base (no kw), a prompt (system=), a vector at a coefficient."""
+
+        def run() -> None:
+            vigs = load_vignettes(self.cfg.eval.vignettes, self.cfg.eval.condition, self.cfg.eval.limit, 0)
+            write_json(self.root / f"{key}.json", score_vignettes(self.lm, vigs, self.cfg.eval, **kw))
+
+        Run(self.root).step(key, run)
+
+    def vector(self, band: str) -> SteeringVector:
+        v, key = self.cfg.vector, f"band_{band}/vector"
+        path = self.root / f"{key}.safetensors"
+
+        def run() -> None:
+            layers = parse_layers(band, self.lm.n_layers)
+            extract(self.lm, self.persona, layers, v.normalize, v.batch_size, v.max_prompts).save(path)
+
+        Run(self.root).step(key, run)
+        return SteeringVector.load(path)
+
+    def prepare(self) -> None:
+        """The steps every point reads: base, the prompt strengths, each band's vector."""
+        log("[sweep] base and prompt strengths")
+        self.scored("base")
+        for name, text in self.prompts().items():
+            self.scored(f"prompt_{name}", system=text)
+        for band in self.bands:
+            self.vector(band)
+
+    def prompts(self) -> dict[str, str]:
+        """Prompt strength: the first pair's pos prompt, then every pair's pos prompt together."""
+        pairs = self.persona.pairs
+        return {"first": pairs[0].pos, "all": "\n".join(p.pos for p in pairs)}
+
+    def point(self, band: str, c: float) -> None:
+        """One (band, coefficient): the real vector and its K norm-matched random directions."""
+        vec = self.vector(band)
+        log(f"[sweep] band {band} (layers {vec.layers[0]}-{vec.layers[-1]}), C = {c:g}")
+        self.scored(f"band_{band}/c{c:g}_real", vector=vec, coeff=c)
+        for i in range(self.null_k):
+            self.scored(f"band_{band}/c{c:g}_random{i}", vector=vec.random_like(20_000 + i), coeff=c)
+
+    def report(self) -> Path:
+        """sweep.json, sweep.md and sweep.png from the finished steps; no model needed."""
+        run = Run(self.root)
+        keys = ["base", *(f"prompt_{n}" for n in self.prompts())] + [
+            f"band_{b}/c{c:g}_{kind}"
+            for b, c in self.points()
+            for kind in ["real", *(f"random{i}" for i in range(self.null_k))]
+        ]
+        missing = [k for k in keys if not run.done(k)]
+        if missing:
+            raise SteerhealError(
+                f"{self.root}: {len(missing)} of the sweep's {len(keys)} evals are unfinished (first: {missing[0]}); "
+                "run the same command again (jobs still running: wait for them)"
+            )
+        base = EvalRows.from_report(run.json("base.json"))
+        t, sign = self.persona.target, self.persona.direction
+
+        def point(key: str) -> dict[str, Any]:
+            m = compare(base, [EvalRows.from_report(run.json(f"{key}.json"))], t, sign)
+            return {k: m[k] for k in KEYS}
+
+        summary: dict[str, Any] = {"target": t, "null_k": self.null_k, "prompt": {"none": None}, "bands": {}}
+        summary["prompt"] |= {name: point(f"prompt_{name}") for name in self.prompts()}
+        for band in self.bands:
+            vec = SteeringVector.load(self.root / f"band_{band}/vector.safetensors")
+            points = []
+            for c in self.coeffs:
+                real = point(f"band_{band}/c{c:g}_real")
+                null = [point(f"band_{band}/c{c:g}_random{i}") for i in range(self.null_k)]
+                points.append({"coeff": c, "real": real, "null": null, **specificity(real, null)})
+            summary["bands"][band] = {"layers": vec.layers, "norm": vec.norm(), "points": points}
+        summary["most_specific"] = most_specific(summary)
+        write_json(self.root / "sweep.json", summary)
+        write_text(self.root / "sweep.md", render(summary))
+        plot_sweep(self.root, summary)
+        log(f"sweep report: {self.root / 'sweep.md'}")
+        return self.root / "sweep.md"
+
+
+def prepare_job(sweep: Sweep) -> None:
+    sweep.prepare()
+
+
+def point_job(job: tuple[Sweep, str, float]) -> None:
+    job[0].point(job[1], job[2])
+
+
 def run_sweep(
     persona_path: str | Path,
     out: str | Path,
@@ -40,56 +161,24 @@ def run_sweep(
     coeffs: list[float],
     null_k: int = NULL_K_SWEEP,
 ) -> Path:
-    """Score every (band, coefficient) point, real and K random, and every prompt strength; write the report."""
-    persona = load_persona(persona_path)
+    """Score every (band, coefficient) point, real and K random, and every prompt strength; write the report.
+    With executor submitit: a job for the shared steps, then a job per point; the report once they end."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    run = Run(root)
-    lm = load_model(cfg.model, [], device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    vigs = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
-
-    def scored(key: str, **kw: Any) -> EvalRows:
-        run.step(key, lambda: write_json(root / f"{key}.json", score_vignettes(lm, vigs, cfg.eval, **kw)))
-        return EvalRows.from_report(run.json(f"{key}.json"))
-
-    def vector(key: str, layers: list[int]) -> SteeringVector:
-        v = cfg.vector
-        path = root / f"{key}.safetensors"
-        run.step(key, lambda: extract(lm, persona, layers, v.normalize, v.batch_size, v.max_prompts).save(path))
-        return SteeringVector.load(path)
-
-    log("[sweep] base and prompt strengths")
-    base = scored("base")
-    # Prompt strength: the first pair's pos prompt, then every pair's pos prompt together.
-    prompts = {"first": persona.pairs[0].pos, "all": "\n".join(p.pos for p in persona.pairs)}
-    t, sign = persona.target, persona.direction
-
-    def point(rows: EvalRows) -> dict[str, Any]:
-        m = compare(base, [rows], t, sign)
-        return {k: m[k] for k in KEYS}
-
-    summary: dict[str, Any] = {"target": t, "null_k": null_k, "prompt": {"none": None}, "bands": {}}
-    for name, text in prompts.items():
-        summary["prompt"][name] = point(scored(f"prompt_{name}", system=text))
-    for band in bands:
-        layers = parse_layers(band, lm.n_layers)
-        vec = vector(f"band_{band}/vector", layers)
-        points = []
-        for c in coeffs:
-            log(f"[sweep] band {band} (layers {layers[0]}-{layers[-1]}), C = {c:g}")
-            real = point(scored(f"band_{band}/c{c:g}_real", vector=vec, coeff=c))
-            null = [
-                point(scored(f"band_{band}/c{c:g}_random{i}", vector=vec.random_like(20_000 + i), coeff=c))
-                for i in range(null_k)
-            ]
-            points.append({"coeff": c, "real": real, "null": null, **specificity(real, null)})
-        summary["bands"][band] = {"layers": layers, "norm": vec.norm(), "points": points}
-    summary["most_specific"] = most_specific(summary)
-    write_json(root / "sweep.json", summary)
-    write_text(root / "sweep.md", render(summary))
-    plot_sweep(root, summary)
-    log(f"sweep report: {root / 'sweep.md'}")
-    return root / "sweep.md"
+    sweep = Sweep(str(persona_path), root, cfg, bands, coeffs, null_k)
+    if cfg.executor.kind == "local":
+        sweep.prepare()
+        for band, c in sweep.points():
+            sweep.point(band, c)
+    else:
+        jobs = [Job(f"band {b}, C = {c:g}", point_job, (sweep, b, c)) for b, c in sweep.points()]
+        submit(Job("the sweep's base, prompts and vectors", prepare_job, sweep), jobs, cfg.executor, root / "jobs")
+        if not cfg.executor.wait:
+            log(
+                "sweep: jobs submitted. When they end, run this command again with --executor local to write the report"
+            )
+            return root / "sweep.md"
+    return sweep.report()
 
 
 def specificity(real: dict[str, Any], null: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,7 +7,8 @@ import math
 import subprocess
 import sys
 
-from conftest import tiny_cli
+import pytest
+from conftest import TINY_RUN, tiny_cli
 
 from steerheal.sweep import most_specific, specificity
 
@@ -67,3 +68,44 @@ def test_sweep_on_the_tiny_model_resumes_and_reports(tiny_model_dir, persona_fil
     assert len(steps) == 1 + 2 + 2 * (1 + 2 * 3)  # base, 2 prompts, per band: vector + 2 coeffs × (real + 2 random)
     r2 = subprocess.run(cmd, capture_output=True, text=True)
     assert r2.returncode == 0 and json.loads((out / "manifest.json").read_text())["steps"] == steps  # nothing redone
+
+
+def test_sweep_points_as_jobs_give_the_sequential_sweep_and_report_without_a_model(
+    tiny_model_dir, persona_file, tmp_path, one_thread, monkeypatch
+):
+    """executor submitit (local processes, one thread each): the shared steps as one job, then a job per
+    (band, coefficient), all marking one manifest; sweep.json equals the one process's. Run again, a
+    finished sweep writes its report without loading a model."""
+    pytest.importorskip("submitit")
+    import steerheal.sweep as sweep_mod
+    from steerheal.config import parse_set, resolve_config
+
+    sets = [*TINY_RUN, f"model={tiny_model_dir}", "dtype=fp32"]  # the jobs' processes see the CPU's flags
+    args = (["0.25:0.5", "0.5:0.75"], [2.0, 8.0], 2)
+    sweep_mod.run_sweep(persona_file, tmp_path / "seq", resolve_config(None, parse_set(sets)), *args)
+    jobs = ["executor.kind=submitit", "executor.cluster=local", "executor.threads=1", "executor.array_parallelism=4"]
+    cfg = resolve_config(None, parse_set([*sets, *jobs]))
+    sweep_mod.run_sweep(persona_file, tmp_path / "jobs", cfg, *args)
+    seq, par = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("seq", "jobs"))
+    assert par == seq
+    assert len(list((tmp_path / "jobs" / "jobs").glob("*_result.pkl"))) == 1 + 4  # shared steps, 4 points
+    manifest = json.loads((tmp_path / "jobs" / "manifest.json").read_text())["steps"]
+    assert len(manifest) == 1 + 2 + 2 * (1 + 2 * 3)  # every job's steps, none lost to another's write
+
+    def no_model(*a, **k):
+        raise AssertionError("a finished sweep loaded a model")
+
+    monkeypatch.setattr(sweep_mod, "load_model", no_model)
+    (tmp_path / "jobs" / "sweep.md").unlink()
+    sweep_mod.run_sweep(persona_file, tmp_path / "jobs", cfg, *args)
+    assert (tmp_path / "jobs" / "sweep.md").is_file()
+
+
+def test_an_unfinished_sweep_names_what_is_missing(tiny_model_dir, persona_file, tmp_path):
+    from steerheal import SteerhealError
+    from steerheal.config import parse_set, resolve_config
+    from steerheal.sweep import Sweep
+
+    cfg = resolve_config(None, parse_set([*TINY_RUN, f"model={tiny_model_dir}"]))
+    with pytest.raises(SteerhealError, match=r"13 of the sweep's 13 evals are unfinished \(first: base\)"):
+        Sweep(str(persona_file), tmp_path, cfg, ["0.25:0.5"], [2.0, 8.0], 4).report()
