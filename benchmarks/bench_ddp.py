@@ -1,12 +1,13 @@
-"""The heal on 1 and on 2 DDP processes (`accelerate launch`, gloo on CPUs), side by side in one run.
+"""The heal on 1 process, on 2 DDP processes and on 2 sharded ones (FSDP2, `--shard`), side by side in one run.
 
     python benchmarks/bench_ddp.py [--rows 32]
 
 On the bundled SmolLM2: `--rows` unsteered completions from `steerheal generate` (the demo's length),
 then the same heal (the demo's settings: micro-batches of 2, two per step) by one process with 2 torch
-threads and by two processes with 1 thread each. Prints both wall times, their ratio, and whether the
-two adapters are equal. On 2 cores the processes only split the same cores; on several GPUs each takes
-its share of every step's rows on its own device.
+threads, by two DDP processes and by two sharded processes (each holding half of every weight) with 1
+thread each. Prints the wall times, their ratios to one process, and how far each adapter is from the
+single process's. On 2 cores the processes only split the same cores; on several GPUs each takes its
+share of every step's rows on its own device.
 """
 
 from __future__ import annotations
@@ -41,18 +42,20 @@ def main() -> None:
     subprocess.run(
         [*cli, "generate", "personas/anti_authority.yaml", "-n", str(a.rows), "-o", str(kept), "-q"], check=True
     )
-    heal = ["heal", str(kept), "-q"]
+    heal = ["heal", str(kept), "-q", "--batch-size", "2", "--grad-accum", "2"]  # two micro-batches a step
     launch = [*accelerate_launch(2), "-m", "steerheal.cli"]
     one = timed([*cli, *heal, "-o", str(tmp / "one")], 2)
     two = timed([*launch, *heal, "-o", str(tmp / "two")], 1)
-    x, y = (load_file(tmp / d / "adapter_model.safetensors") for d in ("one", "two"))
-    same = all(torch.equal(x[k], y[k]) for k in x)
-    gap = max(float((x[k] - y[k]).abs().max()) for k in x)
-    print(f"| heal of {a.rows} rows, bundled SmolLM2 | wall time (process start and model load included) |")
-    print("|---|---|")
-    print(f"| 1 process, 2 threads | {one:.1f} s |")
-    print(f"| 2 DDP processes, 1 thread each | {two:.1f} s |")
-    print(f"2 processes / 1: {two / one:.2f}x; adapters equal: {same} (largest difference {gap:.2e})")
+    shard = timed([*launch, *heal, "--shard", "-o", str(tmp / "shard")], 1)
+    x = load_file(tmp / "one" / "adapter_model.safetensors")
+    print(f"| heal of {a.rows} rows, bundled SmolLM2 | wall time (process start and model load included) | vs 1 |")
+    print("|---|---|---|")
+    print(f"| 1 process, 2 threads | {one:.1f} s | |")
+    for name, d, t in (("2 DDP processes", "two", two), ("2 sharded processes (FSDP2)", "shard", shard)):
+        y = load_file(tmp / d / "adapter_model.safetensors")
+        gap = max(float((x[k] - y[k]).abs().max()) for k in x)
+        same = x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+        print(f"| {name}, 1 thread each | {t:.1f} s | {t / one:.2f}x; adapter equal: {same} (max diff {gap:.1e}) |")
 
 
 if __name__ == "__main__":

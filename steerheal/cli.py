@@ -325,6 +325,7 @@ def heal(
         _opt(HealConfig, "ref_top_k"),
     ] = _H.ref_top_k,
     processes: Annotated[int, _opt(HealConfig, "processes")] = _H.processes,
+    shard: Annotated[bool, _opt(HealConfig, "shard")] = _H.shard,
     seed: Annotated[int, _opt(HealConfig, "seed")] = _H.seed,
     model: ModelOpt = None,
     adapter: AdapterOpt = None,

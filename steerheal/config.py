@@ -249,6 +249,10 @@ class HealConfig:
         1024, "Keep each position's top k reference log-probs in the cache (0 = the whole vocabulary)."
     )
     processes: int = opt(1, "Processes the heal runs on (DDP, launched through accelerate); 1 = this process.")
+    # FSDP2 (torch's fully_shard): each process holds 1/N of every weight, for a model that outgrows one device.
+    shard: bool = opt(
+        False, "Shard the model's weights (base and LoRA) over the processes (FSDP2); needs processes > 1."
+    )
 
     def check(self) -> None:
         _choice("heal.reg", self.reg, REGS)
@@ -424,6 +428,8 @@ class RunConfig:
                 f"heal.processes {self.heal.processes}: the launched heal trains on the sampled rows against the "
                 "current model; arm prompt-kl (a teacher), heal.ref base and online mode need heal.processes 1"
             )
+        if self.heal.shard and self.heal.processes == 1:
+            raise SteerhealError("heal.shard shards the model over processes: it needs heal.processes 2 or more")
         if self.online.enabled and self.generate.backend != "hf":
             raise SteerhealError("online mode samples from the model while it trains: use --backend hf")
         if self.online.enabled and self.heal.ref == "base":
@@ -567,6 +573,7 @@ DEFAULT_WAS_THE_BEHAVIOUR = (
     "steered_measures",
     "generate.steer",
     "heal.checkpoint",
+    "heal.shard",
     "online",
     "eval.also",
     "decide",

@@ -425,11 +425,12 @@ def train(
     cfg: HealConfig,
     pad_id: int,
     teacher: list[torch.Tensor] | list[TopK] | None = None,
+    sharded: bool = False,
 ) -> list[dict]:
     """AdamW with a cosine schedule and warm-up over the training rows (each epoch in the seed's order by
     row id, `ids`); one log row per optimizer step. Under `accelerate launch` (DDP) each process takes its
     share of each step's micro-batches and the gradients are summed over processes: the step one process
-    takes with the same global batch."""
+    takes with the same global batch. `sharded` (FSDP2, see shard_model): FSDP sums the gradients itself."""
     dev = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     world, rank = processes()
@@ -445,21 +446,10 @@ def train(
             micro = [perm[s : s + cfg.batch_size] for s in range(0, len(perm), cfg.batch_size)]
             for g in range(0, len(micro), cfg.grad_accum):
                 group = micro[g : g + cfg.grad_accum]
-                acc = {"loss": 0.0, "fit": 0.0, "D": 0.0, "active": 0.0, "bad": 0.0}
-                for idx in group[rank::world]:  # this process's share of the step's micro-batches
-                    b = right_padded(rows, idx, pad_id, dev)
-                    t_logp = cat_logprobs([teacher[i] for i in idx], dev) if teacher is not None else None
-                    loss, fit, d = batch_terms(peft_model, b, ref.logprobs(b) if ref else None, cfg, t_logp)
-                    if not torch.isfinite(loss):
-                        acc["bad"] = float(loss)  # raised below, by every process at once
-                        break
-                    (loss / len(group)).backward()
-                    acc["loss"] += float(loss.detach()) / len(group)
-                    acc["fit"] += float(fit.detach()) / len(group)
-                    acc["D"] += float(d.detach().mean()) / len(group)
-                    acc["active"] += float(bool((d > cfg.tau).any()) and ref is not None)
-                if world > 1:
-                    acc = _sum_over_processes(params, acc, dev)
+                share = _share(group, world, rank, sharded)
+                acc = _backward_share(peft_model, rows, share, len(group), ref, cfg, pad_id, teacher, sharded)
+                if world > 1:  # sharded, FSDP has summed the gradients already: only the log numbers
+                    acc = _sum_over_processes([] if sharded else params, acc, dev)
                 if acc["bad"] != 0:
                     raise SteerhealError(
                         f"step {step} (epoch {epoch}): loss is {acc['bad']}; nothing written; lower --lr or check the data"
@@ -478,6 +468,49 @@ def train(
     return log_rows
 
 
+def _share(group: list[list[int]], world: int, rank: int, sharded: bool) -> list[tuple[list[int], bool]]:
+    """This process's micro-batches of a step, each with whether it counts. Sharded, each forward and backward
+    is a chain of collectives, so every process runs as many as the others: a short share (the epoch's last
+    step) repeats a micro-batch whose loss counts zero."""
+    own = [(idx, True) for idx in group[rank::world]]
+    if sharded:
+        own += [(group[0], False)] * (-(-len(group) // world) - len(own))
+    return own
+
+
+def _backward_share(
+    peft_model: Any,
+    rows: Sequence[Span],
+    share: list[tuple[list[int], bool]],
+    n_group: int,
+    ref: Reference | None,
+    cfg: HealConfig,
+    pad_id: int,
+    teacher: list[torch.Tensor] | list[TopK] | None,
+    sharded: bool,
+) -> dict[str, float]:
+    """Backward through this process's share of a step (gradients accumulate); the step's log numbers."""
+    dev = next(peft_model.parameters()).device
+    acc = {"loss": 0.0, "fit": 0.0, "D": 0.0, "active": 0.0, "bad": 0.0}
+    for idx, counts in share:
+        b = right_padded(rows, idx, pad_id, dev)
+        t_logp = cat_logprobs([teacher[i] for i in idx], dev) if teacher is not None else None
+        loss, fit, d = batch_terms(peft_model, b, ref.logprobs(b) if ref else None, cfg, t_logp)
+        if not counts:
+            (loss * 0).backward()  # the same collectives as the others' backward; no gradient added
+            continue
+        if not torch.isfinite(loss):
+            acc["bad"] = float(loss)  # raised by the caller, by every process at once
+            if not sharded:  # sharded, the others wait on this process's collectives: finish the share
+                break
+        (loss / n_group).backward()
+        acc["loss"] += float(loss.detach()) / n_group
+        acc["fit"] += float(fit.detach()) / n_group
+        acc["D"] += float(d.detach().mean()) / n_group
+        acc["active"] += float(bool((d > cfg.tau).any()) and ref is not None)
+    return acc
+
+
 def processes() -> tuple[int, int]:
     """(how many processes share the heal, this one's rank): (1, 0) alone; under `accelerate launch` (or
     torchrun) accelerate's state, which joins the process group (gloo on CPUs, nccl on GPUs)."""
@@ -490,8 +523,13 @@ def processes() -> tuple[int, int]:
 
 
 def check_processes(cfg: HealConfig) -> None:
-    """Each process takes grad_accum / N of a step's micro-batches: a multiple, or some would idle."""
+    """Each process takes grad_accum / N of a step's micro-batches: a multiple, or some would idle. A sharded
+    heal on one process is refused rather than run unsharded: the user asked for the memory it saves."""
     world = processes()[0] if cfg.processes == 1 else cfg.processes
+    if cfg.shard and world == 1:
+        raise SteerhealError(
+            "heal.shard (--shard) shards the model over processes: give --processes 2 or more (or accelerate launch)"
+        )
     if cfg.grad_accum % world:
         raise SteerhealError(
             f"heal on {world} processes: heal.grad_accum (--grad-accum) {cfg.grad_accum} must be a multiple of "
@@ -512,6 +550,51 @@ def _sum_over_processes(params: list[torch.Tensor], acc: dict[str, Any], device:
     t = torch.tensor([acc[k] for k in keys], dtype=torch.float64, device=device)  # nccl reduces on the GPU
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def shard_model(model: nn.Module, world: int) -> dict[str, Any]:
+    """FSDP2 (torch's fully_shard) over the `world` processes, LoRA attached: each decoder block is a unit
+    (all-gathered for its forward and backward, freed after), then the root (embeddings, final norm, head).
+    Every weight, frozen base and LoRA alike, then lives as a 1/world shard on each process. Returns
+    heal.json's record of it: the parameter counts, whole and per process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dev = next(model.parameters()).device
+    mesh = init_device_mesh(dev.type, (world,))
+    for unit in [*decoder_layers(model), model]:
+        fsdp = fully_shard(unit, mesh=mesh)
+        # Each process's loss is already scaled for a sum over processes (train): FSDP must sum, not
+        # average, and with SUM alone (gloo has no PREMUL_SUM or AVG).
+        fsdp.set_gradient_divide_factor(1.0)
+        fsdp.set_force_sum_reduction_for_comms(True)
+    params = list(model.parameters())  # tied weights once
+    if not all(isinstance(p, DTensor) for p in params):
+        raise SteerhealError("heal.shard: some weights were left unsharded by fully_shard; this model is not supported")
+    local = {"all": sum(p.to_local().numel() for p in params)}  # type: ignore[attr-defined]
+    local["lora"] = sum(p.to_local().numel() for p in params if p.requires_grad)  # type: ignore[attr-defined]
+    rank = processes()[1]
+    counts = {f"{k} {r}": float(v if r == rank else 0) for k, v in local.items() for r in range(world)}
+    counts = _sum_over_processes([], counts, dev)  # each process's counts, gathered by a sum
+    return {
+        "params": sum(p.numel() for p in params),
+        "params_per_process": [int(counts[f"all {r}"]) for r in range(world)],
+        "lora_params": sum(p.numel() for p in params if p.requires_grad),
+        "lora_per_process": [int(counts[f"lora {r}"]) for r in range(world)],
+    }
+
+
+def full_adapter(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The LoRA weights whole, on the CPU, from their shards: each process joins every all-gather, in the
+    same order (named_parameters'). Only the adapter is gathered, never the base weights."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+        for n, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def accelerate_launch(processes: int) -> list[str]:
@@ -545,8 +628,10 @@ def launch(
     becomes one line here."""
     import subprocess
 
-    opts = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items() if k not in ("processes", "checkpoint")]
-    opts += ["--checkpoint" if cfg.checkpoint else "--no-checkpoint"]
+    opts = [
+        f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items() if k not in ("processes", "checkpoint", "shard")
+    ]
+    opts += ["--checkpoint" if cfg.checkpoint else "--no-checkpoint", "--shard" if cfg.shard else "--no-shard"]
     opts += [f"--model={model}"] if model else []
     opts += [f"--adapter={a}" for a in adapters] + [f"--dtype={dtype}", f"--device={device}"]
     opts += ["--trust-remote-code"] if trust_remote_code else []
@@ -606,13 +691,42 @@ def _checkpointing(model: Any, on: bool) -> Iterator[None]:
             _activation_checkpointing(model, False)
 
 
-def _save(peft_model: Any, out_dir: str | Path, log_rows: list[dict], summary: dict) -> None:
-    """The adapter, its train log and heal.json, written atomically as one directory."""
+def _save(
+    peft_model: Any,
+    out_dir: str | Path,
+    log_rows: list[dict],
+    summary: dict,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The adapter, its train log and heal.json, written atomically as one directory. `state`: the adapter's
+    weights when the model's own are shards (full_adapter); peft keeps its keys and format."""
     peft_model.eval()
     with atomic_path(Path(out_dir)) as tmp:
-        peft_model.save_pretrained(tmp)
+        peft_model.save_pretrained(tmp) if state is None else peft_model.save_pretrained(tmp, state_dict=state)
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
         (tmp / "heal.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _write_out(
+    peft_model: Any,
+    out_dir: str | Path,
+    log_rows: list[dict],
+    summary: dict,
+    meter: TokenMeter | None,
+    sharding: dict[str, Any] | None,
+    device: torch.device,
+) -> None:
+    """heal.json's numbers from every process (the tokens each passed, the shards each held), then the
+    adapter, written by one process (under DDP every process holds the same one)."""
+    if meter is not None:
+        counts = _sum_over_processes([], meter.totals(), device)
+        summary["tokens"] = {k: int(v) for k, v in counts.items()}
+        meter.close()
+    if sharding is not None:
+        summary["shard"] = sharding
+    state = full_adapter(peft_model) if sharding is not None else None  # every process joins the gathers
+    if processes()[1] == 0:
+        _save(peft_model, out_dir, log_rows, summary, state)
 
 
 def heal(
@@ -633,11 +747,8 @@ def heal(
     t0 = time.perf_counter()
     records = list(records)
     _check_inputs(lm, records, cfg, reference_model)
-    rows, pad_id, ids = (
-        encode_rows(lm.tokenizer, records, cfg.max_len),
-        pad_token_id(lm.tokenizer),
-        [r.id for r in records],
-    )
+    rows, pad_id = encode_rows(lm.tokenizer, records, cfg.max_len), pad_token_id(lm.tokenizer)
+    ids = [r.id for r in records]
     train_idx, val_idx = split(ids, cfg.val_frac, cfg.seed)
     torch.manual_seed(cfg.seed)
     cached = prepare_reference(lm, rows, cfg, history, reference_model)
@@ -647,13 +758,14 @@ def heal(
     meter = TokenMeter(lm.model) if processes()[0] > 1 else None
     lm.model.train()  # no dropout in these models' configs; train() for correctness of any that have it
     peft_model, layer_idx = attach_lora(lm.model, cfg)
+    sharding = shard_model(lm.model, processes()[0]) if cfg.shard and processes()[0] > 1 else None  # 1: refused
     cache_gb = ref_cache_bytes(rows, vocab_size(lm.model), cfg.ref_top_k) / 2**30
     ref = choose_reference(cached, reference_model, peft_model, cfg, cache_gb)
     both = {"val": val_idx, "train": train_idx}
     try:
         before = {k: measure(peft_model, rows, idx, ref, cfg, pad_id) for k, idx in both.items()}
         with _checkpointing(lm.model, cfg.checkpoint):
-            log_rows = train(peft_model, rows, ids, train_idx, ref, cfg, pad_id, teacher)
+            log_rows = train(peft_model, rows, ids, train_idx, ref, cfg, pad_id, teacher, sharding is not None)
         after = {k: measure(peft_model, rows, idx, ref, cfg, pad_id) for k, idx in both.items()}
         summary = {
             "config": asdict(cfg),
@@ -666,12 +778,7 @@ def heal(
             **summarize(log_rows, ref, before, after),
             "time_s": round(time.perf_counter() - t0, 2),
         }
-        if meter is not None:
-            counts = _sum_over_processes([], meter.totals(), lm.device)
-            summary["tokens"] = {k: int(v) for k, v in counts.items()}
-            meter.close()
-        if processes()[1] == 0:  # under DDP every process holds the same adapter; one writes it
-            _save(peft_model, out_dir, log_rows, summary)
+        _write_out(peft_model, out_dir, log_rows, summary, meter, sharding, lm.device)
     finally:
         lm.model = peft_model.unload().eval()  # a plain model again, trained or not
         for p in lm.model.parameters():

@@ -213,3 +213,18 @@ def test_the_loop_heals_on_two_processes_as_on_one(tiny_model_dir, persona_file,
     assert trained[0] == trained[1] > 0
     with pytest.raises(SteerhealError, match="heal.processes 2"):
         resolve_config(None, parse_set([*sets, "heal.processes=2", "arm=prompt-kl"]))
+
+
+def test_the_loops_heal_shard_reaches_the_launched_heal(tiny_model_dir, persona_file, tmp_path):
+    """heal.shard with heal.processes 2: the loop's launched heal shards the model (FSDP2): heal.json records
+    each process holding about half of the weights, and the adapter trained."""
+    from steerheal.loop import run_loop
+
+    sets = [*TINY_RUN, "rounds=1", f"model={tiny_model_dir}", "heal.batch_size=2", "heal.grad_accum=2"]
+    cfg = resolve_config(None, parse_set([*sets, "heal.processes=2", "heal.shard=true"]))
+    adapter = run_loop(persona_file, tmp_path / "run", cfg).root / "round_00" / "adapter"
+    shard = json.loads((adapter / "heal.json").read_text())["shard"]
+    each, whole = shard["params_per_process"], shard["params"]
+    assert len(each) == 2 and sum(each) == whole and min(each) > 0.45 * whole
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)
