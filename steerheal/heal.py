@@ -500,7 +500,7 @@ def _backward_share(
             (loss * 0).backward()  # the same collectives as the others' backward; no gradient added
             continue
         if not torch.isfinite(loss):
-            acc["bad"] = float(loss)  # raised by the caller, by every process at once
+            acc["bad"] = float(loss.detach())  # raised by the caller, by every process at once
             if not sharded:  # sharded, the others wait on this process's collectives: finish the share
                 break
         (loss / n_group).backward()
@@ -702,7 +702,7 @@ def _save(
     weights when the model's own are shards (full_adapter); peft keeps its keys and format."""
     peft_model.eval()
     with atomic_path(Path(out_dir)) as tmp:
-        peft_model.save_pretrained(tmp) if state is None else peft_model.save_pretrained(tmp, state_dict=state)
+        peft_model.save_pretrained(tmp, state_dict=state)  # None: peft reads the model's own
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_rows))
         (tmp / "heal.json").write_text(json.dumps(summary, indent=2) + "\n")
 
