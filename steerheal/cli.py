@@ -453,6 +453,9 @@ def sweep(
     null_k: Annotated[
         int, typer.Option(help="Random directions per point, norm-matched to the real vector.")
     ] = NULL_K_SWEEP,
+    report_only: Annotated[
+        bool, typer.Option(help="Run nothing: write the report from the finished steps (jobs may be running).")
+    ] = False,
     executor: ExecutorOpt = None,
     config: ConfigOpt = None,
     vignettes: VignettesOpt = None,
@@ -480,7 +483,7 @@ def sweep(
         cs = [float(c) for c in coeffs.split(",") if c.strip()]
     except ValueError:
         raise SteerhealError(f"--coeffs {coeffs}: give numbers, e.g. 2,4,8") from None
-    run_sweep(persona, output, cfg, [b.strip() for b in bands.split(",") if b.strip()], cs, null_k)
+    run_sweep(persona, output, cfg, [b.strip() for b in bands.split(",") if b.strip()], cs, null_k, report_only)
 
 
 @command

@@ -12,7 +12,8 @@ needs no model.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,13 +95,8 @@ def submit(first: Job, array: list[Job], ex: ExecutorConfig, folder: Path, last:
         params |= {"slurm_partition": ex.partition} if ex.partition else {}
         params |= {"cpus_per_task": ex.cpus_per_job} if ex.cpus_per_job else {}
     executor.update_parameters(**params)
-    try:
+    with _submitting(ex):
         head = executor.submit(call, first, ex.threads)
-    except (OSError, subprocess.CalledProcessError) as e:  # no sbatch here, or Slurm refused the job
-        raise SteerhealError(
-            f"submitting to {ex.cluster} failed: {str(e).strip().splitlines()[-1][:300]}; check executor.partition "
-            "and the other executor settings, or use --set executor.cluster=local / --executor local"
-        ) from None
     log(f"submitted {first.name} as job {head.job_id} ({ex.cluster}); logs in {folder}")
     if ex.wait:
         _results(folder, [(first, head)])
@@ -110,11 +106,24 @@ def submit(first: Job, array: list[Job], ex: ExecutorConfig, folder: Path, last:
     if last is not None:
         if not ex.wait:  # Slurm: an array job's id stands for all its tasks
             _after(executor, jobs[-1].job_id.split("_")[0])
-        jobs.append(executor.submit(call, last, ex.threads))
+        with _submitting(ex):
+            jobs.append(executor.submit(call, last, ex.threads))
         log(f"submitted {last.name} as job {jobs[-1].job_id}")
         if ex.wait:
             _results(folder, [(last, jobs[-1])])
     return jobs
+
+
+@contextmanager
+def _submitting(ex: ExecutorConfig) -> Iterator[None]:
+    """A refused submission (no sbatch here; Slurm's partition, QOS or array-size limits) as one line."""
+    try:
+        yield
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SteerhealError(
+            f"submitting to {ex.cluster} failed: {str(e).strip().splitlines()[-1][:300]}; check executor.partition "
+            "and the other executor settings, or use --set executor.cluster=local / --executor local"
+        ) from None
 
 
 def _array(executor: Any, array: list[Job], ex: ExecutorConfig, folder: Path) -> list[Any]:
@@ -122,11 +131,12 @@ def _array(executor: Any, array: list[Job], ex: ExecutorConfig, folder: Path) ->
         executor.update_parameters(slurm_array_parallelism=ex.array_parallelism)
     # Slurm runs at most array_parallelism of the array at once; submitit's local processes have no such cap,
     # so there the jobs go in waves of that many (local always waits: ExecutorConfig.check).
-    wave = ex.array_parallelism if ex.cluster == "local" else len(array)
+    wave = ex.array_parallelism if ex.cluster == "local" else max(1, len(array))
     jobs: list[Any] = []
     for i in range(0, len(array), wave):
         part = array[i : i + wave]
-        jobs += executor.map_array(call, part, [ex.threads] * len(part))
+        with _submitting(ex):
+            jobs += executor.map_array(call, part, [ex.threads] * len(part))
         log(f"submitted {len(part)} jobs: {', '.join(str(j.job_id) for j in jobs[i:])}")
         if ex.wait:
             _results(folder, list(zip(part, jobs[i:])))
@@ -135,7 +145,10 @@ def _array(executor: Any, array: list[Job], ex: ExecutorConfig, folder: Path) ->
 
 def _after(executor: Any, job_id: str) -> None:
     """The next submission starts once job_id has succeeded (Slurm)."""
-    executor.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{job_id}"})
+    # kill-on-invalid-dep: a job whose predecessor failed leaves the queue instead of pending forever
+    executor.update_parameters(
+        slurm_additional_parameters={"dependency": f"afterok:{job_id}", "kill-on-invalid-dep": "yes"}
+    )
 
 
 def _results(folder: Path, jobs: list[tuple[Job, Any]]) -> None:

@@ -120,10 +120,7 @@ def run_compare(
     elif units:
         submit_units(units, shared, null, cfg, root / "jobs")
         if not cfg.executor.wait:
-            log(
-                "compare: jobs submitted. When they end, run this command again with --executor local: every unit "
-                "and the null are finished, so it only writes the report"
-            )
+            log("compare: jobs submitted. When they end, run this command again with --report-only to write the report")
             return root / "compare.md"
     for arm in arms if cfg.seeds else []:  # each arm's own report, pooled over the seeds it finished
         finished = [d for d in arm_dirs(root, arm, cfg) if (d / "report.md").is_file()]

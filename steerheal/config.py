@@ -249,7 +249,7 @@ class HealConfig:
         1024, "Keep each position's top k reference log-probs in the cache (0 = the whole vocabulary)."
     )
     processes: int = opt(1, "Processes the heal runs on (DDP, launched through accelerate); 1 = this process.")
-    # FSDP2 (torch's fully_shard): each process holds 1/N of every weight, for a model that outgrows one device.
+    # FSDP2 (torch's fully_shard): each process holds 1/N of every weight while it trains (it loads them all first).
     shard: bool = opt(
         False, "Shard the model's weights (base and LoRA) over the processes (FSDP2); needs processes > 1."
     )

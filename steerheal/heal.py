@@ -495,7 +495,8 @@ def _backward_share(
     for idx, counts in share:
         b = right_padded(rows, idx, pad_id, dev)
         t_logp = cat_logprobs([teacher[i] for i in idx], dev) if teacher is not None else None
-        loss, fit, d = batch_terms(peft_model, b, ref.logprobs(b) if ref else None, cfg, t_logp)
+        with TokenMeter.paused(not counts):  # a repeat is no training: heal.json's tokens leave it out
+            loss, fit, d = batch_terms(peft_model, b, ref.logprobs(b) if ref else None, cfg, t_logp)
         if not counts:
             (loss * 0).backward()  # the same collectives as the others' backward; no gradient added
             continue
@@ -530,11 +531,25 @@ def check_processes(cfg: HealConfig) -> None:
         raise SteerhealError(
             "heal.shard (--shard) shards the model over processes: give --processes 2 or more (or accelerate launch)"
         )
+    if cfg.shard and not _fsdp_sums():
+        raise SteerhealError(
+            f"heal.shard needs torch 2.8 or newer (FSDP2 summing gradients over gloo); this is torch {torch.__version__}: "
+            "upgrade torch, or heal on processes without --shard"
+        )
     if cfg.grad_accum % world:
         raise SteerhealError(
             f"heal on {world} processes: heal.grad_accum (--grad-accum) {cfg.grad_accum} must be a multiple of "
             f"{world}, so that each process takes its share of every step's micro-batches"
         )
+
+
+def _fsdp_sums() -> bool:
+    """Whether this torch's FSDP2 can be told to sum gradients with SUM alone (what shard_model needs)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
 
 
 def _sum_over_processes(params: list[torch.Tensor], acc: dict[str, Any], device: torch.device) -> dict[str, float]:

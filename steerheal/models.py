@@ -437,7 +437,22 @@ class TokenMeter:
         self.trained = 0
         self._hook = model.get_input_embeddings().register_forward_hook(self._count)
 
+    _paused = 0  # depth of `paused()` blocks, over every meter
+
+    @classmethod
+    @contextlib.contextmanager
+    def paused(cls, on: bool = True) -> Iterator[None]:
+        """Forwards no meter counts: work that adds nothing to the result (a sharded heal's zero-weight
+        repeat, run only to keep the processes' collectives in step)."""
+        cls._paused += on
+        try:
+            yield
+        finally:
+            cls._paused -= on
+
     def _count(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if TokenMeter._paused:
+            return
         n = int(args[0].numel()) if args else int(output.shape[:-1].numel())
         self.forward += n
         if torch.is_grad_enabled():

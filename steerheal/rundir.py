@@ -106,10 +106,16 @@ class Run:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on path (flock: local disks, and the NFS v4 / Lustre mounts of most clusters)."""
+    """An exclusive lock on path (flock: local disks, NFS v4, Lustre mounted with -o flock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as e:
+            raise SteerhealError(
+                f"{path.parent}: this filesystem refuses file locks ({e.strerror}); put the run directory on a "
+                "local disk or NFS v4, or mount Lustre with -o flock"
+            ) from None
         try:
             yield
         finally:

@@ -118,7 +118,7 @@ class Sweep:
         if missing:
             raise SteerhealError(
                 f"{self.root}: {len(missing)} of the sweep's {len(keys)} evals are unfinished (first: {missing[0]}); "
-                "run the same command again (jobs still running: wait for them)"
+                "wait for jobs still running, or run the sweep again without --report-only"
             )
         base = EvalRows.from_report(run.json("base.json"))
         t, sign = self.persona.target, self.persona.direction
@@ -160,12 +160,16 @@ def run_sweep(
     bands: list[str],
     coeffs: list[float],
     null_k: int = NULL_K_SWEEP,
+    report_only: bool = False,
 ) -> Path:
     """Score every (band, coefficient) point, real and K random, and every prompt strength; write the report.
-    With executor submitit: a job for the shared steps, then a job per point; the report once they end."""
+    With executor submitit: a job for the shared steps, then a job per point; the report once they end.
+    report_only: run nothing (no model), report the finished steps, or name what is missing."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(str(persona_path), root, cfg, bands, coeffs, null_k)
+    if report_only:
+        return sweep.report()
     if cfg.executor.kind == "local":
         sweep.prepare()
         for band, c in sweep.points():
@@ -174,9 +178,7 @@ def run_sweep(
         jobs = [Job(f"band {b}, C = {c:g}", point_job, (sweep, b, c)) for b, c in sweep.points()]
         submit(Job("the sweep's base, prompts and vectors", prepare_job, sweep), jobs, cfg.executor, root / "jobs")
         if not cfg.executor.wait:
-            log(
-                "sweep: jobs submitted. When they end, run this command again with --executor local to write the report"
-            )
+            log("sweep: jobs submitted. When they end, run this command again with --report-only to write the report")
             return root / "sweep.md"
     return sweep.report()
 

@@ -60,9 +60,11 @@ def test_slurm_gets_one_array_job_with_the_resources_asked_for(tiny_model_dir, p
     from steerheal.cluster import Job, Unit
     from steerheal.compare import null_step, submit_units
 
-    bin_dir, record = tmp_path / "bin", tmp_path / "sbatch.txt"
+    bin_dir, record, count = tmp_path / "bin", tmp_path / "sbatch.txt", tmp_path / "last_id"
     bin_dir.mkdir()
-    for name, body in (("sbatch", f'cat "$1" >> {record}\necho "Submitted batch job 4242"'), ("srun", "exit 0")):
+    # a new job id per submission (4242, 4243, ...), so each dependency names the job it waits on
+    sbatch = f'n=$(cat {count} 2>/dev/null || echo 4241); n=$((n+1)); echo $n > {count}\ncat "$1" >> {record}\necho "Submitted batch job $n"'
+    for name, body in (("sbatch", sbatch), ("srun", "exit 0")):
         tool = bin_dir / name  # submitit checks for srun before it submits
         tool.write_text(f"#!/bin/sh\n{body}\n")
         tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
@@ -76,12 +78,14 @@ def test_slurm_gets_one_array_job_with_the_resources_asked_for(tiny_model_dir, p
     null = Job("the random null", null_step, (str(tmp_path), cfg, 3))
     jobs = submit_units(units, None, null, cfg, tmp_path / "jobs")
     base, array, last = record.read_text().split("#!/bin/bash")[1:]  # the baselines, the units, the null
-    assert [j.job_id for j in jobs] == ["4242", *(f"4242_{i}" for i in range(4)), "4242"]
+    assert [j.job_id for j in jobs] == ["4242", *(f"4243_{i}" for i in range(4)), "4244"]
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=90"):
         assert line in base and line in array and line in last, line
     assert "#SBATCH --array=0-3%2" in array and "--array" not in base + last
     assert "--dependency" not in base
-    assert "#SBATCH --dependency=afterok:4242" in array and "#SBATCH --dependency=afterok:4242" in last
+    assert "#SBATCH --dependency=afterok:4242\n" in array  # the units wait on the baselines job
+    assert "#SBATCH --dependency=afterok:4243\n" in last  # the null on the whole array
+    assert "#SBATCH --kill-on-invalid-dep=yes" in array and "#SBATCH --kill-on-invalid-dep=yes" in last
     assert all("submitit.core._submit" in s for s in (base, array, last))
 
 

@@ -414,7 +414,8 @@ def test_two_sharded_processes_heal_the_adapter_one_process_heals(tmp_path, tiny
     cli = [sys.executable, "-m", "steerheal.cli", *args]
     one = subprocess.run([*cli, "-o", str(tmp_path / "one")], env=env)
     two = subprocess.run([*cli, "-o", str(tmp_path / "two"), "--processes", "2", "--shard"], env=env)
-    assert one.returncode == 0 and two.returncode == 0
+    ddp = subprocess.run([*cli, "-o", str(tmp_path / "ddp"), "--processes", "2"], env=env)
+    assert one.returncode == 0 and two.returncode == 0 and ddp.returncode == 0
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     assert any(float(v.abs().max()) > 1e-4 for k, v in b.items() if "lora_B" in k)  # it trained
@@ -422,6 +423,8 @@ def test_two_sharded_processes_heal_the_adapter_one_process_heals(tmp_path, tiny
     # an odd number of micro-batches an epoch: each epoch's last step has one, and the second process runs a
     # zero-weight one to keep the collectives in step (else it would hang)
     assert math.ceil(h2["rows"]["train"] / 2) % 2 == 1
+    # ... which heal.json's token passes leave out: DDP (no repeat) passes as many
+    assert h2["tokens"] == json.loads((tmp_path / "ddp" / "heal.json").read_text())["tokens"]
     assert h2["val_nll"] == pytest.approx(h1["val_nll"], rel=1e-6) and "shard" not in h1
     s = h2["shard"]
     for whole, each in ((s["params"], s["params_per_process"]), (s["lora_params"], s["lora_per_process"])):
@@ -445,6 +448,14 @@ def test_the_launched_heal_passes_shard_on_and_shard_needs_processes(tmp_path, m
     assert r.exit_code == 2 and "--processes 2 or more" in r.output
     with pytest.raises(SteerhealError, match="heal.processes 2 or more"):
         resolve_config(None, parse_set(["heal.shard=true"]))
+    from torch.distributed.fsdp import FSDPModule
+
+    from steerheal.heal import check_processes
+
+    check_processes(HealConfig(processes=2, grad_accum=2, shard=True))
+    monkeypatch.delattr(FSDPModule, "set_force_sum_reduction_for_comms")  # an older torch's FSDP2
+    with pytest.raises(SteerhealError, match="heal.shard needs torch 2.8 or newer"):
+        check_processes(HealConfig(processes=2, grad_accum=2, shard=True))
     assert resolve_config(None, parse_set(["heal.shard=true", "heal.processes=2"])).heal.shard
 
 

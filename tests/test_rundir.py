@@ -126,3 +126,18 @@ def test_jobs_marking_one_manifest_at_once_lose_no_step(tmp_path):
     assert all(p.exitcode == 0 for p in procs)
     steps = Run(tmp_path).manifest["steps"]
     assert set(steps) == {"first"} | {f"w{w}/s{i}" for w in range(4) for i in range(25)}
+
+
+def test_a_filesystem_without_locks_is_one_line(tmp_path, monkeypatch):
+    """Lustre mounted without -o flock refuses flock (ENOSYS): a SteerhealError naming the directory."""
+    import errno
+    import fcntl
+
+    from steerheal.rundir import Run
+
+    def refuse(fh, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(SteerhealError, match=f"{tmp_path}: this filesystem refuses file locks"):
+        Run(tmp_path).mark("base", 0.0)

@@ -74,8 +74,8 @@ def test_sweep_points_as_jobs_give_the_sequential_sweep_and_report_without_a_mod
     tiny_model_dir, persona_file, tmp_path, one_thread, monkeypatch
 ):
     """executor submitit (local processes, one thread each): the shared steps as one job, then a job per
-    (band, coefficient), all marking one manifest; sweep.json equals the one process's. Run again, a
-    finished sweep writes its report without loading a model."""
+    (band, coefficient), all marking one manifest; sweep.json equals the one process's. Run again in this
+    process, a finished sweep writes its report without loading a model."""
     pytest.importorskip("submitit")
     import steerheal.sweep as sweep_mod
     from steerheal.config import parse_set, resolve_config
@@ -83,7 +83,7 @@ def test_sweep_points_as_jobs_give_the_sequential_sweep_and_report_without_a_mod
     sets = [*TINY_RUN, f"model={tiny_model_dir}", "dtype=fp32"]  # the jobs' processes see the CPU's flags
     args = (["0.25:0.5", "0.5:0.75"], [2.0, 8.0], 2)
     sweep_mod.run_sweep(persona_file, tmp_path / "seq", resolve_config(None, parse_set(sets)), *args)
-    jobs = ["executor.kind=submitit", "executor.cluster=local", "executor.threads=1", "executor.array_parallelism=4"]
+    jobs = ["executor.kind=submitit", "executor.cluster=local", "executor.threads=1", "executor.array_parallelism=2"]
     cfg = resolve_config(None, parse_set([*sets, *jobs]))
     sweep_mod.run_sweep(persona_file, tmp_path / "jobs", cfg, *args)
     seq, par = (json.loads((tmp_path / d / "sweep.json").read_text()) for d in ("seq", "jobs"))
@@ -97,15 +97,16 @@ def test_sweep_points_as_jobs_give_the_sequential_sweep_and_report_without_a_mod
 
     monkeypatch.setattr(sweep_mod, "load_model", no_model)
     (tmp_path / "jobs" / "sweep.md").unlink()
-    sweep_mod.run_sweep(persona_file, tmp_path / "jobs", cfg, *args)
+    sweep_mod.run_sweep(persona_file, tmp_path / "jobs", resolve_config(None, parse_set(sets)), *args)  # here
     assert (tmp_path / "jobs" / "sweep.md").is_file()
 
 
 def test_an_unfinished_sweep_names_what_is_missing(tiny_model_dir, persona_file, tmp_path):
     from steerheal import SteerhealError
     from steerheal.config import parse_set, resolve_config
-    from steerheal.sweep import Sweep
+    from steerheal.sweep import run_sweep
 
     cfg = resolve_config(None, parse_set([*TINY_RUN, f"model={tiny_model_dir}"]))
     with pytest.raises(SteerhealError, match=r"13 of the sweep's 13 evals are unfinished \(first: base\)"):
-        Sweep(str(persona_file), tmp_path, cfg, ["0.25:0.5"], [2.0, 8.0], 4).report()
+        run_sweep(persona_file, tmp_path, cfg, ["0.25:0.5"], [2.0, 8.0], 4, report_only=True)
+    assert not (tmp_path / "manifest.json").exists()  # --report-only ran nothing
