@@ -68,6 +68,9 @@ def test_sweep_on_the_tiny_model_resumes_and_reports(tiny_model_dir, persona_fil
     assert len(steps) == 1 + 2 + 2 * (1 + 2 * 3)  # base, 2 prompts, per band: vector + 2 coeffs × (real + 2 random)
     r2 = subprocess.run(cmd, capture_output=True, text=True)
     assert r2.returncode == 0 and json.loads((out / "manifest.json").read_text())["steps"] == steps  # nothing redone
+    (out / "sweep.json").unlink()
+    r3 = subprocess.run([*cmd, "--report-only", "--model", str(out / "no_such_model")], capture_output=True, text=True)
+    assert r3.returncode == 0 and json.loads((out / "sweep.json").read_text()) == s  # no model needed
 
 
 def test_sweep_points_as_jobs_give_the_sequential_sweep_and_report_without_a_model(
