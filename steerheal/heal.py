@@ -639,8 +639,8 @@ def launch(
     trust_remote_code: bool = False,
 ) -> None:
     """`steerheal heal` on cfg.processes processes under `accelerate launch` (DDP), as a child process: the
-    records file, the model with its adapter history, and every heal setting passed on. Its error, if any,
-    becomes one line here."""
+    records file, the model with its adapter history, and every heal setting passed on. The launch's output
+    goes to OUT.launch.log (kept if it fails); its error becomes one line here: what the processes said."""
     import subprocess
 
     opts = [
@@ -652,9 +652,19 @@ def launch(
     opts += ["--trust-remote-code"] if trust_remote_code else []
     launcher = [*accelerate_launch(cfg.processes), "-m", "steerheal.cli"]
     log(f"heal on {cfg.processes} processes: accelerate launch ... steerheal heal {records}")
-    done = subprocess.run([*launcher, "heal", str(records), "-o", str(out_dir), *opts, "--quiet"], text=True)
+    launch_log = Path(out_dir).with_name(Path(out_dir).name + ".launch.log")
+    launch_log.parent.mkdir(parents=True, exist_ok=True)
+    with open(launch_log, "w") as fh:  # the launcher reports a failed process with a traceback of its own
+        cmd = [*launcher, "heal", str(records), "-o", str(out_dir), *opts, "--quiet"]
+        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
-        raise SteerhealError(f"the heal on {cfg.processes} processes failed (exit {done.returncode}); its log is above")
+        mark = "steerheal heal: error: "
+        said = dict.fromkeys(ln.split(mark, 1)[1] for ln in launch_log.read_text().splitlines() if mark in ln)
+        raise SteerhealError(
+            f"the heal on {cfg.processes} processes failed: {'; '.join(said) or f'exit {done.returncode}'} "
+            f"(the launch's log: {launch_log})"
+        )
+    launch_log.unlink()
 
 
 def summarize(log_rows: list[dict], ref: Reference | None, before: dict, after: dict) -> dict[str, Any]:

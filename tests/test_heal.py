@@ -483,3 +483,25 @@ def test_the_launched_heal_gets_every_setting_and_the_models_flags(tmp_path, mon
         and "--trust-remote-code" in cmd
         and not any("processes" in c for c in cmd[cmd.index("heal") :])
     )
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_a_nan_loss_on_two_processes_stops_both_with_one_line(tmp_path, tiny_model_dir, shard):
+    """A non-finite loss on 2 processes (DDP, or sharded, where a process that broke off would leave the other
+    waiting in a collective): every process stops at the same step, nothing is written, the launch ends (a
+    hang would hit the timeout), and the user reads one line: the processes' error and the launch's log."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "kept.jsonl"
+    write_records(recs(10), data)
+    args = ["heal", str(data), "-o", str(tmp_path / "ad"), "--model", str(tiny_model_dir), "--rank", "4"]
+    args += ["--lr", "1e30", "--epochs", "3", "--batch-size", "2", "--grad-accum", "2", "--processes", "2"]
+    args += ["--shard"] if shard else []
+    r = subprocess.run([sys.executable, "-m", "steerheal.cli", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr  # the launcher's own report stays in its log
+    said = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(said) == 1 and "the heal on 2 processes failed: step" in said[0] and "loss is nan" in said[0]
+    launch_log = tmp_path / "ad.launch.log"
+    assert str(launch_log) in said[0] and launch_log.read_text().count("loss is nan") == 2  # both, same step
+    assert not (tmp_path / "ad").exists()
