@@ -460,6 +460,7 @@ def sweep(
     config: ConfigOpt = None,
     vignettes: VignettesOpt = None,
     set_: SetOpt = None,
+    force: ForceOpt = False,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -483,7 +484,7 @@ def sweep(
         cs = [float(c) for c in coeffs.split(",") if c.strip()]
     except ValueError:
         raise SteerhealError(f"--coeffs {coeffs}: give numbers, e.g. 2,4,8") from None
-    run_sweep(persona, output, cfg, [b.strip() for b in bands.split(",") if b.strip()], cs, null_k, report_only)
+    run_sweep(persona, output, cfg, [b.strip() for b in bands.split(",") if b.strip()], cs, null_k, report_only, force)
 
 
 @command

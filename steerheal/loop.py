@@ -447,6 +447,16 @@ def _ignore(_: object) -> None:
     """A step's artifact is on disk; its return value is not needed."""
 
 
+def run_inputs(cfg: RunConfig, vignettes: list[Vignette]) -> dict[str, str]:
+    """What a resume must find unchanged besides the config: the vignettes, the model's weights, and the
+    dtype (what --dtype auto resolves to here: a run resumed on a machine that would pick another refuses)."""
+    return {
+        "vignettes_sha256": vignettes_sha256(vignettes),
+        "model_fingerprint": model_fingerprint(resolve(cfg.model)),
+        "dtype": dtype_name(pick_dtype(pick_device(cfg.device), cfg.dtype)),
+    }
+
+
 def open_loop(
     persona_path: str | Path, out: str | Path, cfg: RunConfig, force: bool, baselines_from: Path | None = None
 ) -> Loop:
@@ -457,12 +467,7 @@ def open_loop(
     cfg_dict = cfg.to_dict()
     # The vignette sample does not depend on the run's seed, so that seeds pair on the same rows.
     vignettes = load_vignettes(cfg.eval.vignettes, cfg.eval.condition, cfg.eval.limit, 0)
-    inputs = {
-        "vignettes_sha256": vignettes_sha256(vignettes),
-        "model_fingerprint": model_fingerprint(resolve(cfg.model)),
-        # what --dtype auto resolved to here: a run resumed on a machine that would pick another refuses
-        "dtype": dtype_name(pick_dtype(pick_device(cfg.device), cfg.dtype)),
-    }
+    inputs = run_inputs(cfg, vignettes)
     check_resume(run, cfg_dict, persona, inputs, force, lambda old: {"dtype": dtype_before_recorded(old, cfg.device)})
     write_config(run.root, cfg_dict, persona, persona_path, inputs)
     remove_stale_temps(run.root)

@@ -24,16 +24,19 @@ from . import SteerhealError
 from .cluster import Job, submit
 from .config import MIN_PMASS_RATIO, NULL_K_SWEEP, RunConfig
 from .evaluate import score_vignettes
+from .loop import run_inputs
 from .models import LoadedModel, load_model, parse_layers
 from .persona import Persona, load_persona
 from .progress import log
 from .records import write_json, write_text
 from .report import ci_text
-from .rundir import Run
+from .rundir import Run, check_resume, write_config
 from .stats import EvalRows, compare
 from .vector import SteeringVector, extract
 from .vignettes import load_vignettes
 
+# The settings every eval of a sweep shares (config.yaml; a resume with others is refused).
+SHARED_SETTINGS = ("model", "trust_remote_code", "vector", "eval")
 KEYS = ("target_shift", "target_shift_ci", "selectivity", "selectivity_ci", "pmass_ratio", "pmass_ratio_ci")
 
 
@@ -48,6 +51,7 @@ class Sweep:
     bands: list[str]
     coeffs: list[float]
     null_k: int = NULL_K_SWEEP
+    force: bool = False
 
     @cached_property
     def lm(self) -> LoadedModel:
@@ -85,7 +89,14 @@ class Sweep:
         return SteeringVector.load(path)
 
     def prepare(self) -> None:
-        """The steps every point reads: base, the prompt strengths, each band's vector."""
+        """The steps every point reads: base, the prompt strengths, each band's vector. First the resume
+        check, where the model will run (a job's node may pick another dtype than the submitting one)."""
+        vigs = load_vignettes(self.cfg.eval.vignettes, self.cfg.eval.condition, self.cfg.eval.limit, 0)
+        inputs = run_inputs(self.cfg, vigs)
+        # bands, coefficients and null_k may grow; what every eval in the directory shares may not change
+        settings = {k: v for k, v in self.cfg.to_dict().items() if k in SHARED_SETTINGS}
+        check_resume(Run(self.root), settings, self.persona, inputs, self.force)
+        write_config(self.root, settings, self.persona, self.persona_path, inputs)
         log("[sweep] base and prompt strengths")
         self.scored("base")
         for name, text in self.prompts().items():
@@ -161,13 +172,14 @@ def run_sweep(
     coeffs: list[float],
     null_k: int = NULL_K_SWEEP,
     report_only: bool = False,
+    force: bool = False,
 ) -> Path:
     """Score every (band, coefficient) point, real and K random, and every prompt strength; write the report.
     With executor submitit: a job for the shared steps, then a job per point; the report once they end.
     report_only: run nothing (no model), report the finished steps, or name what is missing."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    sweep = Sweep(str(persona_path), root, cfg, bands, coeffs, null_k)
+    sweep = Sweep(str(persona_path), root, cfg, bands, coeffs, null_k, force)
     if report_only:
         return sweep.report()
     if cfg.executor.kind == "local":

@@ -113,3 +113,32 @@ def test_an_unfinished_sweep_names_what_is_missing(tiny_model_dir, persona_file,
     with pytest.raises(SteerhealError, match=r"13 of the sweep's 13 evals are unfinished \(first: base\)"):
         run_sweep(persona_file, tmp_path, cfg, ["0.25:0.5"], [2.0, 8.0], 4, report_only=True)
     assert not (tmp_path / "manifest.json").exists()  # --report-only ran nothing
+
+
+def test_a_sweep_resumed_with_other_eval_settings_is_refused(tiny_model_dir, persona_file, tmp_path):
+    """config.yaml records what every eval of a sweep shares (model, vector, eval; the vignettes, weights and
+    dtype): a resume with other eval settings or another dtype is refused before anything runs, unless
+    --force; more coefficients are a resume."""
+    from steerheal import SteerhealError
+    from steerheal.config import parse_set, resolve_config
+    from steerheal.sweep import run_sweep
+
+    sets = [*TINY_RUN, f"model={tiny_model_dir}", "dtype=fp32"]
+    run_sweep(persona_file, tmp_path, resolve_config(None, parse_set(sets)), ["0.25:0.5"], [2.0], 0)
+    steps = json.loads((tmp_path / "manifest.json").read_text())["steps"]
+    for change, says in ((["eval.limit=5"], r"config changed \(eval\)"), (["dtype=bf16"], "dtype changed")):
+        with pytest.raises(SteerhealError, match=says):
+            run_sweep(persona_file, tmp_path, resolve_config(None, parse_set([*sets, *change])), ["0.25:0.5"], [2.0], 0)
+        assert json.loads((tmp_path / "manifest.json").read_text())["steps"] == steps  # nothing ran
+    cfg = resolve_config(None, parse_set([*sets, "heal.lr=1e-3"]))  # a setting no sweep eval reads
+    run_sweep(persona_file, tmp_path, cfg, ["0.25:0.5"], [2.0, 4.0], 0)  # and one more coefficient
+    assert "band_0.25:0.5/c4_real" in json.loads((tmp_path / "manifest.json").read_text())["steps"]
+    run_sweep(
+        persona_file,
+        tmp_path,
+        resolve_config(None, parse_set([*sets, "eval.limit=5"])),
+        ["0.25:0.5"],
+        [2.0],
+        0,
+        force=True,
+    )
