@@ -587,6 +587,12 @@ def _leaves(d: dict, prefix: str = "") -> list[str]:
     ]
 
 
+def _leaf(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
 def _set_leaf(d: dict, key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     for p in parents:
@@ -594,23 +600,36 @@ def _set_leaf(d: dict, key: str, value: Any) -> None:
     d[leaf] = value
 
 
+def as_ran(config: dict) -> dict:
+    """A run's recorded config with the keys added since filled in as that run ran them: BEFORE_THE_KEY's
+    values, and today's default where the default was the behaviour (DEFAULT_WAS_THE_BEHAVIOUR). Any other
+    missing key stays missing (unknown, so a resume refuses it and a reproduction asks for it)."""
+    out = copy.deepcopy(config)
+    defaults = RunConfig().to_dict()
+    have = set(_leaves(out))
+    for key in _leaves(defaults):
+        parts = key.split(".")
+        if key in have or any(".".join(parts[:i]) in have for i in range(1, len(parts))):
+            continue  # recorded, or under what was a single value then (left as it was: it differs)
+        if key in BEFORE_THE_KEY:
+            _set_leaf(out, key, BEFORE_THE_KEY[key])
+        elif any(key == k or key.startswith(k + ".") for k in DEFAULT_WAS_THE_BEHAVIOUR):
+            _set_leaf(out, key, _leaf(defaults, key))
+    return out
+
+
 def run_settings(conf: dict, where: str, overrides: dict) -> dict:
     """A run directory's config.yaml settings, complete: keys added since the run map to what it had
-    (BEFORE_THE_KEY, DEFAULT_WAS_THE_BEHAVIOUR); any other missing key is refused with its name, unless
-    --set gives it."""
-    user = copy.deepcopy(conf["config"])
+    (as_ran); any other missing key is refused with its name, unless --set gives it."""
+    user = as_ran(conf["config"])
     given = set(_leaves(deep_merge(user, overrides)))
     version = (conf.get("versions") or {}).get("git_commit") or (conf.get("versions") or {}).get("steerheal", "?")
-    for key in _leaves(RunConfig().to_dict()):
-        if key in given:
-            continue
-        if key in BEFORE_THE_KEY:
-            _set_leaf(user, key, BEFORE_THE_KEY[key])
-        elif not any(key == k or key.startswith(k + ".") for k in DEFAULT_WAS_THE_BEHAVIOUR):
-            raise SteerhealError(
-                f"{where}: the run (steerheal {version}) has no {key}, and what it ran with is not known; "
-                f"give it with --set {key}=VALUE"
-            )
+    missing = [key for key in _leaves(RunConfig().to_dict()) if key not in given]
+    if missing:
+        raise SteerhealError(
+            f"{where}: the run (steerheal {version}) has no {missing[0]}, and what it ran with is not known; "
+            f"give it with --set {missing[0]}=VALUE"
+        )
     return user
 
 

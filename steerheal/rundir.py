@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from . import SteerhealError, __version__
+from .config import as_ran
 from .persona import Persona
 from .records import write_json, write_text
 
@@ -163,7 +164,9 @@ def check_resume(
     if not path.is_file():
         return
     old = yaml.safe_load(path.read_text()) or {}
-    old_cfg = {k: v for k, v in (old.get("config") or {}).items() if k not in RESUMABLE_KEYS}
+    recorded = old.get("config") or {}
+    # keys added since the run was made count as it ran them (config.as_ran), so an older run resumes
+    old_cfg = {k: v for k, v in as_ran(recorded).items() if k not in RESUMABLE_KEYS and (k in recorded or k in cfg)}
     new_cfg = {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS}
     keys = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
     changed = [f"config changed ({', '.join(keys)})"] if keys else []

@@ -141,3 +141,30 @@ def test_a_filesystem_without_locks_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", refuse)
     with pytest.raises(SteerhealError, match=f"{tmp_path}: this filesystem refuses file locks"):
         Run(tmp_path).mark("base", 0.0)
+
+
+def test_a_run_from_before_new_keys_resumes_and_a_changed_behaviour_is_refused(
+    tiny_model_dir, persona_file, tmp_path
+):
+    """A run made before keys were added (its config.yaml lacks them) resumes when those keys keep the
+    behaviour it ran with (the default that was the behaviour, or BEFORE_THE_KEY's value), and only then:
+    a key whose value before it existed differs from today's default is a change."""
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_model_dir)
+    run_loop(persona_file, out, cfg)
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    conf = yaml.safe_load((out / "config.yaml").read_text())
+    old = conf["config"]
+    for section, key in (("generate", "backend"), ("heal", "processes"), ("heal", "shard"), ("heal", "checkpoint")):
+        del old[section][key]
+    for section in ("online", "executor", "decide"):
+        del old[section]
+    (out / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+    run_loop(persona_file, out, cfg)  # the same behaviour: a resume, nothing redone
+    assert json.loads((out / "manifest.json").read_text())["steps"] == steps
+    conf = yaml.safe_load((out / "config.yaml").read_text())
+    del conf["config"]["heal"]["ref_top_k"]  # before the top-k cache the reference was the whole vocabulary
+    (out / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+    with pytest.raises(SteerhealError, match=r"config changed \(heal\)"):
+        run_loop(persona_file, out, cfg)
+    run_loop(persona_file, out, _cfg(tiny_model_dir, "heal.ref_top_k=0"))  # as it ran: a resume
