@@ -143,9 +143,7 @@ def test_a_filesystem_without_locks_is_one_line(tmp_path, monkeypatch):
         Run(tmp_path).mark("base", 0.0)
 
 
-def test_a_run_from_before_new_keys_resumes_and_a_changed_behaviour_is_refused(
-    tiny_model_dir, persona_file, tmp_path
-):
+def test_a_run_from_before_new_keys_resumes_and_a_changed_behaviour_is_refused(tiny_model_dir, persona_file, tmp_path):
     """A run made before keys were added (its config.yaml lacks them) resumes when those keys keep the
     behaviour it ran with (the default that was the behaviour, or BEFORE_THE_KEY's value), and only then:
     a key whose value before it existed differs from today's default is a change."""
