@@ -33,7 +33,7 @@ from .report import ci_text
 from .rundir import Run, check_resume, write_config
 from .stats import EvalRows, compare
 from .vector import SteeringVector, extract
-from .vignettes import load_vignettes
+from .vignettes import Vignette, load_vignettes
 
 # The settings every eval of a sweep shares (config.yaml; a resume with others is refused).
 SHARED_SETTINGS = ("model", "trust_remote_code", "vector", "eval")
@@ -62,6 +62,11 @@ class Sweep:
     def persona(self) -> Persona:
         return load_persona(self.persona_path)
 
+    @cached_property
+    def vignettes(self) -> list[Vignette]:
+        e = self.cfg.eval
+        return load_vignettes(e.vignettes, e.condition, e.limit, 0)
+
     def __getstate__(self) -> dict[str, Any]:  # a job loads its own model
         return {k: v for k, v in self.__dict__.items() if k != "lm"}
 
@@ -72,8 +77,7 @@ class Sweep:
         """One eval as a resumable step: base (no kw), a prompt (system=), a vector at a coefficient."""
 
         def run() -> None:
-            vigs = load_vignettes(self.cfg.eval.vignettes, self.cfg.eval.condition, self.cfg.eval.limit, 0)
-            write_json(self.root / f"{key}.json", score_vignettes(self.lm, vigs, self.cfg.eval, **kw))
+            write_json(self.root / f"{key}.json", score_vignettes(self.lm, self.vignettes, self.cfg.eval, **kw))
 
         Run(self.root).step(key, run)
 
@@ -91,8 +95,7 @@ class Sweep:
     def prepare(self) -> None:
         """The steps every point reads: base, the prompt strengths, each band's vector. First the resume
         check, where the model will run (a job's node may pick another dtype than the submitting one)."""
-        vigs = load_vignettes(self.cfg.eval.vignettes, self.cfg.eval.condition, self.cfg.eval.limit, 0)
-        inputs = run_inputs(self.cfg, vigs)
+        inputs = run_inputs(self.cfg, self.vignettes)
         # bands, coefficients and null_k may grow; what every eval in the directory shares may not change
         settings = {k: v for k, v in self.cfg.to_dict().items() if k in SHARED_SETTINGS}
         check_resume(Run(self.root), settings, self.persona, inputs, self.force)
